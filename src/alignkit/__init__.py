@@ -1,0 +1,35 @@
+"""alignkit: post-training for causal language models.
+
+    from alignkit import SFTConfig, train_sft
+    train_sft(SFTConfig(model="HuggingFaceTB/SmolLM2-135M", data="train.jsonl", output_dir="runs/sft"))
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names, imported on first use so that `import alignkit` stays cheap.
+_LAZY = {
+    "SFTConfig": "alignkit.config",
+    "TrainConfig": "alignkit.config",
+    "load_config": "alignkit.config",
+    "train_sft": "alignkit.recipes.sft",
+    "UserError": "alignkit.errors",
+    "load_model": "alignkit.models",
+    "load_tokenizer": "alignkit.models",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'alignkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = list(_LAZY) + ["__version__"]

@@ -1,0 +1,205 @@
+"""`alignkit <command> [config.yaml] [key=value ...]`
+
+Every command reads an optional YAML file plus dotted `key=value` overrides into a typed config;
+`alignkit <command> --help` lists every key with its type, default and description. Mistakes in
+the input print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+from alignkit.errors import UserError
+
+
+@dataclass
+class Command:
+    name: str
+    summary: str
+    config: Callable[[], type]  # lazy: keeps `alignkit --help` fast
+    run: Callable[[object], object]
+
+
+def _sft_cfg():
+    from alignkit.config import SFTConfig
+
+    return SFTConfig
+
+
+def _sft_run(cfg):
+    from alignkit.recipes.sft import train_sft
+
+    res = train_sft(cfg)
+    _done(cfg.output_dir, res)
+
+
+def _inspect_cfg():
+    from alignkit.data.inspect import InspectConfig
+
+    return InspectConfig
+
+
+def _inspect_run(cfg):
+    from alignkit.data.inspect import inspect_data
+
+    inspect_data(cfg)
+
+
+def _toy_data_cfg():
+    from alignkit.toy.cli import ToyDataConfig
+
+    return ToyDataConfig
+
+
+def _toy_data_run(cfg):
+    from alignkit.toy.cli import run_toy_data
+
+    run_toy_data(cfg)
+
+
+def _toy_model_cfg():
+    from alignkit.toy.cli import ToyModelConfig
+
+    return ToyModelConfig
+
+
+def _toy_model_run(cfg):
+    from alignkit.toy.cli import run_toy_model
+
+    run_toy_model(cfg)
+
+
+def _demo_cfg():
+    from alignkit.demo import DemoConfig
+
+    return DemoConfig
+
+
+def _demo_run(cfg):
+    from alignkit.demo import run_demo
+
+    run_demo(cfg)
+
+
+def _done(output_dir: str, res) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        extra = ""
+        if isinstance(res, dict) and res:
+            extra = " (" + ", ".join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float)) + ")"
+        print(f"done: model saved to {output_dir}{extra}")
+
+
+COMMANDS: dict[str, Command] = {
+    "sft": Command("sft", "supervised fine-tuning, loss on the answer tokens only", _sft_cfg, _sft_run),
+    "data inspect": Command("data inspect", "show each token of a few rows with its loss mask", _inspect_cfg,
+                            _inspect_run),
+    "toy data": Command("toy data", "write toy-task data (sft | preference | prompts | pretrain) as JSONL",
+                        _toy_data_cfg, _toy_data_run),
+    "toy model": Command("toy model", "build (or reuse) the tiny pretrained base model of the toy task",
+                         _toy_model_cfg, _toy_model_run),
+    "demo": Command("demo", "run the pipeline on the embedded toy task and print the measured table",
+                    _demo_cfg, _demo_run),
+}
+
+# Positional arguments some commands take before key=value pairs.
+POSITIONAL = {"data inspect": "data"}
+
+
+def register(cmd: Command) -> None:
+    COMMANDS[cmd.name] = cmd
+
+
+def usage() -> str:
+    lines = ["usage: alignkit <command> [config.yaml] [key=value ...]", "", "commands:"]
+    width = max(len(n) for n in COMMANDS) + 2
+    for name, c in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}{c.summary}")
+    lines += ["", "`alignkit <command> --help` lists every key of a command."]
+    return "\n".join(lines)
+
+
+def command_help(cmd: Command) -> str:
+    from alignkit.config import help_table
+
+    cls = cmd.config()
+    pos = POSITIONAL.get(cmd.name)
+    head = f"usage: alignkit {cmd.name} {'FILE ' if pos else ''}[config.yaml] [key=value ...]\n\n{cmd.summary}\n"
+    doc = (cls.__doc__ or "").strip()
+    if doc:
+        head += "\n" + doc + "\n"
+    rows = help_table(cls)
+    kw = max(len(r[0]) for r in rows)
+    tw = min(max(len(r[1]) for r in rows), 28)
+    out = [head, "keys:"]
+    for key, typ, default, desc in rows:
+        out.append(f"  {key.ljust(kw)}  {typ[:28].ljust(tw)}  default {default}")
+        out += ["      " + ln for ln in textwrap.wrap(desc, 90)]
+    return "\n".join(out)
+
+
+def parse(argv: list[str]):
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        return None, None
+    name = argv[0]
+    rest = argv[1:]
+    if rest and f"{name} {rest[0]}" in COMMANDS:
+        name, rest = f"{name} {rest[0]}", rest[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        subs = [c for c in COMMANDS if c.startswith(name + " ")]
+        if subs:
+            raise UserError(f"'{name}' needs a subcommand: {', '.join(s.split(' ', 1)[1] for s in subs)}")
+        hint = f"; did you mean '{near[0]}'?" if near else "; run `alignkit --help`"
+        raise UserError(f"unknown command '{name}'{hint}")
+    return COMMANDS[name], rest
+
+
+def build_config(cmd: Command, rest: list[str]):
+    from alignkit.config import load_config
+
+    path = None
+    overrides: list[str] = []
+    pos_key = POSITIONAL.get(cmd.name)
+    for a in rest:
+        if "=" in a:
+            overrides.append(a)
+        elif a.endswith((".yaml", ".yml")) and path is None and not (pos_key and a.endswith(".jsonl")):
+            path = a
+        elif pos_key and not any(o.startswith(pos_key + "=") for o in overrides):
+            overrides.append(f"{pos_key}={a}")
+        elif a.startswith("-"):
+            raise UserError(f"unknown option '{a}'; options are key=value pairs (see `alignkit {cmd.name} --help`)")
+        else:
+            raise UserError(f"unexpected argument '{a}'; expected config.yaml or key=value")
+    return load_config(cmd.config(), path, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cmd, rest = parse(argv)
+        if cmd is None:
+            print(usage())
+            return 0
+        if any(a in ("-h", "--help") for a in rest):
+            print(command_help(cmd))
+            return 0
+        cfg = build_config(cmd, rest)
+        cmd.run(cfg)
+        return 0
+    except UserError as e:
+        print(f"alignkit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("alignkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

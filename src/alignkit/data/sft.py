@@ -1,0 +1,94 @@
+"""SFT rows: any supported format -> token ids with the answer-only loss mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignkit.data.chat import Encoded, encode_messages, encode_prompt_completion, encode_text
+from alignkit.data.loading import check_messages, load_rows, require_format
+from alignkit.errors import UserError
+
+SFT_FORMATS = ("messages", "prompt_completion", "text")
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_empty: int = 0
+    trained_tokens: int = 0
+    tokens: int = 0
+
+    def summary(self) -> str:
+        s = f"{self.kept}/{self.rows} rows, {self.tokens} tokens ({self.trained_tokens} trained)"
+        if self.truncated:
+            s += f"; {self.truncated} truncated to max_length"
+        if self.dropped_long:
+            s += f"; {self.dropped_long} dropped as longer than max_length"
+        if self.dropped_empty:
+            s += f"; {self.dropped_empty} dropped with no trained token left"
+        return s
+
+
+def encode_row(tokenizer, row: dict, fmt: str, where: str, train_on_prompt: bool = False) -> Encoded:
+    if fmt == "messages":
+        return encode_messages(tokenizer, check_messages(row["messages"], where), train_on_prompt=train_on_prompt)
+    if fmt == "prompt_completion":
+        p, c = row["prompt"], row["completion"]
+        if isinstance(p, list):
+            p = check_messages(p, f"{where} prompt", need_assistant=False)
+        if isinstance(c, list):
+            c = check_messages(c, f"{where} completion")
+        elif not isinstance(c, str) or not c:
+            raise UserError(f"{where}: 'completion' must be non-empty text or a message list")
+        if not isinstance(p, (str, list)):
+            raise UserError(f"{where}: 'prompt' must be text or a message list, got {type(p).__name__}")
+        try:
+            return encode_prompt_completion(tokenizer, p, c, train_on_prompt=train_on_prompt)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    if fmt == "text":
+        t = row["text"]
+        if not isinstance(t, str) or not t:
+            raise UserError(f"{where}: 'text' must be non-empty text")
+        return encode_text(tokenizer, t)
+    raise AssertionError(fmt)
+
+
+def fit_length(enc: Encoded, max_length: int, mode: str, stats: EncodeStats) -> Encoded | None:
+    if len(enc) > max_length:
+        if mode == "drop":
+            stats.dropped_long += 1
+            return None
+        stats.truncated += 1
+        enc = Encoded(enc.input_ids[:max_length], enc.labels[:max_length], enc.extra)
+    # The first token is never a target (nothing precedes it), so count from position 1.
+    if not any(x != -100 for x in enc.labels[1:]):
+        stats.dropped_empty += 1
+        return None
+    return enc
+
+
+def load_sft_data(path: str, split: str, tokenizer, max_length: int, truncation: str = "truncate",
+                  train_on_prompt: bool = False, what: str = "data") -> tuple[list[Encoded], EncodeStats]:
+    ds = load_rows(path, split, what)
+    fmt = require_format(ds, path, SFT_FORMATS)
+    stats = EncodeStats()
+    out: list[Encoded] = []
+    for i, row in enumerate(ds):
+        stats.rows += 1
+        enc = encode_row(tokenizer, row, fmt, f"{path} row {i + 1}", train_on_prompt)
+        enc = fit_length(enc, max_length, truncation, stats)
+        if enc is None:
+            continue
+        stats.kept += 1
+        stats.tokens += len(enc)
+        stats.trained_tokens += enc.n_trained
+        out.append(enc)
+    if not out:
+        raise UserError(
+            f"{path}: every row was dropped ({stats.summary()}); raise max_length or check that rows have an answer"
+        )
+    return out, stats

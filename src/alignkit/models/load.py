@@ -1,0 +1,72 @@
+"""Load and save Hugging Face models and tokenizers: hub ids and local folders share one path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from alignkit.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_source(name_or_path: str) -> None:
+    if not name_or_path:
+        raise UserError("no model given; pass model=HUB_ID or model=PATH")
+    p = Path(os.path.expanduser(name_or_path))
+    if p.exists() and not (p / "config.json").is_file():
+        if (p / "adapter_config.json").is_file():
+            return
+        raise UserError(f"{name_or_path}: not a model folder (no config.json); point model= at a saved model")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    _check_source(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
+    except Exception as e:
+        raise UserError(f"{name_or_path}: could not load a tokenizer ({_first_line(e)})") from None
+    if tok.pad_token_id is None:
+        # Padding is masked everywhere, so any id serves; eos is the usual choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu", **kwargs):
+    """A causal LM in `dtype` on `device`. Weights of an adapter folder are loaded onto their base."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name_or_path)
+    path = os.path.expanduser(name_or_path)
+    torch_dtype = DTYPES.get(dtype, torch.float32)
+    try:
+        if (Path(path) / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{name_or_path}: could not load a causal language model ({_first_line(e)})") from None
+    return model.to(device)
+
+
+def save_pretrained(model, tokenizer, out_dir: str | Path) -> None:
+    """Save in Hugging Face format (safetensors) so plain transformers loads it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:300]

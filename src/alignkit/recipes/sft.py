@@ -1,0 +1,102 @@
+"""Supervised fine-tuning.
+
+    maximise  sum over answer tokens a_t of  log p(a_t | prompt, a_<t)
+
+Only answer tokens (assistant turns, completions; every token for plain `text`) carry loss: the
+prompt is context, not something to imitate. The loss of a step is the summed negative
+log-likelihood over the trained tokens of the whole global batch divided by their number
+(token mean over the global batch; see `alignkit.training.trainer`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from alignkit.config import SFTConfig
+from alignkit.data.chat import setup_chat_template
+from alignkit.data.collate import IGNORE, n_trained, pack_collate, pad_collate
+from alignkit.data.sft import load_sft_data
+from alignkit.models import load_model, load_tokenizer
+from alignkit.ops.logprobs import causal_lm_token_logps
+from alignkit.training.dist import all_reduce_sum, init_distributed
+from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
+
+__all__ = ["SFTConfig", "train_sft", "sft_loss_fn"]
+
+
+def sft_loss_fn(chunk_size: int):
+    def loss_fn(model, mb: dict):
+        logps = causal_lm_token_logps(
+            model, mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],
+            targets=mb["targets"], chunk_size=chunk_size,
+        )
+        mask = mb["targets"] != IGNORE
+        return -(logps * mask).sum(), {}
+
+    return loss_fn
+
+
+def batch_tokens(mb: dict) -> int:
+    if mb["attention_mask"] is None:
+        return int(mb["input_ids"].numel())
+    return int(mb["attention_mask"].sum())
+
+
+@torch.no_grad()
+def eval_nll(model, rows, make_batch, batch_size: int, chunk_size: int, dist, autocast) -> dict:
+    """Token-mean NLL and perplexity over `rows`, split across ranks."""
+    model.eval()
+    total, count = 0.0, 0
+    mine = list(range(dist.rank, len(rows), dist.world))
+    for i in range(0, len(mine), batch_size):
+        mb = make_batch(mine[i:i + batch_size])
+        mb = {k: (v.to(dist.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        with autocast():
+            lp = causal_lm_token_logps(model, mb["input_ids"], attention_mask=mb["attention_mask"],
+                                       position_ids=mb["position_ids"], targets=mb["targets"], chunk_size=chunk_size)
+        mask = mb["targets"] != IGNORE
+        total += float(-(lp.float() * mask).sum())
+        count += int(mask.sum())
+    red = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64), dist)
+    nll = float(red[0] / max(red[1], 1))
+    return {"eval_loss": nll, "eval_ppl": math.exp(min(nll, 50.0)), "eval_tokens": int(red[1])}
+
+
+def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
+    """Run SFT as configured; returns the final evaluation metrics (empty without eval_data).
+
+    `model` / `tokenizer` may be passed in (already loaded, e.g. wrapped with an adapter)."""
+    dist = init_distributed()
+    seed_everything(cfg.seed)
+    tok = tokenizer or load_tokenizer(cfg.model)
+    setup_chat_template(tok, cfg.chat_template)
+    rows, stats = load_sft_data(cfg.data, cfg.data_split, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt)
+    eval_rows = None
+    if cfg.eval_data:
+        eval_rows, _ = load_sft_data(cfg.eval_data, cfg.eval_split, tok, cfg.max_length, cfg.truncation,
+                                     cfg.train_on_prompt, what="eval_data")
+    if model is None:
+        model = load_model(cfg.model, "float32")
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    total_steps = steps_for(cfg, len(rows), dist.world)
+    trainer = Trainer(cfg, model, tok, recipe="sft", total_steps=total_steps, dist_info=dist)
+    trainer.info(f"data: {cfg.data}: {stats.summary()}")
+    resume = trainer.prepare_run_dir()
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+
+    def make_batch(idx, source=rows):
+        picked = [source[i] for i in idx]
+        return pack_collate(picked) if cfg.packing else pad_collate(picked, tok.pad_token_id)
+
+    eval_fn = None
+    if eval_rows is not None:
+        def eval_fn():
+            return eval_nll(trainer.model, eval_rows, lambda idx: make_batch(idx, eval_rows), cfg.batch_size,
+                            cfg.logits_chunk_size, dist, trainer.autocast)
+
+    return run_offline(trainer, len(rows), make_batch, sft_loss_fn(cfg.logits_chunk_size), n_trained,
+                       eval_fn=eval_fn, tokens=batch_tokens)

@@ -1,0 +1,468 @@
+"""The shared loop machinery every recipe calls.
+
+A recipe owns its algorithm (what a micro-batch's loss is); the `Trainer` owns everything else:
+the optimizer and schedule, gradient accumulation with *global* normalisation, precision,
+clipping, DDP, checkpoints with exact resume, metrics and the progress bar.
+
+Global normalisation: a loss is written as (sum over units) / (number of units in the whole
+global batch), where a unit is what the recipe averages over (trained tokens for SFT, pairs for
+DPO, ...). Before any forward pass the trainer adds up the units of every micro-batch on every
+rank, and each micro-batch backpropagates `loss_sum * world / global_units` (DDP then averages
+over ranks). The gradient is therefore the same for 1 x 8, 4 x 2 and 2 ranks x 4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from alignkit.config import TrainConfig, dump_config
+from alignkit.errors import UserError
+from alignkit.training import checkpoint as ckpt
+from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from alignkit.training.logging import MetricsLog, plot_metrics
+
+# loss_fn(model, micro_batch) -> (loss_sum: scalar tensor, metric_sums: dict[str, float|tensor])
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+class TrainingDiverged(UserError):
+    exit_code = 3
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
+    if cfg_dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg_dtype]
+
+
+class _Forward(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, batch):
+        return fn(self.model, batch)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        tokenizer=None,
+        *,
+        recipe: str,
+        total_steps: int,
+        dist_info: DistInfo | None = None,
+        log: Callable[[str], None] | None = None,
+        find_unused_parameters: bool = False,
+    ):
+        self.cfg = cfg
+        self.recipe = recipe
+        self.tokenizer = tokenizer
+        self.dist = dist_info or init_distributed()
+        self.run_dir = Path(cfg.output_dir)
+        self.total_steps = total_steps
+        self.step = 0
+        self.extra_state: dict[str, Callable] = {}  # name -> (get, set) pairs registered by recipes
+        self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.device = self.dist.device
+        self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
+
+        trainable, total = param_counts(model)
+        if trainable == 0:
+            raise UserError("the model has 0 trainable parameters; check the PEFT / freezing settings")
+        self.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "config"):
+                model.config.use_cache = False
+        model.to(self.device)
+        self.model = model  # unwrapped: for saving and for eval
+        # The recipe's loss function runs *inside* the wrapper's forward, so under DDP the
+        # gradient hooks see every parameter use, whatever the recipe calls on the model.
+        self.train_model: torch.nn.Module = _Forward(model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.adam_betas),
+            fused=self.device.type == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main, tensorboard=cfg.tensorboard)
+        self._t0 = time.time()
+        self._tokens_since = 0
+        self._time_since = time.time()
+        self._bar = None
+
+    # ------------------------------------------------------------------ helpers
+    def info(self, msg: str) -> None:
+        if self.dist.main:
+            if self._bar_active():
+                self._bar.write(msg, file=sys.stderr)
+            else:
+                self._print(msg)
+
+    def _bar_active(self) -> bool:
+        return getattr(self, "_bar", None) is not None
+
+    def _lr_lambda(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, self.total_steps - cfg.warmup_steps)
+        frac = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+        lo = cfg.min_lr_ratio
+        if cfg.schedule == "linear":
+            return lo + (1 - lo) * (1 - frac)
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def register_state(self, name: str, get: Callable[[], dict], set_: Callable[[dict], None]) -> None:
+        """Recipe state (a moving-average baseline, a KL controller) saved in checkpoints."""
+        self.extra_state[name] = (get, set_)
+
+    # ------------------------------------------------------------------ the step
+    def accumulate(self, micro_batches: list[dict], loss_fn: LossFn, units: Callable[[dict], float]) -> dict:
+        """Forward/backward over the micro-batches of one optimizer step (this rank's share).
+
+        Returns metrics averaged over the global batch (metric sums / global units)."""
+        local_units = float(sum(units(mb) for mb in micro_batches))
+        global_units = float(all_reduce_sum(local_units, self.dist))
+        if global_units <= 0:
+            raise UserError(
+                f"step {self.step + 1}: nothing to train on in this batch (every label is masked); "
+                "check the data's answers and max_length"
+            )
+        scale = self.dist.world / global_units
+        sums: dict[str, float] = {}
+        loss_total = torch.zeros((), dtype=torch.float64)
+        self.train_model.train()
+        for i, mb in enumerate(micro_batches):
+            mb = self.to_device(mb)
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss_sum, msums = self.train_model(loss_fn, mb)
+                loss = loss_sum.float() * scale
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            loss_total += loss_sum.detach().double().cpu()
+            for k, v in msums.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+        keys = sorted(sums)
+        red = all_reduce_sum(torch.tensor([float(loss_total)] + [sums[k] for k in keys], dtype=torch.float64), self.dist)
+        out = {"loss": float(red[0]) / global_units}
+        out.update({k: float(red[i + 1]) / global_units for i, k in enumerate(keys)})
+        out["units"] = global_units
+        return out
+
+    def optimizer_step(self, metrics: dict) -> dict:
+        """Clip, step, schedule. A non-finite loss or gradient stops the run before the update,
+        after saving the (still good) state as a checkpoint."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not math.isfinite(metrics["loss"]) or (not torch.isfinite(gnorm) and self.scaler is None):
+            self.optimizer.zero_grad(set_to_none=True)
+            path = self.save_checkpoint()
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss is {metrics['loss']} (grad norm {float(gnorm):.3g}); stopped before the "
+                f"update, last good state saved at {path}; lower lr or check the data"
+            )
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        metrics["grad_norm"] = float(gnorm)
+        self.step += 1
+        return metrics
+
+    # ------------------------------------------------------------------ run folder
+    def prepare_run_dir(self) -> Path | None:
+        """Create the run folder; return the checkpoint to resume from, if any."""
+        cfg = self.cfg
+        resume_from: Path | None = None
+        if self.dist.main:
+            ckpt.clean_stale_tmp(self.run_dir)
+        if cfg.resume:
+            if isinstance(cfg.resume, str) and cfg.resume.lower() not in ("true", "latest"):
+                resume_from = Path(cfg.resume)
+                if not (resume_from / ckpt.STATE_FILE).is_file():
+                    raise UserError(f"resume={cfg.resume}: not a checkpoint folder (no {ckpt.STATE_FILE})")
+            else:
+                resume_from = ckpt.latest_checkpoint(self.run_dir)
+                if resume_from is None:
+                    self.info(f"resume: no checkpoint in {self.run_dir}/checkpoints; starting from scratch")
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not cfg.overwrite:
+            if (self.run_dir / "config.json").exists() or ckpt.list_checkpoints(self.run_dir):
+                raise UserError(
+                    f"{self.run_dir}: output_dir already holds a run; pass resume=true to continue it, "
+                    "overwrite=true to replace it, or another output_dir"
+                )
+        barrier(self.dist)
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+            if not cfg.resume and cfg.overwrite:
+                for name in ("metrics.jsonl",):
+                    (self.run_dir / name).unlink(missing_ok=True)
+        barrier(self.dist)
+        return resume_from
+
+    def save_checkpoint(self) -> Path:
+        final = ckpt.checkpoint_dir(self.run_dir, self.step)
+        tmp_holder: dict = {}
+
+        def write(tmp: Path) -> None:
+            tmp_holder["tmp"] = tmp
+            from alignkit.models import save_pretrained
+
+            save_pretrained(self.model, self.tokenizer, tmp)
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "extra": {k: g() for k, (g, _) in self.extra_state.items()},
+                "world": self.dist.world,
+            }
+            torch.save(state, tmp / ckpt.STATE_FILE)
+            (tmp / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+
+        # RNG streams are per rank: each rank writes its own file into a shared staging folder.
+        stage = self.run_dir / "checkpoints" / f".rng-step-{self.step:07d}"
+        if self.dist.main:
+            stage.mkdir(parents=True, exist_ok=True)
+        barrier(self.dist)
+        torch.save(ckpt.rng_state(), stage / f"rng-{self.dist.rank}.pt")
+        barrier(self.dist)
+        if self.dist.main:
+            def write_all(tmp: Path) -> None:
+                write(tmp)
+                for f in stage.iterdir():
+                    os.replace(f, tmp / f.name)
+
+            ckpt.atomic_dir_write(final, write_all)
+            stage.rmdir()
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+        barrier(self.dist)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        _load_weights(self.model, path)
+        state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        for k, (_, set_) in self.extra_state.items():
+            if k in state.get("extra", {}):
+                set_(state["extra"][k])
+        self.step = int(state["step"])
+        rng_file = path / f"rng-{self.dist.rank}.pt"
+        if rng_file.exists():
+            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        elif self.dist.main:
+            self.info(f"resume: {path} has no RNG state for rank {self.dist.rank} (world size changed); reseeding")
+            seed_everything(self.cfg.seed + 1000 * self.dist.rank + self.step)
+        self.metrics.truncate_after(self.step)
+        self.info(f"resumed from {path} at step {self.step}")
+
+    def save_final(self) -> None:
+        """Write the final model (HF format) into the run folder root, atomically per file."""
+        if self.dist.main:
+            from alignkit.models import save_pretrained
+
+            tmp = self.run_dir / f".final.tmp-{os.getpid()}"
+            ckpt.atomic_dir_write(tmp, lambda d: save_pretrained(self.model, self.tokenizer, d))
+            for f in tmp.iterdir():
+                os.replace(f, self.run_dir / f.name)
+            tmp.rmdir()
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        barrier(self.dist)
+
+    # ------------------------------------------------------------------ progress + logging
+    def start_progress(self) -> None:
+        if self.dist.main and self.cfg.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.recipe, dynamic_ncols=True,
+                             file=sys.stderr)
+
+    def count_tokens(self, n: int) -> None:
+        self._tokens_since += n
+
+    def log_step(self, metrics: dict, force: bool = False) -> None:
+        now = time.time()
+        if self._bar is not None:
+            self._bar.update(1)
+        if not (force or self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
+            return
+        dt = max(now - self._time_since, 1e-9)
+        tokens = float(all_reduce_sum(self._tokens_since, self.dist))
+        if tokens:
+            metrics["tokens_per_s"] = tokens / dt
+        metrics["elapsed_s"] = now - self._t0
+        self._tokens_since, self._time_since = 0, now
+        self.metrics.write(self.step, metrics)
+        if self._bar is not None:
+            show = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s") if k in metrics}
+            self._bar.set_postfix({k: (f"{v:.3g}" if k != "lr" else f"{v:.2e}") for k, v in show.items()})
+        elif self.dist.main and self.cfg.progress is False and os.environ.get("ALIGNKIT_LOG_STEPS"):
+            self._print(f"step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                         if isinstance(v, float)))
+
+    def log_eval(self, metrics: dict) -> None:
+        self.metrics.write(self.step, metrics, kind="eval")
+        self.info(f"eval @ step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                           if isinstance(v, (int, float))))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.metrics.close()
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load the weights saved in checkpoint `path` into `model` (full model or peft adapter)."""
+    from safetensors.torch import load_file
+
+    if (path / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        return
+    weights = {}
+    for f in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    res = model.load_state_dict(weights, strict=False)
+    sd = model.state_dict()
+    # Tied weights (lm_head = embeddings) are stored once; a missing key sharing storage is fine.
+    loaded = {sd[k].data_ptr() for k in weights if k in sd}
+    missing = [k for k in res.missing_keys if sd[k].data_ptr() not in loaded]
+    if missing:
+        raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]})")
+
+
+def run_offline(
+    trainer: Trainer,
+    n_rows: int,
+    make_batch: Callable[[list[int]], dict],
+    loss_fn: LossFn,
+    units: Callable[[dict], float],
+    eval_fn: Callable[[], dict] | None = None,
+    tokens: Callable[[dict], int] | None = None,
+) -> dict:
+    """Drive a dataset-based recipe (SFT, reward models, DPO) through the trainer.
+
+    Data order: a permutation of the rows per epoch from (seed, epoch); each optimizer step takes
+    the next `batch_size * grad_accum * world` rows, incomplete global batches are dropped. Rank r
+    takes its contiguous share and splits it into `grad_accum` micro-batches. The position in the
+    data is a pure function of the step, so resume needs no iterator state.
+    """
+    cfg, d = trainer.cfg, trainer.dist
+    per_rank = cfg.batch_size * cfg.grad_accum
+    global_batch = per_rank * d.world
+    steps_per_epoch = n_rows // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"the data has {n_rows} usable rows, fewer than one global batch of {global_batch} "
+            f"(batch_size x grad_accum x processes); lower batch_size/grad_accum or add rows"
+        )
+    order_cache: dict[int, torch.Tensor] = {}
+
+    def rows_for_step(step: int) -> list[int]:
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in order_cache:
+            order_cache.clear()
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            order_cache[epoch] = torch.randperm(n_rows, generator=g)
+        idx = order_cache[epoch][k * global_batch:(k + 1) * global_batch].tolist()
+        return idx[d.rank * per_rank:(d.rank + 1) * per_rank]
+
+    last_eval: dict = {}
+    trainer.start_progress()
+    try:
+        while trainer.step < trainer.total_steps:
+            mine = rows_for_step(trainer.step)
+            mbs = [make_batch(mine[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(cfg.grad_accum)]
+            if tokens is not None:
+                trainer.count_tokens(sum(tokens(mb) for mb in mbs))
+            metrics = trainer.accumulate(mbs, loss_fn, units)
+            metrics["epoch"] = trainer.step / steps_per_epoch
+            metrics = trainer.optimizer_step(metrics)
+            trainer.log_step(metrics)
+            if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < trainer.total_steps:
+                trainer.save_checkpoint()
+            if eval_fn and cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < trainer.total_steps:
+                last_eval = eval_fn()
+                trainer.log_eval(last_eval)
+        if eval_fn:
+            last_eval = eval_fn()
+            trainer.log_eval(last_eval)
+        trainer.save_checkpoint()
+        trainer.save_final()
+    finally:
+        trainer.close()
+    return last_eval
+
+
+def steps_for(cfg: TrainConfig, n_rows: int, world: int) -> int:
+    if cfg.max_steps and cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = n_rows // (cfg.batch_size * cfg.grad_accum * world)
+    return max(1, math.ceil(cfg.epochs * per_epoch))

@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny tokenizer + random Llama model saved as a normal HF folder, built
+offline in about a second, so every test exercises the same loading path as a hub model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "Проанализируй список расходов и вычисли общую сумму:\nХлеб: 55\nМолоко: 80\nИтого: 135 рублей.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Human: what is two plus two?\n\nAssistant: Four. Hello there, general question!",
+    "system user assistant answer prompt completion text Ответ верни в виде",
+] * 20
+
+
+def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def build_tiny_model(out_dir: Path, vocab_size: int, seed: int = 0, **kw):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=kw.get("hidden", 32), intermediate_size=64,
+                      num_hidden_layers=kw.get("layers", 2), num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=kw.get("tie", True),
+                      bos_token_id=1, eos_token_id=4, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_model")
+    tok = build_tiny_tokenizer(d)
+    build_tiny_model(d, len(tok))
+    return d
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def chat_rows(n: int = 16) -> list[dict]:
+    rows = []
+    for i in range(n):
+        a, b = 10 + i, 7 * i + 3
+        rows.append({"messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": f"Хлеб: {a}\nМолоко: {b}"},
+            {"role": "assistant", "content": f"Итого: {a + b} рублей."},
+            {"role": "user", "content": "And twice that?"},
+            {"role": "assistant", "content": f"{2 * (a + b)}"},
+        ]})
+    return rows

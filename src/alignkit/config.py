@@ -81,9 +81,6 @@ class SFTConfig(TrainConfig):
         description="Padding-free packing: rows are concatenated into one sequence per micro-batch, "
         "positions restart per document and documents never attend across boundaries",
     )
-    packing_tokens: int = Field(
-        0, ge=0, description="Token budget of a packed micro-batch (0: batch_size x max_length)"
-    )
     train_on_prompt: bool = Field(False, description="Also train on prompt/user tokens (off: answer tokens only)")
 
 
@@ -149,13 +146,52 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Names users bring from other toolkits, mapped to ours for the "did you mean" hint.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "model_name_or_path": "model",
+    "base_model": "model",
+    "dataset": "data",
+    "train_file": "data",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "lr_scheduler_type": "schedule",
+    "lr_scheduler": "schedule",
+    "resume_from_checkpoint": "resume",
+    "torch_dtype": "dtype",
+    "bf16": "dtype",
+    "output": "output_dir",
+}
+
+
+def suggest(key: str, valid: list[str]) -> str | None:
+    leaf = key.rsplit(".", 1)[-1]
+    alias = ALIASES.get(leaf)
+    if alias:
+        cand = key[: len(key) - len(leaf)] + alias
+        if cand in valid:
+            return cand
+    # A typo of a known key or of a familiar alias ('lerning_rate').
+    pool = valid + [a for a, target in ALIASES.items() if target in valid]
+    near = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+    if not near:
+        return None
+    return ALIASES.get(near[0], near[0])
+
+
 def _check_keys(cls: type[BaseModel], tree: dict, prefix: str, source: str) -> None:
     valid = _field_names(cls)
     for key, val in tree.items():
         dotted = f"{prefix}{key}"
         if dotted not in valid:
-            near = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; see `alignkit <command> --help`"
+            near = suggest(dotted, valid)
+            hint = f"; did you mean '{near}'?" if near else "; see `alignkit <command> --help` for the keys"
             raise UserError(f"{source}: unknown config key '{dotted}'{hint}")
         sub = _section_type(cls.model_fields[key].annotation)
         if sub is not None and isinstance(val, dict):

@@ -1,0 +1,192 @@
+"""Advantage estimators: moving-average baseline (REINFORCE), leave-one-out (RLOO), group
+normalisation (GRPO, Dr. GRPO), GAE (PPO), and masked whitening.
+
+Grouped estimators take rewards (B,) laid out as contiguous groups: B = n_groups x group_size,
+samples [g * group_size, (g + 1) * group_size) answer the same prompt g.
+Everything here runs without gradient: advantages are targets, not functions of the policy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "MovingAverageBaseline",
+    "leave_one_out",
+    "group_normalized",
+    "zero_std_groups",
+    "gae",
+    "whiten",
+    "GROUP_SCALES",
+]
+
+GROUP_SCALES = ("group", "batch", "none")
+
+
+class MovingAverageBaseline:
+    """Exponential moving average of the mean reward, used as a REINFORCE baseline.
+
+        b_k = alpha * b_{k-1} + (1 - alpha) * mean(r_k),   b_0 = init
+        A_k = r_k - b_k
+
+    The baseline is updated *before* the advantages are taken (as the seed algorithm
+    prescribes), so the current batch's mean already contributes with weight (1 - alpha). The
+    first update starts from b_0 = init (0.0 by default; no bias correction), so with alpha close
+    to 1 the early baselines lean towards init. alpha = 0 is the batch mean; alpha = 1 is the
+    constant init.
+
+    Kept as a Python float (float64) so `state_dict()` / `load_state_dict()` resume exactly.
+    Under data parallelism pass the global batch mean as `update(rewards, mean=...)` so that all
+    ranks hold the same baseline.
+    """
+
+    def __init__(self, alpha: float, init: float = 0.0):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha = float(alpha)
+        self._value = float(init)
+        self.steps = 0
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    @torch.no_grad()
+    def update(self, rewards: torch.Tensor, mean: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Fold the batch mean into the baseline, then return rewards - baseline (shape of rewards)."""
+        if rewards.numel() == 0 and mean is None:
+            raise ValueError("MovingAverageBaseline.update got an empty rewards tensor")
+        m = float(rewards.double().mean()) if mean is None else float(mean)
+        self._value = self.alpha * self._value + (1.0 - self.alpha) * m
+        self.steps += 1
+        return rewards - self._value
+
+    def state_dict(self) -> dict:
+        return {"value": self._value, "alpha": self.alpha, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores value and step count; alpha stays as constructed (the config decides it)."""
+        self._value = float(state["value"])
+        self.steps = int(state.get("steps", 0))
+
+
+def _grouped(rewards: torch.Tensor, group_size: int, what: str) -> torch.Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"{what}: rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"{what}: group_size must be >= 2 (with one sample per prompt every advantage is 0), "
+                         f"got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{what}: batch of {rewards.numel()} rewards is not a multiple of group_size={group_size}")
+    return rewards.view(-1, group_size)
+
+
+@torch.no_grad()
+def leave_one_out(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO advantages (Kool et al. 2019; Ahmadian et al. 2024):
+
+        A_i = r_i - mean_{j != i, j in group(i)} r_j = n/(n-1) (r_i - mean_group)
+
+    rewards: (B,) contiguous groups of `group_size` (>= 2). Returns (B,).
+    """
+    r = _grouped(rewards, group_size, "leave_one_out")
+    n = group_size
+    return (r - (r.sum(-1, keepdim=True) - r) / (n - 1)).reshape(-1)
+
+
+@torch.no_grad()
+def group_normalized(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024), centred on the group mean:
+
+        A_i = (r_i - mean_group) / (s + eps)
+
+      scale="group":  s = the group's sample std (unbiased, n - 1)      (GRPO)
+      scale="batch":  s = sample std of all B rewards                   (more robust to easy/hard prompts)
+      scale="none":   A_i = r_i - mean_group, no division               (Dr. GRPO, Liu et al. 2025)
+
+    eps keeps groups whose rewards are all equal finite: their advantages are exactly 0 (the
+    numerator is 0), so they give no gradient; find them with `zero_std_groups` (dynamic sampling
+    drops them). group_size must be >= 2: with one sample per prompt every advantage would be 0,
+    which is an error here rather than a silent no-op.
+    rewards: (B,) contiguous groups. Returns (B,).
+    """
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(GROUP_SCALES)}")
+    r = _grouped(rewards, group_size, "group_normalized")
+    centred = r - r.mean(-1, keepdim=True)
+    if scale == "group":
+        centred = centred / (r.std(-1, unbiased=True, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std(unbiased=True) + eps)
+    return centred.reshape(-1)
+
+
+@torch.no_grad()
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(n_groups,) bool: True for groups whose rewards are all equal (zero advantage under any
+    group-centred estimator, so no learning signal; DAPO's dynamic sampling filters them).
+    Exact equality, no tolerance. `.repeat_interleave(group_size)` gives the per-sample mask."""
+    r = _grouped(rewards, group_size, "zero_std_groups")
+    return (r == r[:, :1]).all(-1)
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+        delta_t = r_t + gamma V_{t'} - V_t        t' = the next masked position after t
+        A_t     = delta_t + gamma lam A_{t'}
+        returns = A + V
+
+    rewards, values, mask: (B, T). The episode of row b is its masked positions in order; the
+    step after the last masked token is terminal (V = 0, A = 0), so right padding, and anything
+    after the response, is never bootstrapped from. Unmasked positions inside a row are skipped
+    (not steps): rewards placed there are ignored, so put the reward on the last real token.
+    Returns (advantages, returns), both (B, T), 0 where mask is 0.
+    """
+    m = mask.bool() if mask.dtype != torch.bool else mask
+    r = rewards.detach().to(values.dtype)
+    v = values.detach()
+    B, T = v.shape
+    adv = torch.zeros_like(v)
+    next_value = torch.zeros(B, dtype=v.dtype, device=v.device)
+    next_adv = torch.zeros(B, dtype=v.dtype, device=v.device)
+    for t in range(T - 1, -1, -1):
+        mt = m[:, t]
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = torch.where(mt, a, torch.zeros_like(a))
+        # Only masked positions advance the recursion; unmasked ones carry the state through.
+        next_value = torch.where(mt, v[:, t], next_value)
+        next_adv = torch.where(mt, a, next_adv)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    returns = torch.where(m, adv + v, zero)
+    return adv, returns
+
+
+@torch.no_grad()
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Standardise x over its (masked) entries:
+
+        y = (x - mean) / sqrt(var + eps)          (+ mean back when shift_mean=False)
+
+    mean and var (unbiased, n - 1; population variance when n = 1) are taken over entries where
+    mask is true (all entries when mask is None). Masked-out entries of the result are 0.
+    """
+    if mask is None:
+        m = torch.ones_like(x, dtype=torch.bool)
+    else:
+        m = mask.bool() if mask.dtype != torch.bool else mask
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    n = m.sum()
+    if int(n) == 0:
+        return torch.zeros_like(x)
+    mean = torch.where(m, x, zero).sum() / n
+    sq = torch.where(m, (x - mean) ** 2, zero).sum()
+    var = sq / (n - 1) if int(n) > 1 else sq / n
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        y = y + mean
+    return torch.where(m, y, zero)

@@ -1,0 +1,351 @@
+"""Per-token log-probabilities (and entropies) without materialising (tokens x vocab) tensors.
+
+For a causal LM with hidden states h_t (N, H) and LM head W (V, H), the quantities every
+post-training loss needs are
+
+    log p(y_t | x_<t) = z_t[y_t] - logsumexp(z_t),        z_t = (W h_t + b) / temperature
+    H_t               = logsumexp(z_t) - sum_v softmax(z_t)_v z_t[v]
+
+A plain `log_softmax(model(...).logits)` holds logits, log-softmax and, for backward, their
+float32 copies: several (N x V) tensors, which dominate memory for large vocabularies (150k
+entries x 8k tokens x 4 bytes = 4.9 GB each). Here rows are processed `chunk_size` at a time
+inside `torch.utils.checkpoint`, so a chunk's logits are built, reduced to one number per row
+and freed; backward rebuilds them one chunk at a time. Peak extra memory is O(chunk x V) in
+forward and backward, at the price of one extra head matmul per chunk in backward.
+
+Rows whose target is `ignore_index` (prompt, padding) are skipped: no logits are computed for
+them at all, which also saves the head matmul for long prompts in RL.
+
+Precision: logits are cast to float32 (float64 stays float64) per chunk before the softmax, so
+bf16 / fp16 models (or autocast) get float32 log-probs; results are float32 (float64 for float64
+inputs).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "selective_log_softmax",
+    "chunked_token_logps",
+    "causal_lm_token_logps",
+    "split_causal_lm",
+    "shift_targets",
+]
+
+IGNORE_INDEX = -100
+# selective_log_softmax chunk budget, in logits elements (64 MiB of float32 per chunk).
+_SELECTIVE_CHUNK_ELEMENTS = 1 << 24
+
+# Model types whose forward changes the logits in a way `split_causal_lm` does not reproduce
+# and that its config scan would not catch. Callers may add to this set.
+FULL_LOGITS_MODEL_TYPES: set[str] = {"chameleon", "xlstm", "recurrent_gemma"}
+
+# Config attributes that mention logits / the head but act inside the decoder (or not at all),
+# so the split path stays exact.
+_HARMLESS_LOGIT_KEYS = {
+    "attn_logit_softcapping", "attention_logit_cap", "conf_attention_logit_cap", "attention_logits_soft_cap",
+    "router_logit_softcapping", "moe_router_logit_softcapping", "output_router_logits", "logit_scale_init_value",
+    "logits_to_keep", "num_logits_to_keep", "final_logit_softcapping",  # the last one is reproduced below
+}
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _row_stats(x: torch.Tensor, tgt: torch.Tensor, logits_fn: Callable, temperature: float, entropy: bool):
+    """One chunk: logits -> (log p(target), entropy). Everything (c, V)-sized dies here."""
+    z = logits_fn(x)
+    z = z.to(_compute_dtype(z))
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return (lp,)
+    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return lp, ent
+
+
+def _chunked(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    logits_fn: Callable,
+    chunk_size: int,
+    temperature: float,
+    ignore_index: int | None,
+    return_entropy: bool,
+    skip_ignored: bool,
+):
+    """rows (N, D) -> logits_fn -> (N, V); returns log p(targets) (N,) [and entropy (N,)], 0 where ignored.
+
+    skip_ignored: gather the scored rows first (cheap when rows are hidden states); when rows
+    are already logits, copying them would cost what we are trying to save, so ignored rows
+    are computed with a dummy target and zeroed instead."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    N = rows.shape[0]
+    scored = targets != ignore_index if ignore_index is not None else torch.ones_like(targets, dtype=torch.bool)
+    if skip_ignored:
+        idx = scored.nonzero().squeeze(-1)
+        x, t = rows.index_select(0, idx), targets.index_select(0, idx)
+    else:
+        x, t = rows, targets.masked_fill(~scored, 0)
+
+    def fn(xc, tc):
+        return _row_stats(xc, tc, logits_fn, temperature, return_entropy)
+
+    # Checkpointing only matters when a graph is being built; under no_grad run plainly.
+    use_ckpt = torch.is_grad_enabled()
+    outs = []
+    for s in range(0, x.shape[0], chunk_size):
+        args = (x[s:s + chunk_size], t[s:s + chunk_size])
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args))
+
+    if not outs:
+        # Nothing scored (e.g. a micro-batch whose every label is masked). Return zeros that are
+        # still connected to the graph through every parameter logits_fn touches, so backward
+        # works and DDP sees all parameters used.
+        dummy = fn(rows[:1], torch.zeros(rows[:1].shape[0], dtype=torch.long, device=rows.device)) if N else None
+        zero = dummy[0].sum() * 0 if dummy is not None else 0.0
+        dtype = dummy[0].dtype if dummy is not None else _compute_dtype(rows)
+        base = torch.zeros(N, dtype=dtype, device=rows.device) + zero
+        return base, (base.clone() if return_entropy else None)
+
+    lp = torch.cat([o[0] for o in outs])
+    ent = torch.cat([o[1] for o in outs]) if return_entropy else None
+    if skip_ignored:
+        lp = lp.new_zeros(N).index_copy(0, idx, lp)
+        ent = ent.new_zeros(N).index_copy(0, idx, ent) if ent is not None else None
+    else:
+        lp = lp.masked_fill(~scored, 0.0)
+        ent = ent.masked_fill(~scored, 0.0) if ent is not None else None
+    return lp, ent
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """log_softmax(logits, -1) gathered at `index`, without allocating the full log-softmax.
+
+        out[...] = logits[..., index[...]] - logsumexp(logits[..., :])
+
+    logits: (..., V) any float dtype; index: (...) int64 in [0, V). Returns (...) in float32
+    (float64 for float64 logits). Rows are processed `chunk_size` at a time (default: as many as
+    fit in 2**24 logits elements), each upcast to float32 on its own, under activation
+    checkpointing, so neither forward nor backward holds more than one chunk's temporaries
+    beyond the input itself. Exact (same math) versus `log_softmax(logits.float()).gather(...)`.
+    """
+    if logits.shape[:-1] != index.shape:
+        raise ValueError(f"index shape {tuple(index.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}")
+    V = logits.shape[-1]
+    rows = max(1, _SELECTIVE_CHUNK_ELEMENTS // max(V, 1)) if chunk_size is None else chunk_size
+    lp, _ = _chunked(logits.reshape(-1, V), index.reshape(-1), lambda z: z, rows, 1.0, None, False, skip_ignored=False)
+    return lp.view(index.shape)
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    return_entropy: bool = False,
+):
+    """Per-token log p(target) through an LM head, `chunk_size` rows at a time.
+
+        z_n = (hidden_n @ weight.T + bias) / temperature
+        logp_n = z_n[targets_n] - logsumexp(z_n)           (0 where targets_n == ignore_index)
+        H_n    = logsumexp(z_n) - sum_v softmax(z_n)_v z_n[v]   (0 where targets_n == ignore_index)
+
+    hidden: (N, H) (or (..., H)); weight: (V, H); bias: (V,) or None; targets: (N,) (or (...)).
+    Returns logps shaped like `targets`, or (logps, entropy) with `return_entropy=True`.
+
+    Each chunk runs under `torch.utils.checkpoint`, so autograd keeps only the (N, H) inputs and
+    backward rebuilds one (chunk, V) block at a time: memory O(chunk x V), not O(N x V).
+    Gradients w.r.t. hidden, weight and bias equal those of the naive computation.
+    """
+    H = hidden.shape[-1]
+    if weight.shape[-1] != H:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {H}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
+    lp, ent = _chunked(
+        hidden.reshape(-1, H), targets.reshape(-1), lambda h: F.linear(h, weight, bias),
+        chunk_size, temperature, ignore_index, return_entropy, skip_ignored=True,
+    )
+    lp = lp.view(targets.shape)
+    return (lp, ent.view(targets.shape)) if return_entropy else lp
+
+
+# --------------------------------------------------------------------------- causal LMs
+
+
+def shift_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """targets[b, t] = input_ids[b, t + 1]; -100 at the last position and wherever position t or
+    t + 1 is padding (attention_mask == 0)."""
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        ok = real & F.pad(real[:, 1:], (0, 1), value=False)
+        targets = targets.masked_fill(~ok, IGNORE_INDEX)
+    return targets
+
+
+def _config_value(config, key):
+    val = getattr(config, key, None)
+    if val is None and hasattr(config, "get_text_config"):
+        val = getattr(config.get_text_config(), key, None)
+    return val
+
+
+def _unhandled_logit_setting(config) -> str | None:
+    """Name of a config setting that changes logits after the head in a way we do not reproduce
+    (Cohere logit_scale, Granite logits_scaling, muP output multipliers, padded vocabularies...)."""
+    configs = [config]
+    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
+        configs.append(config.get_text_config())
+    for cfg in configs:
+        for key, val in vars(cfg).items():
+            k = key.lower()
+            if key.startswith("_") or key in _HARMLESS_LOGIT_KEYS:
+                continue
+            if not any(s in k for s in ("logit", "lm_head_mult", "output_mult", "unpadded_vocab", "head_mult")):
+                continue
+            if val is None or val is False:
+                continue
+            if "vocab" in k:
+                if val == getattr(cfg, "vocab_size", None):
+                    continue
+            elif isinstance(val, (int, float)) and not isinstance(val, bool) and float(val) == 1.0:
+                continue
+            return f"{key}={val!r}"
+    return None
+
+
+def split_causal_lm(model):
+    """(decoder, head, logits_transform) for a transformers `*ForCausalLM` (or a peft model whose
+    adapters are injected in place, e.g. LoRA), or None when the model cannot be split safely.
+
+    decoder(input_ids, attention_mask, position_ids) -> last hidden state (final norm applied);
+    head: the output-embedding module (called as a module, so LoRA / modules_to_save on the head
+    are honoured, and tied embeddings are the same parameter); logits_transform: None or a
+    function applied to the head's output (Gemma-style final_logit_softcapping).
+
+    None for: prompt-learning peft models (prompt / prefix / p-tuning: their forward injects
+    virtual tokens or a KV prefix), peft methods with forward-time arguments (Poly, aLoRA),
+    non-`ForCausalLM` classes (multimodal wrappers), DDP/FSDP wrappers, model types in
+    FULL_LOGITS_MODEL_TYPES, and configs with an unreproduced logit setting (see
+    `_unhandled_logit_setting`). Callers then use the full forward.
+    """
+    base = model
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):
+        pcfg = model.active_peft_config
+        peft_type = str(getattr(pcfg.peft_type, "value", pcfg.peft_type)).upper()
+        if pcfg.is_prompt_learning or peft_type == "POLY" or getattr(pcfg, "alora_invocation_tokens", None):
+            return None
+        base = model.get_base_model()
+    from transformers import PreTrainedModel
+
+    if not isinstance(base, PreTrainedModel) or not type(base).__name__.endswith("ForCausalLM"):
+        return None
+    config = base.config
+    if getattr(config, "model_type", None) in FULL_LOGITS_MODEL_TYPES:
+        return None
+    if _unhandled_logit_setting(config) is not None:
+        return None
+    head = base.get_output_embeddings()
+    try:
+        decoder = base.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if head is None or decoder is None or decoder is base:
+        return None
+    transform = None
+    cap = _config_value(config, "final_logit_softcapping")
+    if cap:
+        cap = float(cap)
+
+        def transform(z, cap=cap):
+            # float32 like the softmax after it: bf16 tanh is coarse near saturation.
+            z = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
+            return torch.tanh(z / cap) * cap
+
+    return decoder, head, transform
+
+
+def causal_lm_token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """log p(targets[b, t] | input_ids[b, :t+1]) for a transformers causal LM, (B, T) float32.
+
+    targets: (B, T), already aligned: targets[b, t] is the token predicted at position t, -100 =
+    not scored (log-prob and entropy 0 there). None: `shift_targets(input_ids, attention_mask)`
+    (next token, -100 at the last position and at padding).
+
+    Lean path (`split_causal_lm` succeeds): run the decoder to its last hidden state (no logits),
+    then `chunked_token_logps`-style chunks through the model's own head module. Fallback (model
+    cannot be split, see `split_causal_lm`): the model's full forward, logits of the last T
+    positions (prompt tuning prepends virtual tokens), then the chunked log-softmax on them;
+    exact but holds the (B, T, V) logits like any plain forward.
+
+    Returns logps (B, T), or (logps, entropy) with `return_entropy=True`.
+    `temperature` divides the logits (after any softcapping), as sampling does.
+    """
+    if targets is None:
+        targets = shift_targets(input_ids, attention_mask)
+    if targets.shape != input_ids.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    parts = split_causal_lm(model)
+    if parts is not None:
+        decoder, head, transform = parts
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        logits_fn = head if transform is None else (lambda h: transform(head(h)))
+        lp, ent = _chunked(hidden.reshape(B * T, -1), targets.reshape(-1), logits_fn, chunk_size, temperature,
+                           IGNORE_INDEX, return_entropy, skip_ignored=True)
+    else:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None and not _drops_position_ids(model):
+            kwargs["position_ids"] = position_ids
+        logits = model(**kwargs).logits
+        if logits.shape[1] != T:  # virtual tokens prepended by prompt tuning
+            logits = logits[:, -T:]
+        lp, ent = _chunked(logits.reshape(B * T, logits.shape[-1]), targets.reshape(-1), lambda z: z,
+                           chunk_size, temperature, IGNORE_INDEX, return_entropy, skip_ignored=False)
+    lp = lp.view(B, T)
+    return (lp, ent.view(B, T)) if return_entropy else lp
+
+
+def _drops_position_ids(model) -> bool:
+    """peft prompt tuning / p-tuning ignore position_ids (with a warning per call); skip passing them."""
+    peft = sys.modules.get("peft")
+    if peft is None or not isinstance(model, peft.PeftModel):
+        return False
+    pcfg = model.active_peft_config
+    if not pcfg.is_prompt_learning:
+        return False
+    peft_type = str(getattr(pcfg.peft_type, "value", pcfg.peft_type)).upper()
+    if peft_type not in ("PREFIX_TUNING", "CARTRIDGE"):
+        warnings.warn(f"peft {peft_type} ignores position_ids; packed sequences are not supported with it",
+                      stacklevel=3)
+        return True
+    return False

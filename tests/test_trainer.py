@@ -1,0 +1,199 @@
+"""The shared loop: global normalisation (1x8 = 4x2 = 2 ranks x 4), schedules, NaN stop,
+exact resume after SIGKILL, packing equivalence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.config import SFTConfig
+from alignkit.data.chat import encode_messages
+from alignkit.data.collate import IGNORE, n_trained, pack_collate, pad_collate
+from alignkit.models import load_model, load_tokenizer
+from alignkit.ops.logprobs import causal_lm_token_logps
+from alignkit.recipes.sft import sft_loss_fn
+from alignkit.training.trainer import Trainer, TrainingDiverged
+
+from conftest import ROOT, chat_rows, write_jsonl
+
+PY = sys.executable
+
+
+def ragged_rows(tok, n=8):
+    """Rows of clearly different lengths, so a per-micro-batch mean would weight tokens unequally."""
+    rows = []
+    for i, r in enumerate(chat_rows(n)):
+        msgs = r["messages"][: 3 if i % 2 else 5]
+        msgs[-1] = dict(msgs[-1], content=msgs[-1]["content"] + " ещё" * (3 * i))
+        rows.append(encode_messages(tok, msgs))
+    return rows
+
+
+def grads_for(model_dir, tmp_path, splits: list[int], packing=False) -> dict:
+    tok = load_tokenizer(str(model_dir))
+    rows = ragged_rows(tok)
+    model = load_model(str(model_dir))
+    cfg = SFTConfig(model=str(model_dir), output_dir=str(tmp_path / "run"), progress=False, tensorboard=False)
+    tr = Trainer(cfg, model, tok, recipe="sft", total_steps=1, log=lambda s: None)
+    mbs, i = [], 0
+    for k in splits:
+        part = rows[i:i + k]
+        mbs.append(pack_collate(part) if packing else pad_collate(part, tok.pad_token_id))
+        i += k
+    m = tr.accumulate(mbs, sft_loss_fn(64), n_trained)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, m["loss"]
+
+
+def assert_grads_close(a, b, atol=1e-6):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+def test_accumulation_1x8_equals_4x2_and_packed(tiny_model_dir, tmp_path):
+    g18, l18 = grads_for(tiny_model_dir, tmp_path, [8])
+    g42, l42 = grads_for(tiny_model_dir, tmp_path, [2, 2, 2, 2])
+    g_uneven, _ = grads_for(tiny_model_dir, tmp_path, [1, 3, 4])
+    gp, lp = grads_for(tiny_model_dir, tmp_path, [2, 2, 2, 2], packing=True)
+    assert abs(l18 - l42) < 1e-6 and abs(l18 - lp) < 1e-5
+    assert_grads_close(g18, g42)
+    assert_grads_close(g18, g_uneven)
+    assert_grads_close(g18, gp, atol=1e-5)
+
+
+def test_naive_per_microbatch_mean_would_differ(tiny_model_dir):
+    """Guards the test above: with these ragged rows, averaging per micro-batch is wrong."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = ragged_rows(tok)
+    model = load_model(str(tiny_model_dir))
+    full = pad_collate(rows, tok.pad_token_id)
+    lp = causal_lm_token_logps(model, full["input_ids"], full["attention_mask"], full["position_ids"], full["targets"])
+    m = full["targets"] != IGNORE
+    token_mean = float(-(lp * m).sum() / m.sum())
+    per_mb = []
+    for k in range(0, 8, 2):
+        b = pad_collate(rows[k:k + 2], tok.pad_token_id)
+        l2 = causal_lm_token_logps(model, b["input_ids"], b["attention_mask"], b["position_ids"], b["targets"])
+        mm = b["targets"] != IGNORE
+        per_mb.append(float(-(l2 * mm).sum() / mm.sum()))
+    assert abs(sum(per_mb) / 4 - token_mean) > 1e-3
+
+
+DDP_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from test_trainer import grads_for
+from alignkit.training.dist import init_distributed
+d = init_distributed()
+from pathlib import Path
+import test_trainer as T
+tok_dir = Path(sys.argv[1])
+# rank r takes rows [4r, 4r+4) of the same 8 rows as the single-process run, as run_offline does
+orig = T.ragged_rows
+T.ragged_rows = lambda tok, n=8: orig(tok, n)[4 * d.rank: 4 * d.rank + 4]
+g, loss = grads_for(tok_dir, Path(sys.argv[2]) / f"r{d.rank}", [2, 2])
+if d.rank == 0:
+    torch.save({"grads": g, "loss": loss}, Path(sys.argv[2]) / "ddp.pt")
+"""
+
+
+def test_ddp_two_ranks_x4_equals_single_process(tiny_model_dir, tmp_path):
+    script = tmp_path / "ddp_grads.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
+    res = subprocess.run(
+        [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script),
+         str(tiny_model_dir), str(tmp_path), str(ROOT / "tests")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt")
+    g18, l18 = grads_for(tiny_model_dir, tmp_path, [8])
+    assert abs(ddp["loss"] - l18) < 1e-6
+    assert_grads_close(ddp["grads"], g18)
+
+
+def test_schedules(tiny_model_dir, tmp_path):
+    model = load_model(str(tiny_model_dir))
+    lrs = {}
+    for sched in ("cosine", "linear", "constant"):
+        cfg = SFTConfig(model="x", output_dir=str(tmp_path / sched), lr=1.0, warmup_steps=2, schedule=sched,
+                        progress=False, tensorboard=False)
+        tr = Trainer(cfg, model, None, recipe="t", total_steps=12, log=lambda s: None)
+        lrs[sched] = [tr._lr_lambda(s) for s in range(12)]
+    assert lrs["cosine"][:2] == [0.5, 1.0] and lrs["linear"][:2] == [0.5, 1.0]
+    assert lrs["constant"][2:] == [1.0] * 10
+    assert lrs["linear"][2] == 1.0 and abs(lrs["linear"][7] - 0.5) < 1e-9
+    assert abs(lrs["cosine"][7] - 0.5) < 1e-9 and lrs["cosine"][-1] < 0.03
+
+
+def test_nan_loss_stops_before_update_and_keeps_checkpoint(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir))
+    cfg = SFTConfig(model="x", output_dir=str(tmp_path / "run"), progress=False, tensorboard=False)
+    tr = Trainer(cfg, model, tok, recipe="t", total_steps=3, log=lambda s: None)
+    tr.prepare_run_dir()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mb = pad_collate(ragged_rows(tok, 2), tok.pad_token_id)
+
+    def nan_loss(m, b):
+        loss, _ = sft_loss_fn(64)(m, b)
+        return loss * float("nan"), {}
+
+    m = tr.accumulate([mb], nan_loss, n_trained)
+    with pytest.raises(TrainingDiverged, match="loss is nan"):
+        tr.optimizer_step(m)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert (tmp_path / "run" / "checkpoints" / "step-0000000" / "trainer_state.pt").exists()
+
+
+def _sft_cmd(model_dir, data, out, *extra):
+    return [PY, "-m", "alignkit", "sft", f"model={model_dir}", f"data={data}", f"output_dir={out}",
+            "max_steps=40", "batch_size=2", "grad_accum=2", "lr=3e-3", "warmup_steps=3", "progress=false",
+            "tensorboard=false", "log_every=1", "logits_chunk_size=16", *extra]
+
+
+def _final_weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(24))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref = subprocess.run(_sft_cmd(tiny_model_dir, data, tmp_path / "ref"), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_sft_cmd(tiny_model_dir, data, out, "save_every=5", "save_total_limit=1"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step-0000010").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists(), "the run finished before the kill; the test proves nothing"
+    res = subprocess.run(_sft_cmd(tiny_model_dir, data, out, "save_every=5", "save_total_limit=1", "resume=true"),
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stderr
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics log has one record per step, no duplicates from the killed part
+    import json
+
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "train"]
+    assert steps == list(range(1, 41))

@@ -37,6 +37,19 @@ def _sft_run(cfg):
     _done(cfg.output_dir, res)
 
 
+def _dpo_cfg():
+    from alignkit.config import DPOConfig
+
+    return DPOConfig
+
+
+def _dpo_run(cfg):
+    from alignkit.recipes.dpo import train_dpo
+
+    res = train_dpo(cfg)
+    _done(cfg.output_dir, res)
+
+
 def _inspect_cfg():
     from alignkit.data.inspect import InspectConfig
 
@@ -85,6 +98,26 @@ def _demo_run(cfg):
     run_demo(cfg)
 
 
+def _online(name: str, cfg_name: str, fn_name: str) -> Command:
+    """An online RL recipe command: config class and train function looked up lazily."""
+    import importlib
+
+    def cfg():
+        return getattr(importlib.import_module("alignkit.config"), cfg_name)
+
+    def run(c):
+        res = getattr(importlib.import_module(f"alignkit.recipes.{name}"), fn_name)(c)
+        _done(c.output_dir, res)
+
+    return cfg, run
+
+
+def _rs_generate_run(cfg):
+    from alignkit.recipes.rs import generate_best_of_n
+
+    generate_best_of_n(cfg)
+
+
 def _done(output_dir: str, res) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         extra = ""
@@ -95,12 +128,24 @@ def _done(output_dir: str, res) -> None:
 
 COMMANDS: dict[str, Command] = {
     "sft": Command("sft", "supervised fine-tuning, loss on the answer tokens only", _sft_cfg, _sft_run),
+    "dpo": Command("dpo", "preference optimisation on chosen/rejected pairs (DPO, IPO, hinge, robust, SimPO)",
+                   _dpo_cfg, _dpo_run),
     "data inspect": Command("data inspect", "show each token of a few rows with its loss mask", _inspect_cfg,
                             _inspect_run),
     "toy data": Command("toy data", "write toy-task data (sft | preference | prompts | pretrain) as JSONL",
                         _toy_data_cfg, _toy_data_run),
     "toy model": Command("toy model", "build (or reuse) the tiny pretrained base model of the toy task",
                          _toy_model_cfg, _toy_model_run),
+    "reinforce": Command("reinforce", "REINFORCE with a moving-average baseline", *_online("reinforce", "ReinforceConfig",
+                                                                                       "train_reinforce")),
+    "rloo": Command("rloo", "REINFORCE with the leave-one-out baseline over k samples per prompt",
+                    *_online("rloo", "RLOOConfig", "train_rloo")),
+    "grpo": Command("grpo", "group-normalised advantages, clipped ratio, KL to the reference",
+                    *_online("grpo", "GRPOConfig", "train_grpo")),
+    "rs": Command("rs", "rejection sampling: best-of-N, then SFT on the winners (rounds)",
+                  *_online("rs", "RSConfig", "train_rs")),
+    "rs generate": Command("rs generate", "write the best-of-N answers of a prompt set as SFT rows (no training)",
+                           _online("rs", "RSConfig", "train_rs")[0], _rs_generate_run),
     "demo": Command("demo", "run the pipeline on the embedded toy task and print the measured table",
                     _demo_cfg, _demo_run),
 }

@@ -39,7 +39,9 @@ def load_tokenizer(name_or_path: str):
 def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu", **kwargs):
     """A causal LM in `dtype` on `device`. Weights of an adapter folder are loaded onto their base."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress display owns the terminal
     _check_source(name_or_path)
     path = os.path.expanduser(name_or_path)
     torch_dtype = DTYPES.get(dtype, torch.float32)
@@ -59,6 +61,9 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
 
 def save_pretrained(model, tokenizer, out_dir: str | Path) -> None:
     """Save in Hugging Face format (safetensors) so plain transformers loads it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar inside our own progress display
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP

@@ -18,7 +18,8 @@ from alignkit.config import SFTConfig
 from alignkit.data.chat import setup_chat_template
 from alignkit.data.collate import IGNORE, n_trained, pack_collate, pad_collate
 from alignkit.data.sft import load_sft_data
-from alignkit.models import load_model, load_tokenizer
+from alignkit.models import load_tokenizer
+from alignkit.models.peft import load_base_model, prepare_trainable
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.training.dist import all_reduce_sum, init_distributed
 from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
@@ -78,7 +79,8 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
         eval_rows, _ = load_sft_data(cfg.eval_data, cfg.eval_split, tok, cfg.max_length, cfg.truncation,
                                      cfg.train_on_prompt, what="eval_data")
     if model is None:
-        model = load_model(cfg.model, "float32")
+        model = load_base_model(cfg)
+    model = prepare_trainable(model, cfg)  # adapters (peft.*) or partial freezing
     if hasattr(model, "config"):
         model.config.use_cache = False
     total_steps = steps_for(cfg, len(rows), dist.world)

@@ -59,6 +59,10 @@ def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg_dtype]
 
 
+def _f(v) -> float:
+    return float(v.detach() if isinstance(v, torch.Tensor) else v)
+
+
 class _Forward(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -169,7 +173,10 @@ class Trainer:
     def accumulate(self, micro_batches: list[dict], loss_fn: LossFn, units: Callable[[dict], float]) -> dict:
         """Forward/backward over the micro-batches of one optimizer step (this rank's share).
 
-        Returns metrics averaged over the global batch (metric sums / global units)."""
+        `loss_fn` returns (loss_sum, metrics): a metric given as a number is a sum over units and
+        is reported divided by the global units; one given as a (numerator, denominator) pair is
+        reported as the ratio of their global sums (e.g. a token-mean under a sequence-mean loss).
+        Returns the metrics of the global batch."""
         local_units = float(sum(units(mb) for mb in micro_batches))
         global_units = float(all_reduce_sum(local_units, self.dist))
         if global_units <= 0:
@@ -195,11 +202,21 @@ class Trainer:
                     loss.backward()
             loss_total += loss_sum.detach().double().cpu()
             for k, v in msums.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+                if isinstance(v, tuple):
+                    sums[k + "\0num"] = sums.get(k + "\0num", 0.0) + _f(v[0])
+                    sums[k + "\0den"] = sums.get(k + "\0den", 0.0) + _f(v[1])
+                else:
+                    sums[k] = sums.get(k, 0.0) + _f(v)
         keys = sorted(sums)
         red = all_reduce_sum(torch.tensor([float(loss_total)] + [sums[k] for k in keys], dtype=torch.float64), self.dist)
+        got = {k: float(red[i + 1]) for i, k in enumerate(keys)}
         out = {"loss": float(red[0]) / global_units}
-        out.update({k: float(red[i + 1]) / global_units for i, k in enumerate(keys)})
+        for k, v in got.items():
+            if k.endswith("\0num"):
+                name = k[:-4]
+                out[name] = v / max(got[name + "\0den"], 1e-12)
+            elif not k.endswith("\0den"):
+                out[k] = v / global_units
         out["units"] = global_units
         return out
 

@@ -1,0 +1,53 @@
+"""RLOO: REINFORCE with the leave-one-out baseline.
+
+For each prompt, sample k ≥ 2 answers and score them. Each answer's baseline is the mean reward
+of the *other* k − 1 answers to the same prompt, which does not depend on the answer itself, so
+the estimate stays unbiased:
+
+    A_i = r_i − (1/(k−1)) Σ_{j≠i} r_j
+    L   = −(1/N) Σ_i A_i · log π(y_i | x_i)
+
+With `kl_in_reward` (default), the reward carries the KL penalty as in RLHF:
+r_i ← r_i − β · Σ_t (log π(y_t) − log π_ref(y_t)) (k1, summed over the answer's tokens), so the
+baseline covers it too; otherwise β · KL goes into the loss per token (`kl_estimator`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.advantages import leave_one_out
+from alignkit.config import RLOOConfig
+from alignkit.recipes import online as ol
+from alignkit.recipes.reinforce import n_sequences, sequence_pg_loss_fn
+
+__all__ = ["RLOOConfig", "train_rloo"]
+
+
+def train_rloo(cfg: RLOOConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
+    run = ol.OnlineRun(cfg, "rloo", model, tokenizer, reward_fn=reward_fn)
+    k = cfg.num_generations
+    loss_fn = sequence_pg_loss_fn(cfg, kl_in_loss=not cfg.kl_in_reward)
+
+    def step(rstep: int, clock: ol.StepClock) -> dict:
+        ps, cols, batch, rewards, info = run.rollout(rstep)
+        mbs = ol.split_groups(batch, cfg.batch_size, cfg.grad_accum, run.pad_id, {})
+        run.add_ref_logps(mbs)
+        if cfg.kl_in_reward and run.ref is not None:
+            # sequence k1 KL under the sampling policy (the engine's log-probs) minus the reference
+            seq_kl = [((mb["old_logps"] - mb["ref_logps"]) * mb["completion_mask"]).sum(-1) for mb in mbs]
+            rewards = rewards - cfg.kl_coef * torch.cat(seq_kl)
+            info["reward_with_kl"] = float(rewards.mean())
+        adv = leave_one_out(rewards, k)
+        lo = 0
+        for mb in mbs:
+            n = mb["input_ids"].shape[0]
+            mb["advantages"] = adv[lo:lo + n]
+            lo += n
+        clock.lap("score")
+        metrics = run.trainer.accumulate(mbs, loss_fn, n_sequences)
+        metrics.update(info)
+        run.update(metrics, clock)
+        return info
+
+    return run.loop(step)

@@ -1,0 +1,156 @@
+"""Rejection sampling (best-of-N), then SFT on the winners.
+
+    for round in 1..rounds:
+        for each prompt x of the round: sample y_1..y_N ~ π(·|x), score r_1..r_N
+        keep y* = argmax_i r_i   (only if r* ≥ threshold, when one is set)
+        SFT on the kept (x, y*) for `sft_steps`:
+            L = −(1/T) Σ_tokens log π(y*_t | x, y*_<t)  [+ β · (1/T) Σ_tokens KL_t(π ‖ π_start)]
+
+The kept answers are trained as the exact tokens that were sampled (no re-tokenisation), up to
+and including their end-of-turn token. Each round's kept set is written to
+`round-K/best.jsonl` (reused on resume). `alignkit rs generate` writes the best-of-N set only,
+as SFT-ready `messages` rows: data curation without training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from alignkit.config import RSConfig
+from alignkit.data.chat import Encoded
+from alignkit.data.collate import IGNORE, n_trained, pad_collate
+from alignkit.losses import kl_estimate
+from alignkit.recipes import online as ol
+from alignkit.rollout.engine import RolloutBatch
+
+__all__ = ["RSConfig", "train_rs", "best_of_n", "generate_best_of_n"]
+
+
+def best_of_n(batch: RolloutBatch, rewards: torch.Tensor, threshold: float | None) -> list[tuple[int, float]]:
+    """(sample index, reward) of each group's best sample (first on ties), if it passes the threshold."""
+    G = batch.group_size
+    out = []
+    for g in range(len(batch.samples) // G):
+        r = rewards[g * G:(g + 1) * G]
+        i = int(torch.argmax(r))
+        if threshold is None or float(r[i]) >= threshold:
+            out.append((g * G + i, float(r[i])))
+    return out
+
+
+def _kept_rows(batch: RolloutBatch, kept: list[tuple[int, float]]) -> list[dict]:
+    rows = []
+    for i, r in kept:
+        s = batch.samples[i]
+        rows.append({"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "completion": s.text,
+                     "reward": r, "prompt_index": s.prompt_index})
+    return rows
+
+
+def rs_loss_fn(cfg: RSConfig):
+    def loss_fn(model, mb: dict):
+        lp = ol.seq_logps(model, mb, 1.0, cfg.logits_chunk_size)
+        m = mb["targets"] != IGNORE
+        loss = -(lp * m).sum()
+        metrics = {}
+        if "ref_logps" in mb:
+            kl = kl_estimate(lp, mb["ref_logps"], cfg.kl_estimator) * m
+            loss = loss + cfg.kl_coef * kl.sum()
+            metrics["kl"] = kl.detach().sum()
+        return loss, metrics
+
+    return loss_fn
+
+
+def train_rs(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
+    run = ol.OnlineRun(cfg, "rs", model, tokenizer, updates_per_step=cfg.sft_steps, reward_fn=reward_fn,
+                       rollout_steps=cfg.rounds, prompts_per_step=_per_rank(cfg))
+    loss_fn = rs_loss_fn(cfg)
+
+    def step(rnd: int, clock: ol.StepClock) -> dict:
+        path = run.run_dir / f"round-{rnd + 1}" / f"best-rank{run.dist.rank}.jsonl"
+        info: dict = {}
+        if path.exists():  # resumed mid-round: the round's data was already drawn
+            rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()]
+        else:
+            ps, cols, batch, rewards, info = run.rollout(rnd)
+            kept = best_of_n(batch, rewards, cfg.threshold)
+            rows = _kept_rows(batch, kept)
+            info["kept_frac"] = len(kept) / max(len(ps), 1)
+            info["best_reward"] = sum(r for _, r in kept) / max(len(kept), 1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            tmp.replace(path)
+        clock.lap("score")
+        encs = [Encoded(r["prompt_ids"] + r["completion_ids"],
+                        [IGNORE] * len(r["prompt_ids"]) + r["completion_ids"]) for r in rows]
+        if not encs:
+            run.trainer.info(f"round {rnd + 1}: no sample passed the threshold; skipping its SFT")
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + rnd)
+        per_step = cfg.batch_size * cfg.grad_accum
+        start = run.trainer.step - rnd * cfg.sft_steps  # resume inside a round
+        order = torch.randint(0, max(len(encs), 1), (cfg.sft_steps, per_step), generator=g)
+        for k in range(start, cfg.sft_steps):
+            if not encs:
+                run.trainer.step += 1
+                continue
+            idx = order[k].tolist()
+            mbs = [pad_collate([encs[i] for i in idx[j * cfg.batch_size:(j + 1) * cfg.batch_size]], run.pad_id)
+                   for j in range(cfg.grad_accum)]
+            run.add_ref_logps(mbs)
+            run.trainer.count_tokens(sum(int(mb["attention_mask"].sum()) for mb in mbs))
+            metrics = run.trainer.accumulate(mbs, loss_fn, n_trained)
+            metrics.update(info)
+            run.update(metrics, clock, last=k == cfg.sft_steps - 1)
+        return info
+
+    return run.loop(step)
+
+
+def _per_rank(cfg: RSConfig) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, cfg.prompts_per_round // world)
+
+
+def generate_best_of_n(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None) -> Path:
+    """Write the best-of-N answer of every prompt (passing the threshold) as `messages` rows."""
+    from alignkit.data.chat import setup_chat_template
+    from alignkit.errors import UserError
+    from alignkit.models import load_model, load_tokenizer
+    from alignkit.rewards import build_reward
+    from alignkit.rollout.engine import RolloutEngine
+
+    if not cfg.output:
+        raise UserError("rs generate: pass output=FILE.jsonl for the best-of-N rows")
+    tok = tokenizer or load_tokenizer(cfg.model)
+    setup_chat_template(tok, cfg.chat_template)
+    prompts = ol.load_prompts(cfg.data, cfg.data_split, cfg.prompt_column, cfg.chat_prompts)
+    reward_fn = reward_fn or build_reward(cfg.reward)
+    model = model or load_model(cfg.model)
+    engine = RolloutEngine(tok)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    kept_total = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for lo in range(0, len(prompts), cfg.generation_batch_size):
+            idx = list(range(lo, min(lo + cfg.generation_batch_size, len(prompts))))
+            ps, cols = prompts.take(idx)
+            batch = engine.generate(model, ps, ol.sampling_params(cfg, lo, 0))
+            rewards, _ = ol.score(reward_fn, ps, cols, batch)
+            for i, r in best_of_n(batch, rewards, cfg.threshold):
+                s = batch.samples[i]
+                p = ps[s.prompt_index]
+                msgs = (p if isinstance(p, list) else [{"role": "user", "content": p}])
+                row = {"messages": msgs + [{"role": "assistant", "content": s.text}], "reward": r}
+                row.update({k: v[s.prompt_index] for k, v in cols.items()})
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                kept_total += 1
+    tmp.replace(out)
+    print(f"best-of-{cfg.num_generations}: kept {kept_total}/{len(prompts)} prompts -> {out}")
+    return out

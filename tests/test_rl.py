@@ -131,3 +131,19 @@ def test_best_of_n_picks_group_maximum():
     r = torch.tensor([0.1, 0.7, 0.7, 0.2, 0.1, 0.0])
     assert best_of_n(RolloutBatch(samples, 3), r, None) == [(1, pytest.approx(0.7)), (3, pytest.approx(0.2))]
     assert best_of_n(RolloutBatch(samples, 3), r, 0.5) == [(1, pytest.approx(0.7))]
+
+
+def test_gsm8k_prompt_set_and_a_few_grpo_steps(tiny_model_dir, tmp_path):
+    from conftest import SHARED_DATA
+
+    gsm = SHARED_DATA / "gsm8k-train.jsonl"
+    ps = ol.load_prompts(str(gsm), "train", "question", True)
+    assert len(ps) == 7473 and ps.prompts[0][0]["role"] == "user"
+    assert ps.columns["answer"][0].rstrip().endswith("#### 72")
+    out = tmp_path / "gsm"
+    train_grpo(GRPOConfig(model=str(tiny_model_dir), data=str(gsm), prompt_column="question", reward="gsm8k",
+                          output_dir=str(out), max_steps=2, batch_size=2, num_generations=4, max_new_tokens=8,
+                          max_length=512, progress=False, log_every=1))
+    tr = metrics(out)
+    assert len(tr) == 2 and all(r["reward_mean"] == 0.0 for r in tr)  # a random tiny model solves nothing
+    assert (out / "model.safetensors").exists()

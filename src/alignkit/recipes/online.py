@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from alignkit.config import OnlineConfig
-from alignkit.data.loading import check_messages, load_rows
 from alignkit.errors import UserError
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
@@ -39,21 +38,12 @@ class PromptSet:
 
 
 def load_prompts(path: str, split: str, column: str, chat: bool, what: str = "data") -> PromptSet:
-    ds = load_rows(path, split, what)
-    if column not in ds.column_names:
-        found = ", ".join(ds.column_names)
-        raise UserError(f"{path}: no '{column}' column for prompts (found: {found}); set prompt_column=NAME")
-    prompts = []
-    for i, p in enumerate(ds[column]):
-        where = f"{path} row {i + 1}"
-        if isinstance(p, str):
-            if not p:
-                raise UserError(f"{where}: empty prompt")
-            prompts.append([{"role": "user", "content": p}] if chat else p)
-        else:
-            prompts.append(check_messages(p, f"{where} '{column}'", need_assistant=False))
-    cols = {c: list(ds[c]) for c in ds.column_names if c != column}
-    return PromptSet(prompts, cols)
+    """A prompt set: the prompt (messages, or text when chat=false) and the other columns, which
+    reward functions receive (e.g. `total`, or GSM8K's `answer` with prompt_column=question)."""
+    from alignkit.rewards import columns_of, load_prompt_set
+
+    rows = load_prompt_set(path, split, prompt_column=column, chat=chat, what=what)
+    return PromptSet([r["prompt"] for r in rows], columns_of(rows))
 
 
 def prompt_order(n: int, per_step: int, seed: int):

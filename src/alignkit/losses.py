@@ -222,8 +222,9 @@ class PolicyLossTerms(NamedTuple):
     count:    float scalar, its normaliser (tokens for token_mean, sequences with at least one
               masked token for the seq_* modes). Global loss = sum(loss_sum) / sum(count).
     stats:    detached float64 sums over masked tokens, additive across micro-batches except
-              ratio_max / ratio_min (take max / min): tokens, clipped, dual_clipped, ratio_sum,
-              approx_kl_sum, and kl_sum when reference log-probs were given.
+              ratio_max / ratio_min (take max / min): tokens, clipped, ratio_sum, approx_kl_sum,
+              dual_clipped (with dual_clip), kl_sum (with ref_logps). `stats_to_metrics` turns
+              summed stats into the means `policy_loss` reports.
     """
 
     loss_sum: torch.Tensor
@@ -293,6 +294,12 @@ def policy_loss_terms(
         raise ValueError("kl_coef > 0 needs ref_logps")
     if logps.dim() != 2:
         raise ValueError(f"logps must be (B, T), got {tuple(logps.shape)}")
+    named = {"old_logps": old_logps, "mask": mask, "ref_logps": ref_logps}
+    for name, x in named.items():
+        if x is not None and x.shape != logps.shape:
+            raise ValueError(f"{name} shape {tuple(x.shape)} must equal logps shape {tuple(logps.shape)}")
+    if advantages.shape not in (logps.shape[:1], logps.shape):
+        raise ValueError(f"advantages must be (B,) or (B, T) = {tuple(logps.shape)}, got {tuple(advantages.shape)}")
     m = _bool(mask)
     A = advantages.detach().to(logps.dtype)
     if A.dim() == 1:
@@ -398,15 +405,20 @@ class ValueLossTerms(NamedTuple):
 
 def value_loss_terms(
     values: torch.Tensor,
-    old_values: torch.Tensor,
+    old_values: torch.Tensor | None,
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float | None = None,
 ) -> ValueLossTerms:
     """Summed PPO value loss over masked tokens and the token count (see `value_loss`)."""
+    for name, x in {"old_values": old_values, "returns": returns, "mask": mask}.items():
+        if x is not None and x.shape != values.shape:
+            raise ValueError(f"{name} shape {tuple(x.shape)} must equal values shape {tuple(values.shape)}")
     m = _bool(mask)
     R = returns.detach()
     err = (values - R) ** 2
+    if clip_range is not None and old_values is None:
+        raise ValueError("clip_range needs old_values")
     if clip_range is None:
         per_token = 0.5 * err
         clipped = torch.zeros_like(m)
@@ -429,7 +441,7 @@ def value_loss_terms(
 
 def value_loss(
     values: torch.Tensor,
-    old_values: torch.Tensor,
+    old_values: torch.Tensor | None,
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float | None = None,
@@ -438,6 +450,7 @@ def value_loss(
 
         l = 1/2 max( (V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2 )     eps = clip_range
         l = 1/2 (V - R)^2                                                       clip_range None
+                                                                  (old_values may then be None)
 
     Returns (loss, metrics: value_clip_frac (fraction of masked tokens where the clipped error
     was the larger one), value_mean, value_mse). An empty mask gives loss 0.

@@ -97,7 +97,10 @@ def _chunked(
     scored = targets != ignore_index if ignore_index is not None else torch.ones_like(targets, dtype=torch.bool)
     if skip_ignored:
         idx = scored.nonzero().squeeze(-1)
-        x, t = rows.index_select(0, idx), targets.index_select(0, idx)
+        if idx.numel() == N:  # everything scored: no need to copy the rows
+            x, t, skip_ignored = rows, targets, False
+        else:
+            x, t = rows.index_select(0, idx), targets.index_select(0, idx)
     else:
         x, t = rows, targets.masked_fill(~scored, 0)
 
@@ -147,8 +150,28 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size:
         raise ValueError(f"index shape {tuple(index.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}")
     V = logits.shape[-1]
     rows = max(1, _SELECTIVE_CHUNK_ELEMENTS // max(V, 1)) if chunk_size is None else chunk_size
-    lp, _ = _chunked(logits.reshape(-1, V), index.reshape(-1), lambda z: z, rows, 1.0, None, False, skip_ignored=False)
-    return lp.view(index.shape)
+    lp, _ = _chunked_logits(logits, index, rows, 1.0, None, False)
+    return lp
+
+
+def _chunked_logits(logits, targets, chunk_size, temperature, ignore_index, return_entropy):
+    """`_chunked` on ready-made logits (..., V) without copying them: a sliced tensor such as
+    logits[:, :-1] cannot be flattened as a view, so it is walked along its leading dimension."""
+    V = logits.shape[-1]
+    if logits.dim() <= 2:
+        lp, ent = _chunked(logits.reshape(-1, V), targets.reshape(-1), lambda z: z, chunk_size, temperature,
+                           ignore_index, return_entropy, skip_ignored=False)
+        return lp.view(targets.shape), (ent.view(targets.shape) if ent is not None else None)
+    try:
+        flat = logits.view(-1, V)
+    except RuntimeError:
+        outs = [_chunked_logits(z, t, chunk_size, temperature, ignore_index, return_entropy)
+                for z, t in zip(logits, targets)]
+        lp = torch.stack([o[0] for o in outs])
+        return lp, (torch.stack([o[1] for o in outs]) if return_entropy else None)
+    lp, ent = _chunked(flat, targets.reshape(-1), lambda z: z, chunk_size, temperature, ignore_index,
+                       return_entropy, skip_ignored=False)
+    return lp.view(targets.shape), (ent.view(targets.shape) if ent is not None else None)
 
 
 def chunked_token_logps(
@@ -201,10 +224,17 @@ def shift_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     return targets
 
 
+def _text_config(config):
+    try:
+        return config.get_text_config()
+    except Exception:  # composite configs with several text configs refuse to pick one
+        return config
+
+
 def _config_value(config, key):
     val = getattr(config, key, None)
-    if val is None and hasattr(config, "get_text_config"):
-        val = getattr(config.get_text_config(), key, None)
+    if val is None:
+        val = getattr(_text_config(config), key, None)
     return val
 
 
@@ -212,8 +242,8 @@ def _unhandled_logit_setting(config) -> str | None:
     """Name of a config setting that changes logits after the head in a way we do not reproduce
     (Cohere logit_scale, Granite logits_scaling, muP output multipliers, padded vocabularies...)."""
     configs = [config]
-    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
-        configs.append(config.get_text_config())
+    if _text_config(config) is not config:
+        configs.append(_text_config(config))
     for cfg in configs:
         for key, val in vars(cfg).items():
             k = key.lower()
@@ -329,8 +359,7 @@ def causal_lm_token_logps(
         logits = model(**kwargs).logits
         if logits.shape[1] != T:  # virtual tokens prepended by prompt tuning
             logits = logits[:, -T:]
-        lp, ent = _chunked(logits.reshape(B * T, logits.shape[-1]), targets.reshape(-1), lambda z: z,
-                           chunk_size, temperature, IGNORE_INDEX, return_entropy, skip_ignored=False)
+        lp, ent = _chunked_logits(logits, targets, chunk_size, temperature, IGNORE_INDEX, return_entropy)
     lp = lp.view(B, T)
     return (lp, ent.view(B, T)) if return_entropy else lp
 

@@ -37,6 +37,19 @@ def _sft_run(cfg):
     _done(cfg.output_dir, res)
 
 
+def _rm_cfg():
+    from alignkit.config import RMConfig
+
+    return RMConfig
+
+
+def _rm_run(cfg):
+    from alignkit.recipes.rm import train_rm
+
+    res = train_rm(cfg)
+    _done(cfg.output_dir, res)
+
+
 def _dpo_cfg():
     from alignkit.config import DPOConfig
 
@@ -86,6 +99,18 @@ def _toy_model_run(cfg):
     run_toy_model(cfg)
 
 
+def _eval_cfg():
+    from alignkit.config import EvalConfig
+
+    return EvalConfig
+
+
+def _eval_run(cfg):
+    from alignkit.eval.run import evaluate
+
+    evaluate(cfg)
+
+
 def _demo_cfg():
     from alignkit.demo import DemoConfig
 
@@ -118,6 +143,19 @@ def _rs_generate_run(cfg):
     generate_best_of_n(cfg)
 
 
+def _merge_cfg():
+    from alignkit.models.peft import MergeConfig
+
+    return MergeConfig
+
+
+def _merge_run(cfg):
+    from alignkit.models.peft import merge_adapter
+
+    out = merge_adapter(cfg)
+    print(f"done: merged model saved to {out}")
+
+
 def _done(output_dir: str, res) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         extra = ""
@@ -128,6 +166,8 @@ def _done(output_dir: str, res) -> None:
 
 COMMANDS: dict[str, Command] = {
     "sft": Command("sft", "supervised fine-tuning, loss on the answer tokens only", _sft_cfg, _sft_run),
+    "rm": Command("rm", "reward model from preference pairs (scalar Bradley-Terry or distributional)", _rm_cfg,
+                  _rm_run),
     "dpo": Command("dpo", "preference optimisation on chosen/rejected pairs (DPO, IPO, hinge, robust, SimPO)",
                    _dpo_cfg, _dpo_run),
     "data inspect": Command("data inspect", "show each token of a few rows with its loss mask", _inspect_cfg,
@@ -146,6 +186,10 @@ COMMANDS: dict[str, Command] = {
                   *_online("rs", "RSConfig", "train_rs")),
     "rs generate": Command("rs generate", "write the best-of-N answers of a prompt set as SFT rows (no training)",
                            _online("rs", "RSConfig", "train_rs")[0], _rs_generate_run),
+    "eval": Command("eval", "evaluate a model: reward, KL to a reference, accuracy, win rate, perplexity, "
+                    "prompting modes", _eval_cfg, _eval_run),
+    "merge": Command("merge", "fold a trained adapter into its base model and save a plain transformers model",
+                     _merge_cfg, _merge_run),
     "demo": Command("demo", "run the pipeline on the embedded toy task and print the measured table",
                     _demo_cfg, _demo_run),
 }

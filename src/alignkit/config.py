@@ -25,6 +25,48 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+PeftMethod = Literal["none", "lora", "dora", "qlora", "prefix", "prompt", "oft", "boft", "ia3"]
+
+
+class PeftConfig(Section):
+    """Parameter-efficient training through `peft` (see docs/peft.md). method=none: no adapter."""
+
+    method: PeftMethod = Field(
+        "none",
+        description="none (full or partial fine-tuning) | lora | dora | qlora (LoRA on a 4-bit base, CUDA only) | "
+        "prefix | prompt | oft | boft | ia3",
+    )
+    r: int = Field(8, ge=1, description="LoRA / DoRA / QLoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: scale = alpha/r (alpha/sqrt(r) with rslora)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (LoRA/DoRA/QLoRA, BOFT, OFT)")
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear",
+        description="Modules that get an adapter: 'all-linear' (every linear layer but the output head), a list of "
+        "module-name suffixes (e.g. [q_proj, v_proj]) or a regex matched against the full module name",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full next to the adapter and saved with it (e.g. [lm_head])"
+    )
+    feedforward_modules: list[str] | None = Field(
+        None,
+        description="IA3: target modules whose input (not output) is scaled, i.e. MLP output projections; default: "
+        "the peft choice for the architecture when target_modules is all-linear (Llama: down_proj), else none",
+    )
+    num_virtual_tokens: int = Field(16, ge=1, description="Prefix / prompt tuning: number of virtual tokens")
+    prompt_init_text: str | None = Field(
+        None, description="Prompt tuning: initialise the virtual tokens from this text's embeddings (else random)"
+    )
+    prefix_projection: bool = Field(False, description="Prefix tuning: reparametrise the prefix through an MLP")
+    block_size: int = Field(
+        0, ge=0, description="OFT / BOFT block size (0: 32 for OFT, 4 for BOFT; ignored by BOFT when boft_blocks > 0)"
+    )
+    boft_blocks: int = Field(0, ge=0, description="BOFT: number of blocks per layer instead of a block size (0: off)")
+    boft_butterfly_factor: int = Field(1, ge=1, description="BOFT: butterfly factors (1 = plain block-diagonal OFT)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: 4-bit data type of the frozen base")
+    double_quant: bool = Field(True, description="QLoRA: also quantise the quantisation constants")
+
+
 class TrainConfig(Section):
     """Keys shared by every training recipe."""
 
@@ -70,6 +112,18 @@ class TrainConfig(Section):
         None, description="Jinja chat template (text or path) used when the tokenizer has none, or to override it"
     )
     overwrite: bool = Field(False, description="Allow writing into a non-empty output_dir without resume")
+    peft: PeftConfig = Field(default_factory=PeftConfig, description="Adapter training (peft.method=lora, ...)")
+    train_last_layers: int = Field(
+        0,
+        ge=0,
+        description="Train only the last k transformer blocks plus the final norm (embeddings and LM head frozen); "
+        "with an adapter method: put adapters only in the last k blocks. 0 = no restriction",
+    )
+    train_modules: str | None = Field(
+        None,
+        description="Regex searched in each parameter name (e.g. 'mlp|norm'): only matching parameters train, the "
+        "rest is frozen. Full fine-tuning only",
+    )
 
 
 class SFTConfig(TrainConfig):
@@ -189,8 +243,9 @@ def _check_keys(cls: type[BaseModel], tree: dict, prefix: str, source: str) -> N
     valid = _field_names(cls)
     for key, val in tree.items():
         dotted = f"{prefix}{key}"
-        if dotted not in valid:
-            near = suggest(dotted, valid)
+        if key not in valid:  # `valid` is relative to this section
+            near = suggest(key, valid)
+            near = f"{prefix}{near}" if near else None
             hint = f"; did you mean '{near}'?" if near else "; see `alignkit <command> --help` for the keys"
             raise UserError(f"{source}: unknown config key '{dotted}'{hint}")
         sub = _section_type(cls.model_fields[key].annotation)
@@ -279,3 +334,374 @@ def help_table(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, s
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class DPOConfig(TrainConfig):
+    """Offline preference optimisation on prompt/chosen/rejected pairs: DPO and its variants (docs/dpo.md)."""
+
+    output_dir: str = Field("runs/dpo", description="Run folder: final model, checkpoints, metrics.jsonl, plots")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW); DPO wants a small one on real models")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO (cDPO with label_smoothing > 0) | ipo | hinge: SLiC-style | robust: unbiased "
+        "under label noise (label_smoothing = flip rate) | simpo: reference-free, length-normalised, margin "
+        "simpo_gamma",
+    )
+    beta: float = Field(0.1, gt=0, description="beta: strength of the KL tie to the reference (IPO: tau; SimPO: "
+                                                "reward scale, the paper uses 2-2.5)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed preference-flip rate eps for sigmoid (cDPO), robust and simpo"
+    )
+    simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma (loss=simpo only)")
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an NLL term on the chosen answer: per pair its token-mean NLL, averaged "
+        "over pairs like the preference loss"
+    )
+    reference: Literal["auto", "precompute", "adapter_off"] = Field(
+        "auto",
+        description="Where reference log-probs come from: precompute (one pass before training, cached in "
+        "output_dir/ref_logps.pt) | adapter_off (the same model with its adapter switched off, per batch) | auto "
+        "(adapter_off with an adapter, else precompute). loss=simpo uses none",
+    )
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Prompt tokens kept (the end of the prompt) when a pair exceeds max_length; "
+        "null = max_length // 2"
+    )
+    ref_batch_size: int = Field(0, ge=0, description="Pairs per batch when precomputing reference log-probs "
+                                                     "(0: 2 x batch_size)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Online RL recipes (REINFORCE, RLOO, GRPO, rejection sampling)
+# ----------------------------------------------------------------------------------------------
+
+
+class OnlineConfig(TrainConfig):
+    """Keys shared by the online RL recipes: sample from the policy, score, update."""
+
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW)")
+    max_steps: int = Field(100, description="Rollout steps (generate, score, update); -1 = derive from `epochs`")
+    batch_size: int = Field(8, ge=1, description="Prompts per micro-batch on each process (each gives its samples)")
+    prompt_column: str = Field("prompt", description="Column holding the prompt (text or messages); e.g. question")
+    chat_prompts: bool = Field(True, description="Wrap text prompts as one user message and apply the chat template")
+    reward: Any = Field(
+        "toy", description="Reward source(s): a built-in name, a reward model folder, module:function, or a list of "
+        "{source, weight, ...} (see docs/rewards.md)"
+    )
+    num_generations: int = Field(8, ge=1, description="Samples per prompt (the group size G)")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per sample")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (log-probs are taken at this temperature)")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off)")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (besides eos / end of turn)")
+    generation_batch_size: int = Field(64, ge=1, description="Prompts prefilled together by the rollout engine")
+    kl_coef: float = Field(0.0, ge=0, description="β of the KL-to-reference term; 0 loads no reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator")
+    ref_model: str | None = Field(None, description="Reference model (default: the starting policy, or the "
+                                  "adapter switched off with an adapter)")
+    eval_prompts: int = Field(64, ge=0, description="Held-out prompts scored greedily at each evaluation")
+    sample_every: int = Field(10, ge=0, description="Write a few sample completions to samples.jsonl every N steps")
+    compute_entropy: bool = Field(True, description="Log the policy's token entropy (costs a little compute)")
+
+
+class GRPOConfig(OnlineConfig):
+    """GRPO: G samples per prompt, group-normalised advantages, clipped ratio, KL in the loss."""
+
+    output_dir: str = Field("runs/grpo", description="Run folder")
+    scale: Literal["group", "batch", "none"] = Field(
+        "group", description="Advantage scale: group std (GRPO), batch std, or none (Dr. GRPO)"
+    )
+    clip_low: float = Field(0.2, ge=0, description="Ratio clip below: 1 - clip_low")
+    clip_high: float = Field(0.2, ge=0, description="Ratio clip above: 1 + clip_high (clip-higher when > clip_low)")
+    iterations: int = Field(1, ge=1, description="Updates (μ) per rollout batch, old log-probs held fixed")
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), "
+        "seq_mean_token_sum_norm (Dr. GRPO, divides by max_new_tokens)"
+    )
+    truncated: Literal["keep", "mask", "penalty"] = Field(
+        "keep", description="Samples cut at max_new_tokens without eos: keep, mask out of the loss, or give "
+        "`truncated_reward`"
+    )
+    truncated_reward: float = Field(0.0, description="Reward of a truncated sample when truncated=penalty")
+    dynamic_sampling: bool = Field(
+        False, description="Drop groups whose rewards are all equal (no signal) and refill with new prompts"
+    )
+    max_refill_rounds: int = Field(3, ge=0, description="Dynamic sampling: extra generation rounds per step at most")
+
+
+class RLOOConfig(OnlineConfig):
+    """RLOO: k samples per prompt, REINFORCE with the leave-one-out mean of the others as baseline."""
+
+    output_dir: str = Field("runs/rloo", description="Run folder")
+    num_generations: int = Field(4, ge=2, description="Samples per prompt (k >= 2)")
+    kl_in_reward: bool = Field(True, description="Subtract β·(sequence k1 KL) from the reward (else KL in the loss)")
+
+
+class ReinforceConfig(OnlineConfig):
+    """REINFORCE with a moving-average baseline (the seed report's Algorithm 1)."""
+
+    output_dir: str = Field("runs/reinforce", description="Run folder")
+    num_generations: int = Field(1, ge=1, description="Samples per prompt")
+    baseline_alpha: float = Field(0.9, ge=0, le=1, description="α of the baseline b ← αb + (1−α)·mean(r)")
+    batch_size: int = Field(16, ge=1, description="Prompts per micro-batch on each process")
+
+
+class RSConfig(OnlineConfig):
+    """Rejection sampling (best-of-N): sample N per prompt, keep the best, SFT on the kept answers."""
+
+    output_dir: str = Field("runs/rs", description="Run folder")
+    num_generations: int = Field(8, ge=1, description="Samples per prompt (N)")
+    rounds: int = Field(2, ge=1, description="Generate-then-SFT rounds")
+    prompts_per_round: int = Field(256, ge=1, description="Prompts sampled in each round")
+    threshold: float | None = Field(None, description="Keep the best sample only if its reward is at least this")
+    sft_steps: int = Field(50, ge=1, description="SFT optimizer steps per round")
+    max_steps: int = Field(-1, description="Unused by rs: the length is rounds x sft_steps")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of a KL(π‖π_start) term on the kept answers in the SFT loss")
+    output: str | None = Field(None, description="rs generate: where to write the best-of-N rows (JSONL)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards and evaluation
+# ----------------------------------------------------------------------------------------------
+
+from pydantic import model_validator  # noqa: E402
+
+
+class RewardTerm(Section):
+    """One reward source with its weight (see docs/rewards.md)."""
+
+    source: str = Field(
+        "",
+        description="A built-in (toy, exact_number, gsm8k, last_number, regex, length_penalty), module:function, "
+        "path/to/file.py:function, or a reward model folder. On the command line the whole section can be one "
+        "string: reward=toy, reward='toy + 0.5*mymod:fn' (see docs/rewards.md)",
+    )
+    weight: float = Field(1.0, description="Weight of this source in the sum")
+    timeout: float | None = Field(None, gt=0, description="Seconds per call before on_timeout applies (null: none)")
+    on_timeout: Literal["error", "none"] = Field(
+        "error", description="A call past its timeout: stop with an error, or give None for its samples"
+    )
+    args: dict[str, Any] = Field(
+        {}, description="Arguments of a built-in, e.g. {pattern: '...'} for regex, {mode: gsm8k}"
+    )
+
+
+def _parse_reward_shorthand(text: str) -> list[dict]:
+    """'toy + 0.5*mymod:fn' -> [{source: toy}, {source: mymod:fn, weight: 0.5}]."""
+    terms = []
+    for part in text.split("+"):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty term in reward {text!r}; write e.g. 'toy + 0.5*mymod:fn'")
+        weight, star, source = part.partition("*")
+        if star:
+            try:
+                w = float(weight)
+            except ValueError:
+                raise ValueError(f"bad weight {weight.strip()!r} in reward {text!r}; write WEIGHT*SOURCE") from None
+            terms.append({"source": source.strip(), "weight": w})
+        else:
+            terms.append({"source": part})
+    return terms
+
+
+class RewardSection(Section):
+    """Reward sources combined as a weighted sum. On the command line a string is enough:
+    `reward=toy`, `reward=mymod:fn`, `reward=runs/rm`, `reward='toy + 0.1*length_penalty'`; in
+    YAML also a list of terms: `reward: [{source: toy}, {source: "mymod:fn", weight: 0.5, timeout: 2}]`."""
+
+    terms: list[RewardTerm] = Field([], description="The sources and their weights")
+    none_as: float | None = Field(
+        None, description="Reward of a sample some source cannot score (returns None); null: leave it None"
+    )
+
+    @classmethod
+    def _coerce(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"terms": _parse_reward_shorthand(value)}
+        if isinstance(value, (list, tuple)):
+            items = []
+            for x in value:
+                items += _parse_reward_shorthand(x) if isinstance(x, str) else [x]
+            return {"terms": items}
+        if isinstance(value, dict) and "source" in value:
+            return {"terms": [value]}
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return cls._coerce(value)
+
+
+EvalMode = Literal["zero_shot", "few_shot", "cot", "reflect"]
+
+DEFAULT_COT_INSTRUCTION = "Think step by step, then write the final answer on the last line."
+DEFAULT_REFLECT_INSTRUCTION = (
+    "Check your answer step by step and correct it if needed. Write the final answer on the last line."
+)
+
+
+class EvalConfig(Section):
+    """Evaluate a model on a prompt set: reward, KL to a reference, accuracy and format rate, win rate,
+    perplexity, sample diversity, under one or several prompting modes (see docs/eval.md)."""
+
+    model: str = Field("", description="The policy to evaluate: a hub id or a local folder")
+    ref_model: str | None = Field(
+        None, description="Reference model for KL(policy‖reference) and the win rate (null: neither is computed)"
+    )
+    prompts: str | None = Field(
+        None, description="Prompt set: a file or hub dataset with a prompt column (text or messages) and reference "
+        "columns such as total or answer"
+    )
+    split: str = Field("test", description="Split to read when `prompts` is a hub dataset")
+    prompt_column: str = Field("prompt", description="Column holding the prompt, e.g. question for GSM8K")
+    chat_prompts: bool = Field(True, description="Text prompts become one user message (chat template); "
+                                                 "false: text is given to the model as is")
+    max_prompts: int = Field(-1, description="Evaluate the first N prompts only (-1: all)")
+    reward: RewardSection | None = Field(None, description="Reward source(s) scoring the samples")
+    judge: RewardSection | None = Field(None, description="Source judging the win rate (default: `reward`)")
+    task: Literal["auto", "toy", "gsm8k", "last_number", "none"] = Field(
+        "auto", description="Verifiable task for accuracy and format rate: toy (`Итого: X рублей.` vs column total), "
+        "gsm8k (`#### X` vs column answer), last_number; auto: toy with a total column, gsm8k with an answer column "
+        "holding `####`, else none"
+    )
+    mode: EvalMode = Field("zero_shot", description="Prompting mode: zero_shot | few_shot | cot | reflect")
+    modes: list[EvalMode] | None = Field(None, description="Several modes, one result row each (overrides `mode`)")
+    few_shot_pool: str | None = Field(None, description="File of worked examples for few_shot (prompt + completion "
+                                                        "or answer columns, or messages)")
+    few_shot_k: int = Field(3, ge=1, description="Examples per prompt in few_shot mode")
+    few_shot_layout: Literal["chat", "plain"] = Field(
+        "chat", description="chat: examples as alternating user/assistant turns; plain: one text block"
+    )
+    cot_instruction: str = Field(DEFAULT_COT_INSTRUCTION, description="Appended to the prompt in cot mode")
+    reflect_instruction: str = Field(DEFAULT_REFLECT_INSTRUCTION,
+                                     description="The second user turn in reflect mode")
+    n_samples: int = Field(1, ge=1, description="Samples per prompt")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy; KL needs > 0)")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass")
+    max_new_tokens: int = Field(128, ge=1, description="Generation budget per answer (per turn in reflect mode)")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch; also sequences per log-prob batch")
+    ppl_data: str | None = Field(None, description="Text / SFT file for perplexity on its answer tokens")
+    ppl_split: str = Field("test", description="Split to read when `ppl_data` is a hub dataset")
+    max_length: int = Field(1024, ge=2, description="Longest tokenized row of ppl_data (longer rows are cut)")
+    output_dir: str = Field("runs/eval", description="Folder for eval.json")
+    num_show: int = Field(3, ge=-1, description="Sample completions per mode printed and kept in eval.json (-1: all)")
+    seed: int = Field(0, description="Seed of sampling and of the few-shot draws")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model weights dtype: auto = bfloat16 on a GPU that supports it, float32 elsewhere"
+    )
+    logits_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when computing log-probs")
+    chat_template: str | None = Field(None, description="Jinja chat template (text or path) overriding the "
+                                                        "tokenizer's")
+
+
+class RMConfig(TrainConfig):
+    """Reward model from preference pairs (prompt/chosen/rejected, or implicit prompt): a linear head on
+    the last real token, trained as a scalar Bradley-Terry model or as a distribution over K scores."""
+
+    output_dir: str = Field("runs/rm", description="Run folder: final model, checkpoints, metrics.jsonl, plots")
+    batch_size: int = Field(8, ge=1, description="Pairs per micro-batch on each process (2 x batch_size sequences "
+                            "in one forward pass)")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW)")
+    kind: Literal["scalar", "distributional"] = Field(
+        "scalar", description="scalar: one reward, loss -log sigmoid(r_w - r_l - margin); distributional: "
+        "p(score = 1..num_scores), loss -log P(score_w > score_l)"
+    )
+    num_scores: int = Field(10, ge=2, description="Distributional: number of score classes K")
+    reward_stat: Literal["mean", "median", "mode", "mean_minus_std"] = Field(
+        "mean", description="Distributional: the statistic of the score distribution handed out as the reward "
+        "(mean = expected score in [1, K])"
+    )
+    center_coef: float = Field(
+        0.0, ge=0, description="Scalar: reward-centering term center_coef * (r_w + r_l)^2 per pair (0: off)"
+    )
+    calibrate: bool = Field(
+        True, description="Distributional: fit a temperature on the held-out pairs at each evaluation and store it "
+        "with the model"
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Without eval_data: hold out this fraction of the pairs (seeded) for the "
+        "held-out metrics; 0 = no evaluation"
+    )
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="When a pair exceeds max_length: keep at most this many prompt tokens (its end) "
+        "before cutting the responses (default max_length // 2)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Online RL, part 2: PPO with a critic, online DPO
+# ----------------------------------------------------------------------------------------------
+
+
+class PPOConfig(OnlineConfig):
+    """PPO with a critic (docs/ppo.md): per-token reward −β·KL plus the score on the last token, GAE,
+    clipped surrogate and clipped value loss, several epochs of minibatches over each rollout batch."""
+
+    output_dir: str = Field("runs/ppo", description="Run folder")
+    num_generations: int = Field(1, ge=1, description="Samples per prompt (PPO needs no groups; more is allowed)")
+    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty in the reward (the starting value "
+                           "with kl_control=adaptive); 0 loads no reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Per-token KL estimator in the reward penalty (k1 = log π_old − log π_ref, as Ziegler et al.)"
+    )
+    kl_control: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed β, or adaptive: β ← β·(1 + clip((KL − kl_target)/kl_target, ±0.2)·n/kl_horizon) "
+        "after each rollout step (KL = mean over samples of the summed per-token KL, n = samples in the step)"
+    )
+    kl_target: float = Field(6.0, gt=0, description="Adaptive β: target KL per response (nats, summed over tokens)")
+    kl_horizon: float = Field(10000.0, gt=0, description="Adaptive β: horizon, in samples")
+    critic: Literal["separate", "shared_base"] = Field(
+        "separate", description="separate: a value model of its own (a full copy, trained in full); shared_base: a "
+        "second LoRA adapter + value head on the policy's frozen base (needs peft.method=lora|dora|qlora)"
+    )
+    critic_init: str = Field(
+        "auto", description="Critic backbone: policy (the starting policy), reward (the reward model given as "
+        "reward=FOLDER, its scalar head too), a model folder PATH, or auto (reward when the reward source is a "
+        "reward-model folder, else policy). shared_base always starts from the policy's base"
+    )
+    critic_lr: float = Field(1e-5, gt=0, description="Peak learning rate of the critic (its own AdamW, same schedule)")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount γ")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch")
+    num_minibatches: int = Field(1, ge=1, description="Minibatches (= optimizer steps) per pass; the rollout step "
+                                 "takes batch_size x grad_accum x num_minibatches prompts per process")
+    clip_low: float = Field(0.2, ge=0, description="Ratio clip below: 1 − clip_low")
+    clip_high: float = Field(0.2, ge=0, description="Ratio clip above: 1 + clip_high")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 for negative advantages "
+                                    "(loss ≤ −c·A); null: off")
+    value_clip: float | None = Field(0.2, ge=0, description="Value clip ε: V is kept within V_old ± ε in the clipped "
+                                     "value loss; null: plain squared error")
+    whiten_advantages: bool = Field(True, description="Standardise advantages over the rollout batch (all processes)")
+    whiten_rewards: bool = Field(False, description="Scale the per-token rewards to unit variance over the rollout "
+                                 "batch, mean kept (as lm-human-preferences' option)")
+    reward_norm: Literal["none", "batch", "running"] = Field(
+        "none", description="Normalise the reward source's score: batch (mean 0, std 1 over the rollout batch) or "
+        "running (mean and std of every score seen so far, saved in checkpoints)"
+    )
+    reward_clip: float | None = Field(None, gt=0, description="Clip the (normalised) score to [−c, c]; null: off")
+    missing_eos_penalty: float = Field(
+        0.0, ge=0, description="Subtracted from the score of a response cut at max_new_tokens without eos/stop"
+    )
+    save_critic: bool = Field(True, description="Write the trained critic to output_dir/critic at the end")
+
+
+class OnlineDPOConfig(OnlineConfig):
+    """Online DPO (docs/online-dpo.md): sample answers from the current policy, rank them with the reward
+    source, apply the DPO loss to best vs worst; the reference is the starting policy."""
+
+    output_dir: str = Field("runs/online_dpo", description="Run folder")
+    num_generations: int = Field(2, ge=2, description="Samples per prompt; the best and the worst form the pair")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field(
+        "sigmoid", description="DPO variant (see `alignkit dpo --help`); simpo needs no reference model"
+    )
+    beta: float = Field(0.1, gt=0, description="β of the DPO loss (IPO: τ; SimPO: reward scale)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed preference-flip rate (sigmoid, robust, "
+                                   "simpo)")
+    simpo_gamma: float = Field(0.5, description="SimPO target reward margin (loss=simpo only)")
+    missing_eos_penalty: float = Field(
+        0.0, ge=0, description="Subtracted from the score of a response cut at max_new_tokens without eos/stop, "
+        "before ranking"
+    )
+    kl_coef: float = Field(0.0, ge=0, description="Unused by online-dpo: β ties the policy to the reference")

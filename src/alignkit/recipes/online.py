@@ -73,6 +73,12 @@ def reference_policy(cfg: OnlineConfig, policy, device):
     the caller switches the adapter off (`ref_context`); otherwise a frozen copy is loaded."""
     if cfg.kl_coef <= 0:
         return None
+    return load_reference(cfg, policy, device)
+
+
+def load_reference(cfg: OnlineConfig, policy, device):
+    """The reference whatever β: the policy itself with an adapter (switched off by
+    `ref_context`), else a frozen copy of `cfg.ref_model` (default: the starting `cfg.model`)."""
     if cfg.ref_model is None and hasattr(policy, "disable_adapter"):
         return policy
     from alignkit.models import load_model
@@ -211,7 +217,8 @@ class OnlineRun:
     samples, scores and calls `update` after each optimizer step it makes."""
 
     def __init__(self, cfg: OnlineConfig, recipe: str, model=None, tokenizer=None, updates_per_step: int = 1,
-                 reward_fn=None, rollout_steps: int | None = None, prompts_per_step: int | None = None):
+                 reward_fn=None, rollout_steps: int | None = None, prompts_per_step: int | None = None,
+                 need_reference: bool | None = None):
         from alignkit.data.chat import setup_chat_template
         from alignkit.models import load_tokenizer
         from alignkit.models.peft import load_base_model, prepare_trainable
@@ -243,7 +250,11 @@ class OnlineRun:
         self.updates_per_step = updates_per_step
         self.trainer = Trainer(cfg, policy, self.tok, recipe=recipe, total_steps=steps * updates_per_step,
                                dist_info=self.dist)
-        self.ref = reference_policy(cfg, self.trainer.model, self.dist.device)
+        # need_reference: None = as β says (reference_policy); True / False = the recipe decides (online DPO)
+        if need_reference is None:
+            self.ref = reference_policy(cfg, self.trainer.model, self.dist.device)
+        else:
+            self.ref = load_reference(cfg, self.trainer.model, self.dist.device) if need_reference else None
         self.engine = RolloutEngine(self.tok)
         self.pad_id = self.engine.pad_id
         self.run_dir = self.trainer.run_dir

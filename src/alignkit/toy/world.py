@@ -398,6 +398,16 @@ def _doc_facts(t: dict, rng: random.Random, d: Difficulty) -> str:
     return "\n".join(lines)
 
 
+# (document kind, weight): how often each kind of pretraining document appears.
+PRETRAIN_MIX = (
+    (_doc_list, 0.25),
+    (_doc_inline, 0.10),
+    (_doc_running, 0.20),
+    (_doc_equation, 0.10),
+    (_doc_facts, 0.35),
+)
+
+
 def pretrain_texts(n: int, seed: int = 0, difficulty: str | Difficulty | None = None,
                    split: str = "train") -> list[dict]:
     """Plain-text documents for pretraining the base model: {"text": ...}.
@@ -407,11 +417,11 @@ def pretrain_texts(n: int, seed: int = 0, difficulty: str | Difficulty | None = 
     d = get_difficulty(difficulty)
     rng = _stream("pretrain-style", split, seed)
     it = iter_tasks(seed, split, d, stream="pretrain")
-    kinds = (_doc_list, _doc_list, _doc_inline, _doc_running, _doc_running, _doc_equation, _doc_facts)
+    kinds, weights = zip(*PRETRAIN_MIX)
     out = []
     for _ in range(n):
         t = next(it)
-        f = rng.choice(kinds)
+        f = rng.choices(kinds, weights)[0]
         out.append({"text": f(t, rng, d) if f is _doc_facts else f(t, rng)})
     return out
 

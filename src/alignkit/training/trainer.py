@@ -39,6 +39,16 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process so far (and peak CUDA memory on a GPU), in MiB."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -46,6 +56,8 @@ def seed_everything(seed: int) -> None:
 
 
 def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft: counts packed 4-bit weights at their real size
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
@@ -373,6 +385,7 @@ class Trainer:
         if tokens:
             metrics["tokens_per_s"] = tokens / dt
         metrics["elapsed_s"] = now - self._t0
+        metrics.update(peak_memory(self.device))
         self._tokens_since, self._time_since = 0, now
         self.metrics.write(self.step, metrics)
         if self._bar is not None:
@@ -398,11 +411,27 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load the weights saved in checkpoint `path` into `model` (full model or peft adapter)."""
     from safetensors.torch import load_file
 
+    peft = sys.modules.get("peft")
+    is_peft = peft is not None and isinstance(model, peft.PeftModel)
     if (path / "adapter_model.safetensors").is_file():
+        if not is_peft:
+            raise UserError(f"{path}: checkpoint holds an adapter, but this run trains without one; resume with the "
+                            "same peft.method as the run that wrote it")
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        try:
+            res = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        except RuntimeError as e:  # shape mismatch: r / block size / targets changed
+            lines = [ln.strip() for ln in str(e).splitlines() if "mismatch" in ln] or [str(e).strip()]
+            raise UserError(f"{path}: adapter does not match this run's peft settings ({lines[0][:240]}); "
+                            "resume with the same peft.* keys") from None
+        if res.unexpected_keys:
+            raise UserError(f"{path}: adapter does not match this run's peft settings (unexpected "
+                            f"{res.unexpected_keys[:3]}); resume with the same peft.* keys")
         return
+    if is_peft:
+        raise UserError(f"{path}: checkpoint holds a full model, but this run trains an adapter; "
+                        "resume with the same peft.method as the run that wrote it")
     weights = {}
     for f in sorted(path.glob("*.safetensors")):
         weights.update(load_file(str(f)))

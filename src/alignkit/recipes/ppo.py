@@ -1,0 +1,461 @@
+"""PPO with a critic: the classic RLHF loop (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
+
+Objective: maximise  E_{x ~ D, y ~ π(·|x)} [ Q(x, y) ] − β · KL(π ‖ π_0).
+
+Every rollout step:
+
+  1. Sample answers y for a batch of prompts x; score Q(x, y) with the reward source. A response
+     cut at max_new_tokens without eos loses `missing_eos_penalty`; the score may be normalised
+     (`reward_norm`) and clipped (`reward_clip`).
+  2. Teacher-forced passes without gradient: log π_old(y_t), log π_ref(y_t) and the critic's V_t.
+     Everything is per token, aligned to the position that *predicts* y_t (completion_mask).
+  3. Per-token reward, the KL penalty on every token and the score on the last real one:
+         r_t = −β · KL_t  (+ Q(x, y) when y_t is the response's last token),
+         KL_t = log π_old(y_t) − log π_ref(y_t)        (k1; `kl_estimator`)
+  4. GAE over the response tokens (the step after the last token is terminal, V = 0):
+         δ_t = r_t + γ V_{t+1} − V_t,   A_t = δ_t + γ λ A_{t+1},   R_t = A_t + V_t
+     and the advantages are whitened over the rollout batch (all processes).
+  5. `ppo_epochs` passes, each over `num_minibatches` shuffled minibatches; per minibatch one
+     optimizer step of the policy and one of the critic:
+         policy  l_t = −min(ρ_t A_t, clip(ρ_t, 1 − ε_lo, 1 + ε_hi) A_t),   ρ_t = π(y_t) / π_old(y_t)
+         critic  l_t = ½ max((V_t − R_t)², (clip(V_t, V_old,t ± ε_v) − R_t)²)
+     both token means over the whole global minibatch.
+  6. kl_control=adaptive: β ← β · (1 + clip(KL/target − 1, −0.2, 0.2) · n / horizon), with KL the
+     mean summed KL per response of this rollout and n its number of responses.
+
+The critic (`alignkit.models.value`) has its own AdamW (`critic_lr`, same schedule shape) and
+its weights and optimizer state go into the trainer's checkpoints. See docs/ppo.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.advantages import gae
+from alignkit.config import PPOConfig
+from alignkit.errors import UserError
+from alignkit.losses import kl_estimate, policy_loss_terms, value_loss_terms
+from alignkit.recipes import online as ol
+from alignkit.rollout.engine import RolloutBatch
+from alignkit.training.dist import DistInfo, all_reduce_sum
+
+__all__ = [
+    "PPOConfig",
+    "train_ppo",
+    "KLController",
+    "RunningMoments",
+    "token_rewards",
+    "last_token_index",
+    "global_whiten",
+    "explained_variance",
+    "ppo_policy_loss_fn",
+    "ppo_value_loss_fn",
+    "build_critic",
+    "demo_stage",
+]
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+class KLController:
+    """β of the KL penalty. Fixed, or adaptive (Ziegler et al. 2019, sec. 2.2):
+
+        e = clip(KL / target − 1, −0.2, 0.2),     β ← β · (1 + e · n_steps / horizon)
+
+    KL is the measured KL of the last rollout (summed over each response's tokens, averaged over
+    responses), n_steps the number of responses it held, horizon in responses. State (β and the
+    update count) is saved in checkpoints."""
+
+    def __init__(self, kl_coef: float, adaptive: bool = False, target: float = 6.0, horizon: float = 10000.0):
+        if adaptive and kl_coef <= 0:
+            raise UserError("kl_control=adaptive multiplies β, so it needs kl_coef > 0 to start from")
+        self.value = float(kl_coef)
+        self.adaptive = adaptive
+        self.target = float(target)
+        self.horizon = float(horizon)
+        self.updates = 0
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        if self.adaptive:
+            err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + err * n_steps / self.horizon
+        self.updates += 1
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.updates = int(state.get("updates", 0))
+
+
+class RunningMoments:
+    """Mean and (sample) standard deviation of every score seen so far, merged batch by batch
+    (Chan et al.'s parallel update, float64). Saved in checkpoints."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, n: float, total: float, total_sq: float) -> None:
+        if n <= 0:
+            return
+        mean_b = total / n
+        m2_b = max(total_sq - n * mean_b * mean_b, 0.0)
+        tot = self.count + n
+        delta = mean_b - self.mean
+        self.mean += delta * n / tot
+        self.m2 += m2_b + delta * delta * self.count * n / tot
+        self.count = tot
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.count, self.mean, self.m2 = float(s["count"]), float(s["mean"]), float(s["m2"])
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last True entry of each row of mask (B, T); -1 for an empty row."""
+    m = mask.bool()
+    pos = torch.arange(m.shape[-1], device=m.device).expand_as(m)
+    return torch.where(m, pos, torch.full_like(pos, -1)).amax(-1)
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor | None, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, T): −kl_coef · kl on every masked token, plus scores[b] on the last
+    masked token of row b (the response's last real token; DESIGN rule 5). 0 where mask is 0."""
+    m = mask.bool()
+    r = torch.zeros(m.shape, dtype=torch.float32)
+    if kl is not None and kl_coef:
+        r = torch.where(m, -kl_coef * kl.float(), r)
+    last = last_token_index(m)
+    rows = torch.nonzero(last >= 0).squeeze(-1)
+    r[rows, last[rows]] += scores.float()[rows]
+    return r
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, dist: DistInfo, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """`alignkit.advantages.whiten` over the masked entries of every process: (x − mean)/sqrt(var + eps),
+    var unbiased; with shift_mean=False the mean is added back (only the scale changes)."""
+    m = mask.bool()
+    xd = x.double()
+    s = all_reduce_sum(torch.tensor([float(m.sum()), float(xd[m].sum())], dtype=torch.float64), dist)
+    n = float(s[0])
+    if n == 0:
+        return torch.zeros_like(x)
+    mean = float(s[1]) / n
+    sq = float(all_reduce_sum(torch.tensor([float(((xd[m] - mean) ** 2).sum())], dtype=torch.float64), dist)[0])
+    var = sq / (n - 1) if n > 1 else sq / n
+    y = (x - mean) / math.sqrt(var + eps)
+    if not shift_mean:
+        y = y + mean
+    return torch.where(m, y, torch.zeros((), dtype=x.dtype))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, dist: DistInfo) -> float:
+    """1 − Var[R − V] / Var[R] over the masked tokens of every process (1: perfect critic, 0: no
+    better than a constant, < 0: worse). NaN when the returns do not vary."""
+    m = mask.bool()
+    v, r = values.double()[m], returns.double()[m]
+    d = r - v
+    s = all_reduce_sum(torch.tensor([float(m.sum()), float(r.sum()), float((r * r).sum()), float(d.sum()),
+                                     float((d * d).sum())], dtype=torch.float64), dist).tolist()
+    n = s[0]
+    if n < 2:
+        return float("nan")
+    var_r = s[2] / n - (s[1] / n) ** 2
+    var_d = s[4] / n - (s[3] / n) ** 2
+    return 1.0 - var_d / var_r if var_r > 1e-12 else float("nan")
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def ppo_policy_loss_fn(cfg: PPOConfig):
+    """Clipped surrogate summed over the micro-batch's response tokens (units: tokens)."""
+
+    def loss_fn(model, mb: dict):
+        out = ol.seq_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
+        lp, ent = out if cfg.compute_entropy else (out, None)
+        m = mb["completion_mask"]
+        terms = policy_loss_terms(lp, mb["old_trainer_logps"], mb["advantages"], m, cfg.clip_low, cfg.clip_high,
+                                  "token_mean", dual_clip=cfg.dual_clip)
+        st, n = terms.stats, terms.stats["tokens"]
+        metrics = {"clip_frac": (st["clipped"], n), "ratio_mean": (st["ratio_sum"], n),
+                   "approx_kl": (st["approx_kl_sum"], n)}
+        if "dual_clipped" in st:
+            metrics["dual_clip_frac"] = (st["dual_clipped"], n)
+        if ent is not None:
+            metrics["entropy"] = ((ent.detach() * m).sum(), m.sum())
+        return terms.loss_sum, metrics
+
+    return loss_fn
+
+
+def ppo_value_loss_fn(critic, cfg: PPOConfig):
+    """Clipped value loss summed over the micro-batch's response tokens (units: tokens)."""
+
+    def loss_fn(mb: dict):
+        values = critic(mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+        t = value_loss_terms(values, mb["old_values"], mb["returns"], mb["completion_mask"], cfg.value_clip)
+        st = t.stats
+        return t.loss_sum, {"value_clip_frac": st["clipped"], "value_mean": st["value_sum"],
+                            "value_mse": st["sq_error_sum"]}
+
+    return loss_fn
+
+
+def n_tokens(mb: dict) -> float:
+    return float(mb["completion_mask"].sum())
+
+
+# --------------------------------------------------------------------------- the critic
+
+
+def _reward_model_path(reward) -> str | None:
+    """The folder of the reward source when it is one reward model, else None."""
+    from alignkit.config import RewardSection
+    from alignkit.models.value import is_reward_model_folder
+
+    if not isinstance(reward, (str, list, tuple, dict)):
+        return None
+    try:
+        sec = RewardSection.model_validate(reward)
+    except Exception:
+        return None
+    paths = [t.source for t in sec.terms if is_reward_model_folder(t.source)]
+    return paths[0] if len(paths) == 1 else None
+
+
+def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
+    """The critic of `cfg.critic` / `cfg.critic_init`, on the trainer's device (see models/value.py)."""
+    from alignkit.models.peft import is_peft_model
+    from alignkit.models.value import (CRITIC_ADAPTER, AdapterValueModel, ValueHead, is_reward_model_folder,
+                                       load_value_model)
+
+    tr = run.trainer
+    if cfg.critic == "shared_base":
+        from alignkit.models.peft import build_peft_config
+
+        policy = tr.model
+        if not is_peft_model(policy) or cfg.peft.method not in ("lora", "dora", "qlora"):
+            raise UserError("critic=shared_base puts the critic as a second adapter on the policy's base: it needs "
+                            "peft.method=lora (or dora / qlora); use critic=separate for full fine-tuning")
+        if cfg.peft.modules_to_save:
+            raise UserError("critic=shared_base cannot be combined with peft.modules_to_save (those modules would be "
+                            "shared by policy and critic); drop modules_to_save or use critic=separate")
+        if cfg.critic_init not in ("auto", "policy"):
+            raise UserError(f"critic_init={cfg.critic_init}: with critic=shared_base the critic always starts from the "
+                            "policy's base; use critic_init=auto or critic=separate")
+        pconf = build_peft_config(cfg.peft, policy.get_base_model(), cfg)
+        policy.add_adapter(CRITIC_ADAPTER, pconf)
+        policy.set_adapter("default")
+        from alignkit.models.value import _hidden_size
+
+        critic = AdapterValueModel(policy, ValueHead(_hidden_size(policy.get_base_model())))
+        critic.head.to(tr.device)
+        tr.info("critic: adapter 'critic' + value head on the policy's base (one copy of the base weights)")
+        return critic
+    rm_path = _reward_model_path(cfg.reward)
+    init = cfg.critic_init
+    if init == "auto":
+        init = "reward" if rm_path else "policy"
+    if init == "reward":
+        if rm_path is None:
+            raise UserError("critic_init=reward needs the reward source to be one reward-model folder (reward=PATH); "
+                            "use critic_init=policy or critic_init=PATH")
+        source, path = "reward", rm_path
+    elif init == "policy":
+        if not cfg.model:
+            raise UserError("critic_init=policy loads the critic from `model`; set model=PATH")
+        source, path = "policy", cfg.model
+    else:
+        source, path = ("reward" if is_reward_model_folder(init) else "policy"), init
+    critic = load_value_model(source, path, run.tok, log=tr.info)
+    if cfg.gradient_checkpointing:
+        critic.gradient_checkpointing_enable()
+    critic.to(tr.device)
+    n = sum(p.numel() for p in critic.parameters())
+    tr.info(f"critic: separate value model from the {source} at {path} ({n:,} parameters, all trained)")
+    return critic
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def take_rows(full: dict, rows) -> dict:
+    """Rows of a right-padded (B, T) batch dict, trimmed to their longest row."""
+    idx = torch.as_tensor(list(rows), dtype=torch.long)
+    T = max(int(full["attention_mask"].index_select(0, idx).sum(-1).max()), 1)
+    return {k: v.index_select(0, idx)[:, :T] for k, v in full.items()}
+
+
+def _pad_cat(parts: list[torch.Tensor], T: int) -> torch.Tensor:
+    return torch.cat([F.pad(p, (0, T - p.shape[1])) for p in parts])
+
+
+@torch.no_grad()
+def critic_values(critic, chunks: list[dict], device, autocast) -> list[torch.Tensor]:
+    out = []
+    for mb in chunks:
+        with critic.active(), autocast():
+            v = critic(mb["input_ids"].to(device), mb["attention_mask"].to(device), mb["position_ids"].to(device))
+        out.append(v.float().cpu())
+    return out
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
+    """Run PPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides cfg.reward."""
+    kl_ctl = KLController(cfg.kl_coef, cfg.kl_control == "adaptive", cfg.kl_target, cfg.kl_horizon)
+    prompts_per_mb = cfg.batch_size * cfg.grad_accum  # one optimizer step's prompts, per process
+    run = ol.OnlineRun(cfg, "ppo", model, tokenizer, updates_per_step=cfg.ppo_epochs * cfg.num_minibatches,
+                       reward_fn=reward_fn, prompts_per_step=prompts_per_mb * cfg.num_minibatches)
+    tr, dist = run.trainer, run.dist
+    critic = build_critic(cfg, run)
+    from alignkit.models.value import CriticOptimizer
+
+    copt = CriticOptimizer(critic.trainable_parameters(), cfg.critic_lr, cfg.weight_decay, cfg.adam_betas,
+                           cfg.max_grad_norm, tr._lr_lambda, dist, tr.autocast, critic.weights, critic.load_weights)
+    moments = RunningMoments()
+    tr.register_state("kl_controller", kl_ctl.state_dict, kl_ctl.load_state_dict)
+    tr.register_state("critic", copt.state_dict, copt.load_state_dict)
+    tr.register_state("reward_moments", moments.state_dict, moments.load_state_dict)
+    policy_loss, value_loss = ppo_policy_loss_fn(cfg), ppo_value_loss_fn(critic, cfg)
+    G = cfg.num_generations
+    micro_rows = cfg.batch_size * G
+
+    def normalise(scores: torch.Tensor) -> torch.Tensor:
+        if cfg.reward_norm == "none":
+            out = scores
+        else:
+            s = all_reduce_sum(torch.tensor([float(scores.numel()), float(scores.double().sum()),
+                                             float((scores.double() ** 2).sum())], dtype=torch.float64), dist).tolist()
+            if cfg.reward_norm == "running":
+                moments.update(*s)
+                mean, std = moments.mean, moments.std
+            else:
+                n = s[0]
+                mean = s[1] / n
+                std = math.sqrt(max(s[2] - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
+            out = (scores - mean) / (std if std > 0 else 1.0)
+        if cfg.reward_clip is not None:
+            out = out.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return out
+
+    def step(rstep: int, clock: ol.StepClock) -> dict:
+        # 1. sample, score; EOS penalty, normalisation, clipping of the score
+        ps, cols, batch, scores, info = run.rollout(rstep)
+        no_eos = torch.tensor([s.finish_reason == "length" for s in batch.samples])
+        scores = scores - cfg.missing_eos_penalty * no_eos.float()
+        scores = normalise(scores)
+        info["score_mean"] = float(all_reduce_sum(float(scores.sum()), dist)) / float(
+            all_reduce_sum(float(scores.numel()), dist))
+        clock.lap("score")
+        # 2. one right-padded batch of the whole rollout; no-grad passes in micro-batch chunks
+        full = RolloutBatch(batch.samples, G).tensors(run.pad_id)
+        B, T = full["input_ids"].shape
+        chunks = [take_rows(full, range(i, min(i + micro_rows, B))) for i in range(0, B, micro_rows)]
+        full["old_trainer_logps"] = _pad_cat(run.policy_logps(chunks), T)
+        mask = full["completion_mask"]
+        kl = None
+        if run.ref is not None:
+            run.add_ref_logps(chunks)
+            ref = _pad_cat([c["ref_logps"] for c in chunks], T)
+            kl = torch.where(mask, kl_estimate(full["old_trainer_logps"], ref, cfg.kl_estimator), torch.zeros(()))
+        values = _pad_cat(critic_values(critic, chunks, tr.device, tr.autocast), T)
+        values = torch.where(mask, values, torch.zeros(()))
+        # 3. per-token rewards, 4. GAE, whitening
+        beta = kl_ctl.value
+        rewards = token_rewards(scores, kl, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = global_whiten(rewards, mask, dist, shift_mean=False)
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = global_whiten(adv, mask, dist)
+        full.update(advantages=adv, returns=returns, old_values=values)
+        red = all_reduce_sum(torch.tensor([
+            float(B), float(mask.sum()),
+            float(kl.sum()) if kl is not None else 0.0,
+            *ol.mismatch(full["old_logps"], full["old_trainer_logps"], mask),
+            float(returns.sum()), float(values.sum()),
+        ], dtype=torch.float64), dist).tolist()
+        n_samples, n_tok = red[0], red[1]
+        info.update(kl_coef=beta, returns_mean=red[5] / n_tok, values_mean=red[6] / n_tok,
+                    explained_variance=explained_variance(values, returns, mask, dist),
+                    logprob_mismatch=red[3] / max(red[4], 1.0))
+        if kl is not None:
+            info.update(kl=red[2] / n_tok, kl_seq=red[2] / n_samples)
+        clock.lap("prepare")
+        # 5. ppo_epochs x num_minibatches optimizer steps, minibatches shuffled (seeded)
+        n_mb = cfg.num_minibatches
+        per_mb = B // n_mb
+        for epoch in range(cfg.ppo_epochs):
+            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + rstep) * 101 + epoch)
+            perm = torch.randperm(B, generator=g).tolist()
+            for k in range(n_mb):
+                rows = perm[k * per_mb:(k + 1) * per_mb]
+                mbs = [take_rows(full, rows[i:i + micro_rows]) for i in range(0, len(rows), micro_rows)]
+                metrics = tr.accumulate(mbs, policy_loss, n_tokens)
+                metrics["policy_loss"] = metrics["loss"]
+                metrics.update(copt.accumulate(mbs, value_loss, n_tokens, tr.device, critic.active))
+                metrics.update(copt.step())
+                metrics.update(info, ppo_epoch=epoch)
+                run.update(metrics, clock, last=epoch == cfg.ppo_epochs - 1 and k == n_mb - 1)
+        # 6. adaptive β from this rollout's KL
+        if kl is not None:
+            kl_ctl.update(red[2] / n_samples, int(n_samples))
+        return info
+
+    t0 = time.time()
+    result = run.loop(step)
+    if cfg.save_critic and dist.main:
+        from alignkit.training import checkpoint as ckpt
+
+        ckpt.atomic_dir_write(Path(cfg.output_dir) / "critic", critic.save_pretrained)
+    result = dict(result)
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+# --------------------------------------------------------------------------- toy demo
+
+
+def demo_stage(run_dir: Path, sft_model: str, seed: int, quick: bool) -> dict:
+    """PPO from the SFT checkpoint on the toy task with the built-in `toy` reward.
+
+    Returns {"model_dir", "wall_s", "steps", "eval_reward", "eval_solved"} (the last two: greedy
+    answers on held-out prompts at the end of training, from the run's own evaluation)."""
+    from alignkit.toy import world
+
+    run_dir = Path(run_dir)
+    data_dir = run_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_p, eval_p = data_dir / "ppo_prompts.jsonl", data_dir / "ppo_eval_prompts.jsonl"
+    world.write_jsonl(world.prompt_rows(2048, seed=seed, split="train"), train_p)
+    world.write_jsonl(world.prompt_rows(64, seed=seed, split="eval"), eval_p)
+    out = run_dir / "ppo"
+    steps = 20 if quick else 60
+    cfg = PPOConfig(model=str(sft_model), data=str(train_p), eval_data=str(eval_p), output_dir=str(out),
+                    reward="toy", max_steps=steps, batch_size=16, num_generations=4, max_new_tokens=24,
+                    lr=5e-5, critic_lr=5e-4, kl_coef=0.02, ppo_epochs=2, num_minibatches=2, warmup_steps=2,
+                    schedule="constant", temperature=1.0, seed=seed, overwrite=True, progress=False,
+                    log_every=5, eval_prompts=64, sample_every=0, save_critic=False)
+    t0 = time.time()
+    res = train_ppo(cfg)
+    return {"model_dir": str(out), "wall_s": time.time() - t0, "steps": steps,
+            "eval_reward": res.get("eval_reward"), "eval_solved": res.get("eval_solved")}

@@ -431,3 +431,30 @@ def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, rows,
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith("alignkit: error:") and needle in err[0], err
     assert not out.exists()
+
+
+def test_shared_prompt_pass_equals_full_sequences(tiny_model_dir, tok, tmp_path):
+    """The prompt run once with both responses on its cache: same rewards, loss and gradients."""
+    from alignkit.recipes.rm import shared_prompt_agrees, shared_prompt_collate
+
+    rows = text_pairs(6, seed=3)
+    rows[0]["margin"] = 1.0
+    pairs, _ = load_pairs(str(write_jsonl(tmp_path / "p.jsonl", rows)), "train", tok, 128)
+    torch.manual_seed(0)
+    model, _ = load_reward_backbone(str(tiny_model_dir), RewardSpec())
+    full, shared = pair_collate(pairs, tok.pad_token_id), shared_prompt_collate(pairs, tok.pad_token_id)
+    assert shared["prompt_ids"].shape[0] == 6 and shared["cont_ids"].shape[0] == 12
+    assert shared["n_tokens"] == int(full["attention_mask"].sum())
+    assert int(shared["prompt_mask"].sum()) > 6 * 5  # the prompts really are shared, not one token each
+    out = {}
+    for name, b in (("full", full), ("shared", shared)):
+        model.zero_grad()
+        loss, m = rm_loss_fn(RewardSpec(), center_coef=0.05)(model, b)
+        loss.backward()
+        out[name] = (float(loss.detach()), float(m["margin"]),
+                     {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert out["full"][0] == pytest.approx(out["shared"][0], abs=1e-5)
+    assert out["full"][1] == pytest.approx(out["shared"][1], abs=1e-5)
+    for k, g in out["full"][2].items():
+        assert torch.allclose(g, out["shared"][2][k], atol=1e-5, rtol=1e-4), k
+    assert shared_prompt_agrees(model, pairs, tok.pad_token_id)[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignkit.errors import UserError
 
@@ -65,6 +65,12 @@ class PeftConfig(Section):
     boft_butterfly_factor: int = Field(1, ge=1, description="BOFT: butterfly factors (1 = plain block-diagonal OFT)")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: 4-bit data type of the frozen base")
     double_quant: bool = Field(True, description="QLoRA: also quantise the quantisation constants")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _none_is_a_method(cls, v):
+        # `peft.method=none` on the command line (and `method: null` in YAML) read as null
+        return "none" if v is None else v
 
 
 class TrainConfig(Section):
@@ -371,6 +377,81 @@ class DPOConfig(TrainConfig):
                                                      "(0: 2 x batch_size)")
 
 
+class RewardTerm(Section):
+    """One reward source with its weight (see docs/rewards.md)."""
+
+    source: str = Field(
+        "",
+        description="A built-in (toy, exact_number, gsm8k, last_number, regex, length_penalty), module:function, "
+        "path/to/file.py:function, or a reward model folder. On the command line the whole section can be one "
+        "string: reward=toy, reward='toy + 0.5*mymod:fn' (see docs/rewards.md)",
+    )
+    weight: float = Field(1.0, description="Weight of this source in the sum")
+    timeout: float | None = Field(None, gt=0, description="Seconds per call before on_timeout applies (null: none)")
+    on_timeout: Literal["error", "none"] = Field(
+        "error", description="A call past its timeout: stop with an error, or give None for its samples"
+    )
+    args: dict[str, Any] = Field(
+        {}, description="Arguments of a built-in, e.g. {pattern: '...'} for regex, {mode: gsm8k}"
+    )
+
+
+def _parse_reward_shorthand(text: str) -> list[dict]:
+    """'toy + 0.5*mymod:fn' -> [{source: toy}, {source: mymod:fn, weight: 0.5}]."""
+    terms = []
+    for part in text.split("+"):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty term in reward {text!r}; write e.g. 'toy + 0.5*mymod:fn'")
+        weight, star, source = part.partition("*")
+        if star:
+            try:
+                w = float(weight)
+            except ValueError:
+                raise ValueError(f"bad weight {weight.strip()!r} in reward {text!r}; write WEIGHT*SOURCE") from None
+            terms.append({"source": source.strip(), "weight": w})
+        else:
+            terms.append({"source": part})
+    return terms
+
+
+class RewardSection(Section):
+    """Reward sources combined as a weighted sum. On the command line a string is enough:
+    `reward=toy`, `reward=mymod:fn`, `reward=runs/rm`, `reward='toy + 0.1*length_penalty'`; in
+    YAML also a list of terms: `reward: [{source: toy}, {source: "mymod:fn", weight: 0.5, timeout: 2}]`."""
+
+    terms: list[RewardTerm] = Field([], description="The sources and their weights")
+    none_as: float | None = Field(
+        None, description="Reward of a sample some source cannot score (returns None); null: leave it None"
+    )
+
+    @classmethod
+    def _coerce(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"terms": _parse_reward_shorthand(value)}
+        if isinstance(value, (list, tuple)):
+            items = []
+            for x in value:
+                items += _parse_reward_shorthand(x) if isinstance(x, str) else [x]
+            return {"terms": items}
+        if isinstance(value, dict) and "source" in value:
+            return {"terms": [value]}
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return cls._coerce(value)
+
+
+EvalMode = Literal["zero_shot", "few_shot", "cot", "reflect"]
+
+DEFAULT_COT_INSTRUCTION = "Think step by step, then write the final answer on the last line."
+DEFAULT_REFLECT_INSTRUCTION = (
+    "Check your answer step by step and correct it if needed. Write the final answer on the last line."
+)
+
+
 # ----------------------------------------------------------------------------------------------
 # Online RL recipes (REINFORCE, RLOO, GRPO, rejection sampling)
 # ----------------------------------------------------------------------------------------------
@@ -384,9 +465,10 @@ class OnlineConfig(TrainConfig):
     batch_size: int = Field(8, ge=1, description="Prompts per micro-batch on each process (each gives its samples)")
     prompt_column: str = Field("prompt", description="Column holding the prompt (text or messages); e.g. question")
     chat_prompts: bool = Field(True, description="Wrap text prompts as one user message and apply the chat template")
-    reward: Any = Field(
-        "toy", description="Reward source(s): a built-in name, a reward model folder, module:function, or a list of "
-        "{source, weight, ...} (see docs/rewards.md)"
+    reward: RewardSection = Field(
+        default_factory=lambda: RewardSection(terms=[RewardTerm(source="toy")]),
+        description="Reward source(s): a built-in name, a reward model folder, module:function, or a weighted sum "
+        "'toy + 0.5*mymod:fn' (see docs/rewards.md)",
     )
     num_generations: int = Field(8, ge=1, description="Samples per prompt (the group size G)")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per sample")
@@ -464,82 +546,6 @@ class RSConfig(OnlineConfig):
 # Rewards and evaluation
 # ----------------------------------------------------------------------------------------------
 
-from pydantic import model_validator  # noqa: E402
-
-
-class RewardTerm(Section):
-    """One reward source with its weight (see docs/rewards.md)."""
-
-    source: str = Field(
-        "",
-        description="A built-in (toy, exact_number, gsm8k, last_number, regex, length_penalty), module:function, "
-        "path/to/file.py:function, or a reward model folder. On the command line the whole section can be one "
-        "string: reward=toy, reward='toy + 0.5*mymod:fn' (see docs/rewards.md)",
-    )
-    weight: float = Field(1.0, description="Weight of this source in the sum")
-    timeout: float | None = Field(None, gt=0, description="Seconds per call before on_timeout applies (null: none)")
-    on_timeout: Literal["error", "none"] = Field(
-        "error", description="A call past its timeout: stop with an error, or give None for its samples"
-    )
-    args: dict[str, Any] = Field(
-        {}, description="Arguments of a built-in, e.g. {pattern: '...'} for regex, {mode: gsm8k}"
-    )
-
-
-def _parse_reward_shorthand(text: str) -> list[dict]:
-    """'toy + 0.5*mymod:fn' -> [{source: toy}, {source: mymod:fn, weight: 0.5}]."""
-    terms = []
-    for part in text.split("+"):
-        part = part.strip()
-        if not part:
-            raise ValueError(f"empty term in reward {text!r}; write e.g. 'toy + 0.5*mymod:fn'")
-        weight, star, source = part.partition("*")
-        if star:
-            try:
-                w = float(weight)
-            except ValueError:
-                raise ValueError(f"bad weight {weight.strip()!r} in reward {text!r}; write WEIGHT*SOURCE") from None
-            terms.append({"source": source.strip(), "weight": w})
-        else:
-            terms.append({"source": part})
-    return terms
-
-
-class RewardSection(Section):
-    """Reward sources combined as a weighted sum. On the command line a string is enough:
-    `reward=toy`, `reward=mymod:fn`, `reward=runs/rm`, `reward='toy + 0.1*length_penalty'`; in
-    YAML also a list of terms: `reward: [{source: toy}, {source: "mymod:fn", weight: 0.5, timeout: 2}]`."""
-
-    terms: list[RewardTerm] = Field([], description="The sources and their weights")
-    none_as: float | None = Field(
-        None, description="Reward of a sample some source cannot score (returns None); null: leave it None"
-    )
-
-    @classmethod
-    def _coerce(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"terms": _parse_reward_shorthand(value)}
-        if isinstance(value, (list, tuple)):
-            items = []
-            for x in value:
-                items += _parse_reward_shorthand(x) if isinstance(x, str) else [x]
-            return {"terms": items}
-        if isinstance(value, dict) and "source" in value:
-            return {"terms": [value]}
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        return cls._coerce(value)
-
-
-EvalMode = Literal["zero_shot", "few_shot", "cot", "reflect"]
-
-DEFAULT_COT_INSTRUCTION = "Think step by step, then write the final answer on the last line."
-DEFAULT_REFLECT_INSTRUCTION = (
-    "Check your answer step by step and correct it if needed. Write the final answer on the last line."
-)
 
 
 class EvalConfig(Section):
@@ -627,6 +633,11 @@ class RMConfig(TrainConfig):
     max_prompt_length: int | None = Field(
         None, ge=1, description="When a pair exceeds max_length: keep at most this many prompt tokens (its end) "
         "before cutting the responses (default max_length // 2)"
+    )
+    share_prompt: bool = Field(
+        True, description="Run a pair's prompt once and let both responses attend to its cached keys/values "
+        "(same rewards and gradients as full sequences, fewer tokens); off, or gradient_checkpointing: one pass "
+        "over the 2 x batch_size full sequences"
     )
 
 

@@ -162,13 +162,14 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
 
     rewards = None
     if reward is not None:
+        timeouts_before = reward.timeouts
         per, rewards = _score(reward, prompts, answers, columns, chunk)
         ms = mean_std(rewards)
         res.update(reward=ms["mean"], reward_std=ms["std"], reward_none=ms["none"])
         if len(per) > 1:
             res["reward_terms"] = {k: mean_std(v)["mean"] for k, v in per.items()}
-        if reward.timeouts:
-            res["reward_timeouts"] = reward.timeouts
+        if reward.timeouts > timeouts_before:
+            res["reward_timeouts"] = reward.timeouts - timeouts_before
     if task != "none":
         tm = task_metrics(answers, columns[_task_column(task, rows)], task)
         res.update(accuracy=tm["accuracy"], format_rate=tm["format_rate"])

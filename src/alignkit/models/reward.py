@@ -49,6 +49,8 @@ __all__ = [
     "reward_parts",
     "last_token_index",
     "sequence_logits",
+    "shared_prompt_logits",
+    "pair_batch_logits",
     "rewards_from_logits",
     "score_probs",
     "score_entropy",
@@ -234,6 +236,47 @@ def sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     h_last = hidden[torch.arange(B, device=hidden.device), idx]
     return head(h_last).float()
+
+
+def shared_prompt_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cont_ids: torch.Tensor,
+                         cont_mask: torch.Tensor) -> torch.Tensor:
+    """(2B, K) head outputs of B pairs whose two responses share a prompt, the prompt run once.
+
+    prompt_ids/prompt_mask: (B, P) right-padded prompts. cont_ids/cont_mask: (2B, R) right-padded
+    responses, interleaved: row 2b is pair b's chosen response, row 2b + 1 its rejected one; each
+    has at least one token. The prompts go through the decoder once (B rows, keys/values kept);
+    the cache is repeated per response and the 2B responses go through in one pass, attending to
+    their prompt's cached keys/values (prompt padding masked) at positions that continue the
+    prompt. Every real token sees exactly the tokens it sees in a full (prompt + response) pass,
+    so rewards and gradients equal the one-pass computation up to float rounding, for roughly
+    (P + 2R) instead of 2(P + R) token positions. Output rows: the B chosen, then the B rejected
+    (the order of `pair_collate`)."""
+    from transformers import DynamicCache
+
+    decoder, head = reward_parts(model)
+    B = prompt_ids.shape[0]
+    cache = DynamicCache(config=decoder.config)
+    p_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=p_pos, past_key_values=cache,
+            use_cache=True)
+    cache.batch_repeat_interleave(2)
+    plen = prompt_mask.sum(-1).repeat_interleave(2)
+    c_pos = plen[:, None] + torch.arange(cont_ids.shape[1], device=cont_ids.device)[None]
+    mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), cont_mask], dim=1)
+    out = decoder(input_ids=cont_ids, attention_mask=mask, position_ids=c_pos, past_key_values=cache, use_cache=True)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    idx = last_token_index(cont_mask)
+    logits = head(hidden[torch.arange(2 * B, device=hidden.device), idx]).float()
+    return torch.cat([logits[0::2], logits[1::2]])
+
+
+def pair_batch_logits(model, batch: dict) -> torch.Tensor:
+    """(2B, K) head outputs (B chosen rows, then B rejected) of a pair batch in either layout:
+    shared prompt (`prompt_ids`, ...) or full sequences (`input_ids`, 2B rows, one pass)."""
+    if "prompt_ids" in batch:
+        return shared_prompt_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch["cont_ids"],
+                                    batch["cont_mask"])
+    return sequence_logits(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
 
 
 # --------------------------------------------------------------------------- rewards from head outputs

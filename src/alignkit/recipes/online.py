@@ -236,7 +236,7 @@ class OnlineRun:
         if reward_fn is None:
             from alignkit.rewards import build_reward
 
-            reward_fn = build_reward(cfg.reward)
+            reward_fn = build_reward(cfg.reward, tokenizer=self.tok)
         self.reward_fn = reward_fn
         policy = model if model is not None else load_base_model(cfg)
         policy = prepare_trainable(policy, cfg)

@@ -239,6 +239,27 @@ def _reward_model_path(reward) -> str | None:
     return paths[0] if len(paths) == 1 else None
 
 
+def check_config(cfg: PPOConfig) -> None:
+    """Mistakes found before any model is loaded (one line each, exit code 2)."""
+    if cfg.kl_control == "adaptive" and cfg.kl_coef <= 0:
+        raise UserError("kl_control=adaptive multiplies β, so it needs kl_coef > 0 to start from")
+    if cfg.critic == "shared_base":
+        if cfg.peft.method not in ("lora", "dora", "qlora"):
+            raise UserError("critic=shared_base puts the critic as a second adapter on the policy's base: it needs "
+                            "peft.method=lora (or dora / qlora); use critic=separate for full fine-tuning")
+        if cfg.peft.modules_to_save:
+            raise UserError("critic=shared_base cannot be combined with peft.modules_to_save (those modules would be "
+                            "shared by policy and critic); drop modules_to_save or use critic=separate")
+        if cfg.critic_init not in ("auto", "policy"):
+            raise UserError(f"critic_init={cfg.critic_init}: with critic=shared_base the critic always starts from the "
+                            "policy's base; use critic_init=auto or critic=separate")
+    elif cfg.critic_init not in ("auto", "policy", "reward") and not Path(cfg.critic_init).expanduser().is_dir():
+        raise UserError(f"critic_init={cfg.critic_init}: not policy, reward, auto or an existing model folder")
+    elif cfg.critic_init == "reward" and _reward_model_path(cfg.reward) is None:
+        raise UserError("critic_init=reward needs the reward source to be one reward-model folder (reward=PATH); "
+                        "use critic_init=policy or critic_init=PATH")
+
+
 def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
     """The critic of `cfg.critic` / `cfg.critic_init`, on the trainer's device (see models/value.py)."""
     from alignkit.models.peft import is_peft_model
@@ -250,15 +271,9 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
         from alignkit.models.peft import build_peft_config
 
         policy = tr.model
-        if not is_peft_model(policy) or cfg.peft.method not in ("lora", "dora", "qlora"):
-            raise UserError("critic=shared_base puts the critic as a second adapter on the policy's base: it needs "
-                            "peft.method=lora (or dora / qlora); use critic=separate for full fine-tuning")
-        if cfg.peft.modules_to_save:
-            raise UserError("critic=shared_base cannot be combined with peft.modules_to_save (those modules would be "
-                            "shared by policy and critic); drop modules_to_save or use critic=separate")
-        if cfg.critic_init not in ("auto", "policy"):
-            raise UserError(f"critic_init={cfg.critic_init}: with critic=shared_base the critic always starts from the "
-                            "policy's base; use critic_init=auto or critic=separate")
+        check_config(cfg)
+        if not is_peft_model(policy):
+            raise UserError("critic=shared_base needs the policy to be a peft model with a LoRA adapter")
         pconf = build_peft_config(cfg.peft, policy.get_base_model(), cfg)
         policy.add_adapter(CRITIC_ADAPTER, pconf)
         policy.set_adapter("default")
@@ -321,6 +336,7 @@ def critic_values(critic, chunks: list[dict], device, autocast) -> list[torch.Te
 
 def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
     """Run PPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides cfg.reward."""
+    check_config(cfg)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_control == "adaptive", cfg.kl_target, cfg.kl_horizon)
     prompts_per_mb = cfg.batch_size * cfg.grad_accum  # one optimizer step's prompts, per process
     run = ol.OnlineRun(cfg, "ppo", model, tokenizer, updates_per_step=cfg.ppo_epochs * cfg.num_minibatches,

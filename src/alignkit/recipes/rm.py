@@ -23,9 +23,12 @@ Distributional (K = `num_scores` score classes):
 The reward handed out is the expected score E[s] = sum_i i p_i (or `reward_stat`). After each
 evaluation a temperature T (logits / T) is fitted on the held-out pairs and stored with the model.
 
-The chosen and rejected sides of a micro-batch go through the network in one forward pass (2B
-rows: B chosen, then B rejected). A step's loss is the sum over the pairs of the global batch
-divided by their number (units = pairs; see `alignkit.training.trainer`).
+The chosen and rejected sides of a micro-batch go through the network together. With
+`share_prompt` (default) each pair's prompt is run once and both responses, all 2B of them in one
+pass, attend to its cached keys/values: the same rewards and gradients as full sequences, for
+fewer token positions. Without it, one pass over 2B full rows (B chosen, then B rejected). A
+step's loss is the sum over the pairs of the global batch divided by their number (units =
+pairs; see `alignkit.training.trainer`).
 """
 
 from __future__ import annotations
@@ -53,12 +56,12 @@ from alignkit.models.reward import (
     hf_pad_token_id,
     is_adapter_model,
     load_reward_backbone,
+    pair_batch_logits,
     preference_nll,
     preference_probability,
     reward_parts,
     rewards_from_logits,
     score_entropy,
-    sequence_logits,
 )
 from alignkit.training.dist import init_distributed
 from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
@@ -75,7 +78,7 @@ def rm_loss_fn(spec: RewardSpec, center_coef: float = 0.0):
     """loss_fn(model, micro_batch) -> (sum of the per-pair losses, metric sums)."""
 
     def loss_fn(model, mb: dict):
-        logits = sequence_logits(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"])  # (2B, K)
+        logits = pair_batch_logits(model, mb)  # (2B, K): B chosen rows, then B rejected
         n = mb["n_pairs"]
         chosen, rejected = logits[:n], logits[n:]
         if spec.kind == "scalar":
@@ -99,7 +102,7 @@ def rm_loss_fn(spec: RewardSpec, center_coef: float = 0.0):
 
 
 @torch.no_grad()
-def pair_logits(model, pairs, batch_size: int, pad_id: int, dist, autocast, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logits(model, pairs, batch_size: int, collate, dist, autocast, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Head outputs (N, K) for the chosen and the rejected side of every pair, in pair order.
     Each rank scores its share (pairs rank, rank + world, ...); every rank gets the whole result."""
     was_training = model.training
@@ -108,10 +111,10 @@ def pair_logits(model, pairs, batch_size: int, pad_id: int, dist, autocast, k: i
     idx, ws, ls = [], [], []
     for s in range(0, len(mine), batch_size):
         chunk = mine[s:s + batch_size]
-        mb = pair_collate([pairs[i] for i in chunk], pad_id)
+        mb = collate([pairs[i] for i in chunk])
+        mb = {k: (v.to(dist.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
         with autocast():
-            logits = sequence_logits(model, mb["input_ids"].to(dist.device), mb["attention_mask"].to(dist.device),
-                                     mb["position_ids"].to(dist.device)).float().cpu()
+            logits = pair_batch_logits(model, mb).float().cpu()
         idx += chunk
         ws.append(logits[:len(chunk)])
         ls.append(logits[len(chunk):])
@@ -187,6 +190,68 @@ def evaluate_pairs(chosen: torch.Tensor, rejected: torch.Tensor, spec: RewardSpe
 
 
 # ---------------------------------------------------------------------------------------- data + model
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    return ids, mask
+
+
+def shared_prompt_collate(pairs: list, pad_id: int) -> dict | None:
+    """A batch for `shared_prompt_logits`: the B prompts (right-padded) and the 2B responses
+    (chosen / rejected interleaved, right-padded). A pair's prompt is its shared leading tokens,
+    shortened if needed so that each response keeps at least one token. None when some pair has
+    no shared prompt token (then use `pair_collate`)."""
+    prompts, conts, n_tokens = [], [], 0
+    for p in pairs:
+        c, r = p.chosen.input_ids, p.rejected.input_ids
+        k = min(p.prompt_len, len(c) - 1, len(r) - 1)
+        if k < 1:
+            return None
+        prompts.append(c[:k])
+        conts += [c[k:], r[k:]]
+        n_tokens += len(c) + len(r)
+    p_ids, p_mask = _pad(prompts, pad_id)
+    c_ids, c_mask = _pad(conts, pad_id)
+    batch = {"prompt_ids": p_ids, "prompt_mask": p_mask, "cont_ids": c_ids, "cont_mask": c_mask,
+             "n_pairs": len(pairs), "n_tokens": n_tokens}
+    if any(p.margin is not None for p in pairs):
+        batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def batch_tokens(mb: dict) -> int:
+    """Real tokens of the pair sequences in a batch (both sides in full, whichever the layout)."""
+    return int(mb["n_tokens"]) if "n_tokens" in mb else int(mb["attention_mask"].sum())
+
+
+@torch.no_grad()
+def shared_prompt_agrees(model, pairs: list, pad_id: int, tol: float = 1e-3) -> tuple[bool, float]:
+    """Check on a few pairs that the shared-prompt pass gives the one-pass head outputs (a model
+    family whose attention or cache does not fit the scheme shows up here). Returns (ok, max gap)."""
+    sample = pairs[:4]
+    shared = shared_prompt_collate(sample, pad_id)
+    if shared is None:
+        return True, 0.0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        a = pair_batch_logits(model, {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                      for k, v in pair_collate(sample, pad_id).items()})
+        b = pair_batch_logits(model, {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                      for k, v in shared.items()})
+    except Exception:  # a model whose forward refuses the cache arguments
+        return False, float("inf")
+    finally:
+        model.train(was_training)
+    gap = float((a - b).abs().max())
+    return gap <= tol * (1.0 + float(a.abs().max())), gap
 
 
 def split_holdout(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -281,9 +346,18 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
         trainer.load_checkpoint(resume)
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    share = cfg.share_prompt and not cfg.gradient_checkpointing
+    if share:
+        share, gap = shared_prompt_agrees(trainer.model, pairs, pad_id)
+        if not share:
+            trainer.info(f"share_prompt: the shared-prompt pass differs from a full pass on this model (gap {gap:.3g}); "
+                         "using full sequences")
+
+    def collate(batch_pairs):
+        return (shared_prompt_collate(batch_pairs, pad_id) if share else None) or pair_collate(batch_pairs, pad_id)
 
     def make_batch(idx):
-        return pair_collate([pairs[i] for i in idx], pad_id)
+        return collate([pairs[i] for i in idx])
 
     eval_fn = None
     if held:
@@ -292,7 +366,7 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
             margins = torch.tensor([p.margin or 0.0 for p in held], dtype=torch.float64)
 
         def eval_fn():
-            w, l = pair_logits(trainer.model, held, cfg.batch_size, pad_id, dist, trainer.autocast, spec.num_scores)
+            w, l = pair_logits(trainer.model, held, cfg.batch_size, collate, dist, trainer.autocast, spec.num_scores)
             metrics, T = evaluate_pairs(w, l, spec, calibrate=cfg.calibrate, margins=margins)
             spec.temperature = T  # belongs to the weights just evaluated; saved with them
             trainer.model.config.update({CONFIG_KEY: spec.to_dict()})
@@ -300,7 +374,7 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
 
     result = run_offline(trainer, len(pairs), make_batch, rm_loss_fn(spec, cfg.center_coef),
                          units=lambda mb: mb["n_pairs"], eval_fn=eval_fn,
-                         tokens=lambda mb: int(mb["attention_mask"].sum()))
+                         tokens=batch_tokens)
     if dist.main and is_adapter_model(trainer.model):
         _write_reward_config(Path(cfg.output_dir), spec)
     return result

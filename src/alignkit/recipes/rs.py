@@ -130,7 +130,7 @@ def generate_best_of_n(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None
     tok = tokenizer or load_tokenizer(cfg.model)
     setup_chat_template(tok, cfg.chat_template)
     prompts = ol.load_prompts(cfg.data, cfg.data_split, cfg.prompt_column, cfg.chat_prompts)
-    reward_fn = reward_fn or build_reward(cfg.reward)
+    reward_fn = reward_fn or build_reward(cfg.reward, tokenizer=tok)
     model = model or load_model(cfg.model)
     engine = RolloutEngine(tok)
     out = Path(cfg.output)

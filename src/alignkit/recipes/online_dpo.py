@@ -1,0 +1,159 @@
+"""Online DPO: preference pairs sampled from the current policy, ranked by a reward source.
+
+Every rollout step:
+
+  1. Sample G ≥ 2 answers y_1..y_G per prompt x from the current policy π; score them with the
+     reward source (a response cut at max_new_tokens without eos loses `missing_eos_penalty`).
+  2. Per prompt, the best answer (highest score) is `chosen`, the worst (lowest) `rejected`; a
+     group whose scores are all equal gives no pair: it is skipped and counted (`tied_groups`).
+  3. One optimizer step of the DPO loss (`loss`: sigmoid | ipo | hinge | robust | simpo) on the pairs,
+         h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
+         sigmoid: −log σ(β h)   (the other variants: see alignkit.losses.dpo_loss)
+     with sequence log-probs summed over the answer tokens, chosen and rejected in one forward
+     pass, and the loss averaged over the pairs of the whole global batch.
+
+The reference π_ref is the starting policy: the same network with its adapter switched off under
+LoRA, otherwise a frozen copy; loss=simpo is reference-free and loads none. Log-probs of policy and
+reference are taken at the sampling `temperature` (1.0 by default), like the other online recipes.
+See docs/online-dpo.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from alignkit.config import OnlineDPOConfig
+from alignkit.losses import dpo_loss
+from alignkit.recipes import online as ol
+from alignkit.rollout.engine import RolloutBatch
+from alignkit.training.dist import all_reduce_sum
+
+__all__ = ["OnlineDPOConfig", "train_online_dpo", "build_pairs", "online_dpo_loss_fn", "pair_batches", "demo_stage"]
+
+
+def build_pairs(rewards: torch.Tensor, group_size: int) -> tuple[list[tuple[int, int]], int]:
+    """(chosen, rejected) sample indices per group of `group_size` contiguous samples: the highest
+    and the lowest score (the first one among equals). Groups whose scores are all equal are
+    skipped; returns (pairs, number of skipped groups)."""
+    if rewards.dim() != 1 or rewards.numel() % group_size or group_size < 2:
+        raise ValueError(f"need (n_groups x group_size,) rewards with group_size >= 2, got shape "
+                         f"{tuple(rewards.shape)} and group_size {group_size}")
+    r = rewards.view(-1, group_size)
+    best, worst = r.argmax(-1), r.argmin(-1)
+    pairs, ties = [], 0
+    for g in range(r.shape[0]):
+        hi, lo = int(best[g]), int(worst[g])
+        if r[g, hi] == r[g, lo]:
+            ties += 1
+            continue
+        pairs.append((g * group_size + hi, g * group_size + lo))
+    return pairs, ties
+
+
+def pair_batches(batch: RolloutBatch, pairs: list[tuple[int, int]], weights: list[float], per_mb: int,
+                 pad_id: int) -> list[dict]:
+    """Micro-batches of at most `per_mb` pairs: rows [chosen_1..chosen_P, rejected_1..rejected_P]
+    in one padded batch (one forward pass), plus `weight` (P,) (0 marks a filler pair)."""
+    out = []
+    for i in range(0, len(pairs), per_mb):
+        chunk = pairs[i:i + per_mb]
+        samples = [batch.samples[c] for c, _ in chunk] + [batch.samples[r] for _, r in chunk]
+        mb = RolloutBatch(samples, 1).tensors(pad_id)
+        mb["weight"] = torch.tensor(weights[i:i + per_mb], dtype=torch.float32)
+        out.append(mb)
+    return out
+
+
+def online_dpo_loss_fn(cfg: OnlineDPOConfig):
+    """Sum over the micro-batch's pairs of weight x DPO loss (units: pairs)."""
+
+    def loss_fn(model, mb: dict):
+        lp = ol.seq_logps(model, mb, cfg.temperature, cfg.logits_chunk_size)
+        m = mb["completion_mask"]
+        w = mb["weight"]
+        P = w.shape[0]
+        seq = (lp * m).sum(-1)
+        lens = m.sum(-1).to(seq.dtype)
+        ref = (mb["ref_logps"].to(seq.dtype) * m).sum(-1) if "ref_logps" in mb else None
+        losses, rc, rr = dpo_loss(seq[:P], seq[P:], None if ref is None else ref[:P], None if ref is None else ref[P:],
+                                  beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+                                  gamma=cfg.simpo_gamma if cfg.loss == "simpo" else 0.0,
+                                  chosen_lengths=lens[:P], rejected_lengths=lens[P:])
+        wr = torch.cat([w, w])[:, None] * m  # token weights of both rows of each pair
+        metrics = {
+            "reward_margin": ((rc - rr) * w).sum(),
+            "reward_accuracy": ((rc > rr).float() * w).sum(),
+            "logp_chosen": (seq[:P].detach() * w).sum(),
+            "logp_rejected": (seq[P:].detach() * w).sum(),
+            "logprob_mismatch": (((mb["old_logps"] - lp.detach()).abs() * wr).sum(), wr.sum()),
+        }
+        if ref is not None:
+            metrics["kl"] = (((lp.detach() - mb["ref_logps"]) * wr).sum(), wr.sum())
+        return (losses * w).sum(), metrics
+
+    return loss_fn
+
+
+def train_online_dpo(cfg: OnlineDPOConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
+    """Run online DPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides cfg.reward."""
+    run = ol.OnlineRun(cfg, "online-dpo", model, tokenizer, reward_fn=reward_fn,
+                       need_reference=cfg.loss != "simpo")
+    G, dist = cfg.num_generations, run.dist
+    loss_fn = online_dpo_loss_fn(cfg)
+
+    def step(rstep: int, clock: ol.StepClock) -> dict:
+        # 1. sample G answers per prompt and score them
+        ps, cols, batch, scores, info = run.rollout(rstep)
+        no_eos = torch.tensor([s.finish_reason == "length" for s in batch.samples])
+        scores = scores - cfg.missing_eos_penalty * no_eos.float()
+        # 2. best vs worst per prompt; ties skipped and counted
+        pairs, ties = build_pairs(scores, G)
+        gap = sum(float(scores[c] - scores[r]) for c, r in pairs)
+        tot = all_reduce_sum(torch.tensor([len(pairs), ties, gap], dtype=torch.float64), dist).tolist()
+        info.update(pairs=tot[0], tied_groups=tot[1], score_gap=tot[2] / max(tot[0], 1.0))
+        clock.lap("score")
+        if tot[0] == 0:  # every group tied, on every process: a step that changes nothing
+            run.update({"loss": 0.0, **info}, clock)
+            return info
+        weights = [1.0] * len(pairs)
+        if not pairs:  # none here but some elsewhere: a zero-weight filler keeps the processes in step
+            pairs, weights = [(0, 1)], [0.0]
+        # 3. reference log-probs (adapter off / frozen copy), then the DPO step
+        mbs = pair_batches(batch, pairs, weights, cfg.batch_size, run.pad_id)
+        run.add_ref_logps(mbs)
+        metrics = run.trainer.accumulate(mbs, loss_fn, lambda mb: float(mb["weight"].sum()))
+        metrics.update(info)
+        run.update(metrics, clock)
+        return info
+
+    t0 = time.time()
+    result = dict(run.loop(step))
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def demo_stage(run_dir: Path, sft_model: str, seed: int, quick: bool) -> dict:
+    """Online DPO from the SFT checkpoint on the toy task with the built-in `toy` reward.
+
+    Returns {"model_dir", "wall_s", "steps", "eval_reward", "eval_solved"}."""
+    from alignkit.toy import world
+
+    run_dir = Path(run_dir)
+    data_dir = run_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_p, eval_p = data_dir / "odpo_prompts.jsonl", data_dir / "odpo_eval_prompts.jsonl"
+    world.write_jsonl(world.prompt_rows(2048, seed=seed, split="train"), train_p)
+    world.write_jsonl(world.prompt_rows(64, seed=seed, split="eval"), eval_p)
+    out = run_dir / "online_dpo"
+    steps = 20 if quick else 60
+    cfg = OnlineDPOConfig(model=str(sft_model), data=str(train_p), eval_data=str(eval_p), output_dir=str(out),
+                          reward="toy", max_steps=steps, batch_size=16, grad_accum=2, num_generations=4,
+                          max_new_tokens=24, lr=2e-5, beta=0.1, warmup_steps=2, schedule="constant", seed=seed,
+                          overwrite=True, progress=False, log_every=5, eval_prompts=64, sample_every=0)
+    t0 = time.time()
+    res = train_online_dpo(cfg)
+    return {"model_dir": str(out), "wall_s": time.time() - t0, "steps": steps,
+            "eval_reward": res.get("eval_reward"), "eval_solved": res.get("eval_solved")}

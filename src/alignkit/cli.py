@@ -156,6 +156,18 @@ def _merge_run(cfg):
     print(f"done: merged model saved to {out}")
 
 
+def _report_cfg():
+    from alignkit.eval.report_cli import ReportConfig
+
+    return ReportConfig
+
+
+def _report_run(cfg):
+    from alignkit.eval.report_cli import run_report
+
+    run_report(cfg)
+
+
 def _done(output_dir: str, res) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         extra = ""
@@ -194,12 +206,14 @@ COMMANDS: dict[str, Command] = {
                     "prompting modes", _eval_cfg, _eval_run),
     "merge": Command("merge", "fold a trained adapter into its base model and save a plain transformers model",
                      _merge_cfg, _merge_run),
+    "report": Command("report", "table, curves and samples for any set of run folders (report.md, report.html)",
+                      _report_cfg, _report_run),
     "demo": Command("demo", "run the pipeline on the embedded toy task and print the measured table",
                     _demo_cfg, _demo_run),
 }
 
 # Positional arguments some commands take before key=value pairs.
-POSITIONAL = {"data inspect": "data"}
+POSITIONAL = {"data inspect": "data", "report": "runs"}
 
 
 def register(cmd: Command) -> None:
@@ -258,18 +272,25 @@ def build_config(cmd: Command, rest: list[str]):
 
     path = None
     overrides: list[str] = []
+    positional: list[str] = []
     pos_key = POSITIONAL.get(cmd.name)
     for a in rest:
         if "=" in a:
             overrides.append(a)
         elif a.endswith((".yaml", ".yml")) and path is None and not (pos_key and a.endswith(".jsonl")):
             path = a
+        elif pos_key and cmd.name == "report":
+            positional.append(a)
         elif pos_key and not any(o.startswith(pos_key + "=") for o in overrides):
             overrides.append(f"{pos_key}={a}")
         elif a.startswith("-"):
             raise UserError(f"unknown option '{a}'; options are key=value pairs (see `alignkit {cmd.name} --help`)")
         else:
             raise UserError(f"unexpected argument '{a}'; expected config.yaml or key=value")
+    if positional:
+        import json
+
+        overrides.append(f"{pos_key}={json.dumps(positional)}")
     return load_config(cmd.config(), path, overrides)
 
 

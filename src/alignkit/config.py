@@ -38,7 +38,10 @@ class PeftConfig(Section):
     )
     r: int = Field(8, ge=1, description="LoRA / DoRA / QLoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: scale = alpha/r (alpha/sqrt(r) with rslora)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (LoRA/DoRA/QLoRA, BOFT, OFT)")
+    dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="Adapter dropout: on the adapter input for LoRA/DoRA/QLoRA; OFT/BOFT: randomly drops rotation blocks",
+    )
     target_modules: Union[str, list[str]] = Field(
         "all-linear",
         description="Modules that get an adapter: 'all-linear' (every linear layer but the output head), a list of "
@@ -188,6 +191,8 @@ def _parse_value(raw: str, ann: Any) -> Any:
         return raw
     if raw.strip().lower() in ("null", "none", "~"):
         return None
+    if [a for a in typing.get_args(ann) if a is not type(None)] == [str]:
+        return raw  # `str | None`: text such as 'Answer:' must not turn into a YAML mapping
     try:
         val = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -333,7 +338,9 @@ def help_table(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, s
         if sub is not None:
             rows += help_table(sub, f"{prefix}{name}.")
             continue
-        default = f.default
+        default = f.default_factory() if f.default_factory is not None else f.default
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
         rows.append((prefix + name, _type_name(f.annotation), repr(default), f.description or ""))
     return rows
 

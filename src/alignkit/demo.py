@@ -1,115 +1,323 @@
-"""`alignkit demo`: the pipeline on the embedded toy task, measured.
+"""`alignkit demo`: every method on the embedded toy task, measured side by side.
 
-Builds (or reuses) the tiny pretrained base model, runs SFT on toy demonstrations, and compares
-exact accuracy, format rate and mean reward on held-out prompts before and after, as a table on
-the terminal and in the run folder (report.md, results.json, curves.png).
+Pipeline (each stage reused when its output exists, unless reuse=false):
+  1. the tiny pretrained base model (`alignkit.toy.toy_model`, cached in the user cache dir);
+  2. toy data: SFT demonstrations, preference pairs, training prompts, held-out prompts;
+  3. SFT of the base model: the common starting point of every method;
+  4. reward models (Bradley-Terry and distributional) on toy pairs, held-out pair accuracy;
+  5. each method from the SFT checkpoint, as its own `alignkit <command>` process (so wall time and
+     peak memory are its own), under a comparable budget: the same number of training prompts
+     (or preference pairs) for every method — `prompts` below;
+  6. evaluation of every model on the same held-out prompts: greedy exact accuracy, format rate
+     and mean reward; KL(policy ‖ SFT) per token on the policy's own samples at temperature 1.
+
+The table goes to the terminal and to report.md / report.html / results.json in the run folder,
+with curves of reward, accuracy and KL against step and wall time (see `alignkit.eval.report`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from alignkit.config import Section
 
+QUICK_MINUTES = 15
+
 
 class DemoConfig(Section):
-    """Run the post-training pipeline on the toy expenses task and print what each stage did."""
+    """Run the post-training pipeline on the toy expenses task and print what each method did."""
 
     output_dir: str = Field("runs/demo", description="Run folder of the demo")
-    seed: int = Field(0, description="Seed of data, model build and training")
-    n_train: int = Field(2000, ge=8, description="SFT demonstrations")
+    mode: Literal["quick", "full"] = Field(
+        "quick", description=f"quick: one seed, about {QUICK_MINUTES} minutes on 2 CPU cores; full: 3 seeds, longer "
+        "runs")
+    seeds: list[int] | None = Field(None, description="Seeds of the method runs (default: [0] quick, [0, 1, 2] full)")
+    methods: list[str] | None = Field(None, description="Methods to run (default: all); see `alignkit demo --help`")
     n_eval: int = Field(200, ge=1, description="Held-out prompts for evaluation")
-    sft_steps: int = Field(300, ge=1, description="SFT optimizer steps")
-    sft_lr: float = Field(1e-3, gt=0, description="SFT learning rate")
-    batch_size: int = Field(16, ge=1, description="SFT micro-batch size")
     preset: str = Field("default", description="Toy base-model preset (default, or tiny for a fast smoke run)")
     difficulty: str = Field("default", description="Toy task difficulty preset")
-    reuse: bool = Field(True, description="Reuse finished stages found in output_dir")
+    reuse: bool = Field(True, description="Reuse finished stages found in output_dir (base model, SFT, methods)")
     max_new_tokens: int = Field(24, ge=1, description="Generation budget per answer")
+    scale: float = Field(1.0, gt=0, description="Multiply every stage's step count (0.1 = a ten-times shorter smoke "
+                                                "run)")
+
+
+@dataclass
+class Method:
+    name: str
+    command: str
+    needs: str  # the data the method needs, for the table
+    data: str  # which demo data file it trains on
+    args: dict = field(default_factory=dict)
+    steps_key: str = "max_steps"
+
+
+# Budget: every method from SFT sees about PROMPTS training prompts (or pairs). Learning rates and
+# step counts were tuned on the default preset (docs/methods.md has the numbers behind them).
+PROMPTS = 1024
+_RL = dict(reward="toy", max_new_tokens=24, warmup_steps=2, schedule="constant", eval_prompts=0, sample_every=10)
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("dpo", "dpo", "preference pairs", "pairs",
+               dict(max_steps=PROMPTS // 32, batch_size=32, lr=2e-5, beta=0.1, warmup_steps=2, max_length=256)),
+        Method("dpo_lora", "dpo", "preference pairs", "pairs",
+               {"max_steps": PROMPTS // 32, "batch_size": 32, "lr": 5e-4, "beta": 0.1, "warmup_steps": 2,
+                "max_length": 256, "peft.method": "lora", "peft.r": 16, "peft.alpha": 32}),
+        Method("reinforce", "reinforce", "prompts + reward", "prompts",
+               dict(_RL, max_steps=PROMPTS // 32, batch_size=32, num_generations=1, lr=2e-5, baseline_alpha=0.8)),
+        Method("rloo", "rloo", "prompts + reward", "prompts",
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, kl_coef=0.02)),
+        Method("grpo", "grpo", "prompts + reward", "prompts",
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, kl_coef=0.02,
+                    iterations=2)),
+        Method("rs", "rs", "prompts + reward", "prompts",
+               dict(_RL, rounds=2, prompts_per_round=PROMPTS // 2, num_generations=4, sft_steps=20, batch_size=16,
+                    lr=2e-4), steps_key="sft_steps"),
+        Method("ppo", "ppo", "prompts + reward (+ critic)", "prompts",
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=5e-5, critic_lr=5e-4,
+                    kl_coef=0.02, ppo_epochs=2, num_minibatches=2)),
+        Method("online_dpo", "online-dpo", "prompts + reward", "prompts",
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, beta=0.1)),
+    ]
+}
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def evaluate_toy(model_dir: str, prompts: list[dict], max_new_tokens: int) -> dict:
-    from alignkit.eval.generate import generate_texts
-    from alignkit.models import load_model, load_tokenizer
+def _jsonl(path: Path, rows: list[dict]) -> Path:
     from alignkit.toy import world
 
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir)
-    texts = generate_texts(model, tok, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens)
-    scores = [world.score(t, p["total"]) for t, p in zip(texts, prompts)]
-    n = len(scores)
-    return {
-        "accuracy": sum(s["correct"] for s in scores) / n,
-        "format_rate": sum(s["format_ok"] for s in scores) / n,
-        "mean_reward": sum(s["reward"] for s in scores) / n,
-        "samples": [{"prompt": p["prompt"][-1]["content"], "completion": t} for p, t in zip(prompts[:3], texts[:3])],
-    }
+    world.write_jsonl(rows, path)
+    return path
+
+
+class Pipeline:
+    """The demo's stages with one progress bar over all of them."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.run = Path(cfg.output_dir)
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.seeds = cfg.seeds or ([0] if cfg.mode == "quick" else [0, 1, 2])
+        self.methods = [METHODS[m] for m in (cfg.methods or list(METHODS))]
+        self.results_path = self.run / "results.json"
+        self.results: dict = json.loads(self.results_path.read_text()) if cfg.reuse and self.results_path.exists() \
+            else {"runs": {}}
+        self.bar = None
+
+    def _save(self) -> None:
+        tmp = self.results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, ensure_ascii=False, indent=2), encoding="utf-8")
+        os.replace(tmp, self.results_path)
+
+    def stage(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(label[:48])
+            self.bar.update(1)
+        else:
+            _say(f"[demo] {label}")
+
+    # ------------------------------------------------------------------ stages
+    def data(self) -> dict:
+        from alignkit.toy import world
+
+        d = self.run / "data"
+        d.mkdir(exist_ok=True)
+        c = self.cfg
+        files = {
+            "sft": d / "sft_train.jsonl",
+            "pairs": d / "pairs_train.jsonl",
+            "prompts": d / "prompts_train.jsonl",
+            "eval": d / "prompts_eval.jsonl",
+            "pairs_eval": d / "pairs_eval.jsonl",
+        }
+        if not all(f.exists() for f in files.values()):
+            _jsonl(files["sft"], world.sft_rows(4000, seed=0, difficulty=c.difficulty))
+            _jsonl(files["pairs"], world.preference_rows(PROMPTS, seed=1, difficulty=c.difficulty))
+            _jsonl(files["prompts"], world.prompt_rows(PROMPTS, seed=2, difficulty=c.difficulty))
+            _jsonl(files["eval"], world.prompt_rows(c.n_eval, seed=0, difficulty=c.difficulty, split="eval"))
+            _jsonl(files["pairs_eval"], world.preference_rows(200, seed=0, difficulty=c.difficulty, split="eval"))
+        return {k: str(v) for k, v in files.items()}
+
+    def steps(self, n: int) -> int:
+        return max(1, int(round(n * self.cfg.scale)))
+
+    def run_command(self, name: str, command: str, out: Path, args: dict) -> dict:
+        """One training run as its own process; its log goes to out/../name.log."""
+        argv = [sys.executable, "-m", "alignkit", *command.split(), *(f"{k}={_fmt(v)}" for k, v in args.items()),
+                f"output_dir={out}", "progress=false", "tensorboard=false", "overwrite=true"]
+        log = out.parent / f"{out.name}.log"
+        t0 = time.time()
+        with open(log, "w", encoding="utf-8") as f:
+            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        wall = time.time() - t0
+        rec = {"name": name, "command": " ".join(["alignkit", command] + [f"{k}={_fmt(v)}" for k, v in args.items()]),
+               "wall_s": wall, "returncode": rc.returncode, "dir": str(out)}
+        if rc.returncode != 0:
+            tail = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+            rec["error"] = tail[-1][:300] if tail else f"exit code {rc.returncode}"
+            rec["diverged"] = rc.returncode == 3
+        rec.update(_run_stats(out))
+        return rec
+
+    def evaluate(self, model_dir: str, ref: str | None) -> dict:
+        from alignkit.config import EvalConfig
+        from alignkit.eval.run import evaluate
+
+        data = self.data()
+        common = dict(model=model_dir, prompts=data["eval"], reward="toy", task="toy",
+                      max_new_tokens=self.cfg.max_new_tokens, batch_size=64, num_show=4, seed=0)
+        greedy = evaluate(EvalConfig(**common, temperature=0.0, output_dir=str(Path(model_dir) / "eval_greedy")),
+                          verbose=False)["modes"]["zero_shot"]
+        out = {"accuracy": greedy["accuracy"], "format_rate": greedy["format_rate"], "reward": greedy["reward"]}
+        out["samples"] = [s["completion"] for s in
+                          json.loads((Path(model_dir) / "eval_greedy" / "eval.json").read_text())["samples"]["zero_shot"]]
+        if ref is not None and Path(ref).resolve() != Path(model_dir).resolve():
+            sampled = evaluate(EvalConfig(**common, ref_model=ref, temperature=1.0,
+                                          output_dir=str(Path(model_dir) / "eval_sampled")), verbose=False)
+            m = sampled["modes"]["zero_shot"]
+            out["kl_token"] = m.get("kl_token")
+            out["kl_seq"] = m.get("kl_seq")
+        else:
+            out["kl_token"] = 0.0
+            out["kl_seq"] = 0.0
+        return out
+
+    def done(self, key: str) -> bool:
+        rec = self.results["runs"].get(key)
+        return bool(self.cfg.reuse and rec and rec.get("returncode") == 0 and "eval" in rec
+                    and Path(rec["dir"]).exists())
+
+    def record(self, key: str, rec: dict) -> None:
+        self.results["runs"][key] = rec
+        self._save()
+
+    # ------------------------------------------------------------------ main
+    def go(self) -> dict:
+        from tqdm.auto import tqdm
+
+        from alignkit.toy import toy_model
+
+        c = self.cfg
+        total = 4 + len(self.methods) * len(self.seeds)
+        est = f"about {QUICK_MINUTES} minutes on 2 CPU cores" if c.mode == "quick" else "about an hour per seed"
+        _say(f"alignkit demo ({c.mode} mode: {len(self.methods)} methods x {len(self.seeds)} seed(s), {est}); "
+             f"run folder {self.run}")
+        self.bar = tqdm(total=total, desc="demo", file=sys.stderr, dynamic_ncols=True,
+                        bar_format="{desc:<48} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}")
+        try:
+            self.stage("base model (built once, cached)")
+            t0 = time.time()
+            base = str(toy_model(seed=0, preset=c.preset))
+            data = self.data()
+            if not self.done("base"):
+                self.record("base", {"name": "base", "dir": base, "wall_s": time.time() - t0, "returncode": 0,
+                                     "needs": "toy text (pretraining)", "eval": self.evaluate(base, None)})
+            self.stage("SFT")
+            sft_dir = self.run / "sft"
+            if not self.done("sft"):
+                rec = self.run_command("sft", "sft", sft_dir, dict(
+                    model=base, data=data["sft"], max_steps=self.steps(300), batch_size=16, lr=1e-3,
+                    warmup_steps=15, max_length=256, seed=0, log_every=10))
+                rec["needs"] = "demonstrations"
+                if rec["returncode"] != 0:
+                    self.record("sft", rec)
+                    raise RuntimeError(f"SFT failed: {rec.get('error')} (log: {sft_dir}.log)")
+                rec["eval"] = self.evaluate(str(sft_dir), base)
+                self.record("sft", rec)
+            self.stage("reward models")
+            if not self.done("rm_scalar") or not self.done("rm_distributional"):
+                for kind in ("scalar", "distributional"):
+                    out = self.run / f"rm_{kind}"
+                    rec = self.run_command(f"rm_{kind}", "rm", out, dict(
+                        model=base, data=data["pairs"], eval_data=data["pairs_eval"], kind=kind,
+                        max_steps=self.steps(120), batch_size=16, lr=1e-4, warmup_steps=12, max_length=256,
+                        log_every=20))
+                    rec["needs"] = "preference pairs"
+                    rec["eval"] = _last_eval(out)
+                    self.record(f"rm_{kind}", rec)
+            for m in self.methods:
+                for seed in self.seeds:
+                    key = f"{m.name}" if len(self.seeds) == 1 else f"{m.name}-s{seed}"
+                    self.stage(f"{m.name} (seed {seed})")
+                    if self.done(key):
+                        continue
+                    args = dict(m.args)
+                    args[m.steps_key] = self.steps(args[m.steps_key])
+                    args.update(model=str(sft_dir), data=data[m.data], seed=seed, log_every=1)
+                    rec = self.run_command(m.name, m.command, self.run / key, args)
+                    rec.update(method=m.name, seed=seed, needs=m.needs)
+                    if rec["returncode"] == 0:
+                        rec["eval"] = self.evaluate(str(self.run / key), str(sft_dir))
+                    self.record(key, rec)
+            self.stage("report")
+        finally:
+            self.bar.close()
+            self.bar = None
+        from alignkit.eval.report import build_report
+
+        report = build_report([self.run], out_dir=self.run, title="alignkit demo", demo_results=self.results)
+        print(report["table_text"])
+        _say(f"report: {self.run / 'report.md'} and {self.run / 'report.html'}")
+        return self.results
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _run_stats(out: Path) -> dict:
+    """Peak memory, generated tokens and step count from a run's metrics.jsonl."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    recs = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    train = [r for r in recs if r.get("kind") == "train"]
+    stats: dict = {"steps": train[-1]["step"] if train else 0}
+    peaks = [r["peak_rss_mb"] for r in train if "peak_rss_mb" in r]
+    if peaks:
+        stats["peak_rss_mb"] = max(peaks)
+    gen = [r["generated_tokens"] for r in train if "generated_tokens" in r]
+    if gen:
+        stats["generated_tokens"] = int(max(gen))
+    bad = [r for r in train if isinstance(r.get("loss"), str) or (isinstance(r.get("loss"), float)
+                                                                   and not math.isfinite(r["loss"]))]
+    if bad:
+        stats["diverged"] = True
+    return stats
+
+
+def _last_eval(out: Path) -> dict:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    evals = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()
+             if ln.strip() and json.loads(ln).get("kind") == "eval"]
+    return {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "kind", "time")}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from alignkit.config import SFTConfig
-    from alignkit.recipes.sft import train_sft
-    from alignkit.toy import toy_model, world
+    from alignkit.errors import UserError
 
-    run = Path(cfg.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    _say(f"[1/4] base model (toy preset '{cfg.preset}', built once and cached)")
-    base = str(toy_model(seed=cfg.seed, preset=cfg.preset))
-    _say(f"      {base}")
-
-    data_dir = run / "data"
-    data_dir.mkdir(exist_ok=True)
-    sft_path = data_dir / "sft_train.jsonl"
-    world.write_jsonl(world.sft_rows(cfg.n_train, seed=cfg.seed, difficulty=cfg.difficulty), sft_path)
-    eval_prompts = world.prompt_rows(cfg.n_eval, seed=cfg.seed, difficulty=cfg.difficulty, split="eval")
-    world.write_jsonl(eval_prompts, data_dir / "eval_prompts.jsonl")
-
-    results: dict = {}
-    _say(f"[2/4] evaluating the base model on {cfg.n_eval} held-out prompts")
-    results["base"] = evaluate_toy(base, eval_prompts, cfg.max_new_tokens)
-
-    sft_dir = run / "sft"
-    _say(f"[3/4] SFT: {cfg.sft_steps} steps on {cfg.n_train} demonstrations")
-    t = time.time()
-    if not (cfg.reuse and (sft_dir / "config.json").exists()):
-        train_sft(SFTConfig(model=base, data=str(sft_path), output_dir=str(sft_dir), max_steps=cfg.sft_steps,
-                            batch_size=cfg.batch_size, lr=cfg.sft_lr, warmup_steps=max(1, cfg.sft_steps // 20),
-                            schedule="cosine", max_length=256, seed=cfg.seed, overwrite=True, save_every=0,
-                            log_every=10, tensorboard=False))
-    sft_time = time.time() - t
-    _say("[4/4] evaluating the SFT model")
-    results["sft"] = evaluate_toy(str(sft_dir), eval_prompts, cfg.max_new_tokens)
-    results["sft"]["wall_s"] = sft_time
-
-    table = format_table(results)
-    print(table)
-    (run / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2), encoding="utf-8")
-    report = ["# alignkit demo", "", f"Toy task, {cfg.n_eval} held-out prompts, greedy decoding.", "", table, ""]
-    for name, r in results.items():
-        report += [f"## {name}: sample completions", ""]
-        for s in r["samples"]:
-            report += [f"- `{s['completion']}`"]
-        report.append("")
-    report.append("SFT curves: sft/curves.png")
-    (run / "report.md").write_text("\n".join(report), encoding="utf-8")
-    _say(f"demo done in {time.time() - t0:.0f}s; run folder: {run}")
-    return results
-
-
-def format_table(results: dict) -> str:
-    head = "| stage | exact accuracy | format rate | mean reward | train wall time |"
-    lines = [head, "|---|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        wall = f"{r['wall_s']:.0f}s" if "wall_s" in r else "-"
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['format_rate']:.3f} | {r['mean_reward']:.3f} | {wall} |")
-    return "\n".join(lines)
+    unknown = [m for m in (cfg.methods or []) if m not in METHODS]
+    if unknown:
+        raise UserError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    return Pipeline(cfg).go()

@@ -357,7 +357,10 @@ def prepare_trainable(model, cfg: TrainConfig, log=None):
             _check_qlora_possible()
             say("qlora: reloading the base model in 4-bit")
             model = load_base_model(cfg)
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     pconf = build_peft_config(pc, model, cfg)
     try:
         with _quiet_peft():

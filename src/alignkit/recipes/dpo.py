@@ -59,6 +59,7 @@ __all__ = [
     "dpo_loss_fn",
     "compute_reference_logps",
     "reference_cache_key",
+    "weights_fingerprint",
     "resolve_reference",
     "evaluate_pairs",
     "METRICS",
@@ -235,10 +236,24 @@ def _files_fingerprint(path: str) -> list:
     return out
 
 
-def reference_cache_key(cfg: DPOConfig, data_path: str, split: str, pairs: list[Pair]) -> str:
-    """sha256 of what the reference log-probs depend on: the model (name and its files' size and
-    mtime), the data source, the settings that shape the tokens, and the token ids themselves."""
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """sha256 over every parameter's name, shape, sum and sum of absolute values: tells two sets
+    of weights apart without hashing them byte by byte."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach()
+        t = t.float() if t.is_floating_point() else t.to(torch.float32)
+        h.update(f"{name}:{tuple(p.shape)}:{float(t.sum()):.8e}:{float(t.abs().sum()):.8e};".encode())
+    return h.hexdigest()
+
+
+def reference_cache_key(cfg: DPOConfig, data_path: str, split: str, pairs: list[Pair], model=None) -> str:
+    """sha256 of what the reference log-probs depend on: the model (name, its files' size and
+    mtime, and a fingerprint of the weights in memory when `model` is given), the data source,
+    the settings that shape the tokens, and the token ids themselves."""
     meta = {
+        "weights": weights_fingerprint(model) if model is not None else None,
         "version": CACHE_VERSION,
         "model": cfg.model,
         "model_files": _files_fingerprint(cfg.model),
@@ -266,7 +281,7 @@ def cached_reference_logps(trainer: Trainer, cfg: DPOConfig, pairs: list[Pair], 
     same key, else computed (with the model as it is now: call before loading a checkpoint) and
     written there."""
     path = trainer.run_dir / REF_FILE
-    key = reference_cache_key(cfg, data_path, split, pairs)
+    key = reference_cache_key(cfg, data_path, split, pairs, trainer.model)
     entry = None
     if trainer.dist.main and path.is_file():
         try:

@@ -273,7 +273,10 @@ class OnlineRun:
         rewards, missing = score(self.reward_fn, ps, cols, batch)
         info = rollout_stats(batch, rewards)
         info["reward_missing"] = missing
-        self._gen_tokens += sum(len(s.completion_ids) for s in batch.samples)
+        n_gen = sum(len(s.completion_ids) for s in batch.samples)
+        self._gen_tokens += n_gen
+        self.generated_total += int(all_reduce_sum(n_gen, self.dist))
+        info["generated_tokens"] = self.generated_total
         self._batch, self._rewards = batch, rewards
         return ps, cols, batch, rewards, info
 

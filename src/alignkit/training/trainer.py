@@ -425,9 +425,13 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
             lines = [ln.strip() for ln in str(e).splitlines() if "mismatch" in ln] or [str(e).strip()]
             raise UserError(f"{path}: adapter does not match this run's peft settings ({lines[0][:240]}); "
                             "resume with the same peft.* keys") from None
-        if res.unexpected_keys:
-            raise UserError(f"{path}: adapter does not match this run's peft settings (unexpected "
-                            f"{res.unexpected_keys[:3]}); resume with the same peft.* keys")
+        # The base weights are "missing" by design; adapter weights missing means another adapter layout.
+        name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+        missing = [k for k in res.missing_keys if f".{name}." in f".{k}."]
+        if res.unexpected_keys or missing:
+            raise UserError(f"{path}: adapter does not match this run's peft settings ("
+                            f"{'unexpected' if res.unexpected_keys else 'missing'} "
+                            f"{(res.unexpected_keys or missing)[:2]}); resume with the same peft.* keys")
         return
     if is_peft:
         raise UserError(f"{path}: checkpoint holds a full model, but this run trains an adapter; "

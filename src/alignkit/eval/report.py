@@ -1,0 +1,362 @@
+"""Reports over run folders: the measured table, curves, sample completions; Markdown and a
+self-contained HTML page (images inline, sortable table).
+
+Input is any mix of
+- demo folders (`results.json` from `alignkit demo`): one row per method, seeds aggregated;
+- training run folders (`config.yaml` + `metrics.jsonl`, optionally `eval.json`): one row each,
+  a user's own runs included. A run with no final model yet is "in progress"; a run whose loss
+  went non-finite is "diverged".
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+from alignkit.errors import UserError
+
+COLUMNS = [  # key, header, format
+    ("method", "method", "{}"),
+    ("needs", "data it needs", "{}"),
+    ("wall_s", "wall time (s)", "{:.0f}"),
+    ("generated_tokens", "tokens generated", "{:,}"),
+    ("peak_rss_mb", "peak memory (MiB)", "{:.0f}"),
+    ("accuracy", "exact accuracy", "{:.3f}"),
+    ("format_rate", "format rate", "{:.3f}"),
+    ("reward", "mean reward", "{:.3f}"),
+    ("kl_token", "KL to SFT (per token)", "{:.4f}"),
+    ("spread", "accuracy spread (std over seeds)", "{:.3f}"),
+    ("diverged", "diverged runs", "{}"),
+    ("status", "status", "{}"),
+]
+
+CURVES = [  # figure name, y label, metric keys tried in order (train records, then eval records)
+    ("reward", "mean reward (train samples)", ["reward_mean"], "train"),
+    ("accuracy", "held-out exact accuracy (greedy)", ["eval_solved", "eval_accuracy"], "eval"),
+    ("kl", "KL to reference (per token)", ["kl"], "train"),
+]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if ln.strip():
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+    return out
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def run_status(run_dir: Path, recs: list[dict]) -> str:
+    if any(isinstance(r.get("loss"), str) or (isinstance(r.get("loss"), float) and not math.isfinite(r["loss"]))
+           for r in recs):
+        return "diverged"
+    if (run_dir / "config.json").exists() or (run_dir / "adapter_config.json").exists():
+        return "finished"
+    return "in progress"
+
+
+def _single_run_row(run_dir: Path) -> dict:
+    recs = _read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in recs if r.get("kind", "train") == "train"]
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    row: dict = {"method": run_dir.name, "dir": str(run_dir), "status": run_status(run_dir, recs)}
+    cfg = run_dir / "config.yaml"
+    if cfg.exists():
+        import yaml
+
+        try:
+            c = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+            row["needs"] = c.get("data", "")
+        except yaml.YAMLError:
+            pass
+    if train:
+        last = train[-1]
+        row["steps"] = last.get("step")
+        row["wall_s"] = last.get("elapsed_s")
+        peaks = [r["peak_rss_mb"] for r in train if _is_finite(r.get("peak_rss_mb"))]
+        if peaks:
+            row["peak_rss_mb"] = max(peaks)
+        gen = [r["generated_tokens"] for r in train if _is_finite(r.get("generated_tokens"))]
+        if gen:
+            row["generated_tokens"] = int(max(gen))
+        tail = [r["reward_mean"] for r in train[-5:] if _is_finite(r.get("reward_mean"))]
+        if tail:
+            row["reward"] = sum(tail) / len(tail)
+    if evals:
+        last = evals[-1]
+        for src, dst in (("eval_solved", "accuracy"), ("eval_reward", "reward"), ("eval_accuracy", "accuracy")):
+            if _is_finite(last.get(src)):
+                row[dst] = last[src]
+    ev = run_dir / "eval.json"
+    if ev.exists():
+        mode = next(iter(json.loads(ev.read_text(encoding="utf-8")).get("modes", {}).values()), {})
+        for k in ("accuracy", "format_rate", "reward", "kl_token"):
+            if _is_finite(mode.get(k)):
+                row[k] = mode[k]
+    row["diverged"] = int(row["status"] == "diverged")
+    return row
+
+
+def _demo_rows(results: dict) -> tuple[list[dict], list[dict], dict]:
+    """Rows per method (seeds aggregated), reward-model rows, and per-run records."""
+    runs = results.get("runs", {})
+    groups: dict[str, list[dict]] = {}
+    rm_rows = []
+    for key, rec in runs.items():
+        if key.startswith("rm_"):
+            ev = rec.get("eval", {})
+            rm_rows.append({"model": key, "accuracy": ev.get("eval_accuracy"), "margin": ev.get("eval_margin"),
+                            "ece_before": ev.get("eval_ece_before", ev.get("eval_ece")),
+                            "ece_after": ev.get("eval_ece_after"), "wall_s": rec.get("wall_s")})
+            continue
+        groups.setdefault(rec.get("method", key), []).append(rec)
+    rows = []
+    for name, recs in groups.items():
+        ok = [r for r in recs if r.get("returncode", 0) == 0 and "eval" in r]
+        row: dict = {"method": name, "needs": recs[0].get("needs", ""), "seeds": len(recs)}
+        row["diverged"] = sum(1 for r in recs if r.get("diverged") or (r.get("returncode", 0) not in (0,)))
+        row["status"] = "finished" if len(ok) == len(recs) else ("failed" if not ok else "partly failed")
+        if not ok:
+            row["error"] = next((r.get("error") for r in recs if r.get("error")), "")
+        for k in ("wall_s", "generated_tokens", "peak_rss_mb"):
+            vals = [r[k] for r in ok if _is_finite(r.get(k))]
+            if vals:
+                row[k] = sum(vals) / len(vals)
+        for k in ("accuracy", "format_rate", "reward", "kl_token"):
+            vals = [r["eval"][k] for r in ok if _is_finite(r["eval"].get(k))]
+            if vals:
+                row[k] = sum(vals) / len(vals)
+        accs = [r["eval"]["accuracy"] for r in ok if _is_finite(r["eval"].get("accuracy"))]
+        if len(accs) > 1:
+            row["spread"] = statistics.stdev(accs)
+        row["samples"] = ok[0]["eval"].get("samples", []) if ok else []
+        row["dirs"] = [r.get("dir") for r in recs]
+        rows.append(row)
+    return rows, rm_rows, runs
+
+
+def _fmt(key: str, fmt: str, v) -> str:
+    if v is None or v == "":
+        return "–"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    try:
+        return fmt.format(int(v) if fmt == "{:,}" else v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    cols = [c for c in columns if any(r.get(c[0]) not in (None, "") for r in rows)]
+    head = "| " + " | ".join(h for _, h, _ in cols) + " |"
+    sep = "|" + "|".join("---" if k in ("method", "needs", "status") else "---:" for k, _, _ in cols) + "|"
+    lines = [head, sep]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(k, f, r.get(k)) for k, _, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def _series(run_dir: Path, keys: list[str], kind: str) -> tuple[list, list, list]:
+    recs = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind", "train") == kind]
+    train = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    # eval records carry no elapsed time: take the train record of the same step
+    t_at = {r["step"]: r.get("elapsed_s") for r in train}
+    xs, ts, ys = [], [], []
+    for r in recs:
+        for k in keys:
+            if _is_finite(r.get(k)):
+                xs.append(r["step"])
+                ts.append(r.get("elapsed_s", t_at.get(r["step"])))
+                ys.append(r[k])
+                break
+    return xs, ts, ys
+
+
+def curves_png(named_dirs: list[tuple[str, Path]]) -> dict[str, bytes]:
+    """One PNG per metric: value against step (left) and against wall time (right), all runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    for name, ylabel, keys, kind in CURVES:
+        data = [(label, *_series(d, keys, kind)) for label, d in named_dirs]
+        data = [x for x in data if x[1]]
+        if not data:
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
+        for label, xs, ts, ys in data:
+            a1.plot(xs, ys, label=label, marker="o" if len(xs) < 15 else None, ms=3)
+            pts = [(t, y) for t, y in zip(ts, ys) if _is_finite(t)]
+            if pts:
+                a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="o" if len(pts) < 15 else None,
+                        ms=3)
+        a1.set_xlabel("training step")
+        a2.set_xlabel("wall time (s)")
+        for a in (a1, a2):
+            a.set_ylabel(ylabel, fontsize=8)
+            a.grid(alpha=0.3)
+            a.tick_params(labelsize=8)
+        a2.legend(fontsize=7, loc="best")
+        fig.suptitle(ylabel, fontsize=10)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        out[name] = buf.getvalue()
+    return out
+
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0];
+    var asc = th.getAttribute('data-dir') !== 'asc';
+    table.querySelectorAll('th').forEach(function (h) { h.removeAttribute('data-dir'); });
+    th.setAttribute('data-dir', asc ? 'asc' : 'desc');
+    var rows = Array.prototype.slice.call(body.rows);
+    function key(r) {
+      var t = r.cells[col].getAttribute('data-v');
+      var n = parseFloat(t);
+      return isNaN(n) ? t : n;
+    }
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b);
+      if (x === y) return 0;
+      if (typeof x !== typeof y) return typeof x === 'number' ? -1 : 1;
+      return (x < y ? -1 : 1) * (asc ? 1 : -1);
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Roboto, sans-serif; margin: 2rem auto; max-width: 1200px;
+       padding: 0 1rem; color: #1d1d1f; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
+table { border-collapse: collapse; width: 100%; font-size: 0.85rem; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.35rem 0.5rem; text-align: right; }
+th { background: #f5f5f7; cursor: pointer; position: sticky; top: 0; }
+th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { content: ' \\25BC'; }
+td.t, th.t { text-align: left; }
+tr.bad td { color: #b00020; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
+.samples td { text-align: left; font-family: ui-monospace, monospace; font-size: 0.8rem; vertical-align: top; }
+.note { color: #666; font-size: 0.85rem; }
+"""
+
+
+def _html_table(rows: list[dict], columns, cls: str = "sortable") -> str:
+    cols = [c for c in columns if any(r.get(c[0]) not in (None, "") for r in rows)]
+    head = "".join(f'<th class="{"t" if k in ("method", "needs", "status", "model") else ""}">{html.escape(h)}</th>'
+                   for k, h, _ in cols)
+    body = []
+    for r in rows:
+        bad = r.get("status") in ("diverged", "failed") or r.get("diverged")
+        cells = []
+        for k, _, f in cols:
+            v = r.get(k)
+            sortv = v if _is_finite(v) else ("" if v is None else str(v))
+            cells.append(f'<td class="{"t" if k in ("method", "needs", "status", "model") else ""}" '
+                         f'data-v="{html.escape(str(sortv))}">{html.escape(_fmt(k, f, v))}</td>')
+        body.append(f'<tr class="{"bad" if bad else ""}">' + "".join(cells) + "</tr>")
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+RM_COLUMNS = [("model", "reward model", "{}"), ("accuracy", "held-out pair accuracy", "{:.3f}"),
+              ("margin", "mean margin", "{:.3f}"), ("ece_before", "ECE before calibration", "{:.3f}"),
+              ("ece_after", "ECE after calibration", "{:.3f}"), ("wall_s", "wall time (s)", "{:.0f}")]
+
+
+def build_report(run_dirs: list[Path | str], out_dir: Path | str, title: str = "alignkit report",
+                 demo_results: dict | None = None, note: str = "") -> dict:
+    """Write report.md and report.html into out_dir; return the rows and the Markdown table."""
+    rows: list[dict] = []
+    rm_rows: list[dict] = []
+    curve_dirs: list[tuple[str, Path]] = []
+    for d in map(Path, run_dirs):
+        if not d.is_dir():
+            raise UserError(f"{d}: not a run folder; pass folders written by alignkit (output_dir of a run or demo)")
+        res = demo_results if (demo_results is not None and len(run_dirs) == 1) else None
+        if res is None and (d / "results.json").exists():
+            res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+        if res is not None:
+            r, rm, runs = _demo_rows(res)
+            rows += r
+            rm_rows += rm
+            for key, rec in runs.items():
+                if rec.get("dir") and (Path(rec["dir"]) / "metrics.jsonl").exists() and not key.startswith("rm_"):
+                    curve_dirs.append((key, Path(rec["dir"])))
+        elif (d / "metrics.jsonl").exists() or (d / "config.yaml").exists():
+            rows.append(_single_run_row(d))
+            curve_dirs.append((d.name, d))
+        else:
+            raise UserError(f"{d}: no metrics.jsonl or results.json; pass folders written by alignkit runs")
+    if not rows:
+        raise UserError("nothing to report: the folders hold no runs")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    pngs = curves_png(curve_dirs)
+    for name, data in pngs.items():
+        (out / f"curve_{name}.png").write_bytes(data)
+    md = [f"# {title}", ""]
+    if note:
+        md += [note, ""]
+    md += [table, ""]
+    if rm_rows:
+        md += ["## Reward models", "", markdown_table(rm_rows, RM_COLUMNS), ""]
+    for name in pngs:
+        md += [f"![{name}](curve_{name}.png)", ""]
+    samples = [(r["method"], r.get("samples") or []) for r in rows if r.get("samples")]
+    if samples:
+        md += ["## Sample completions (same held-out prompts, greedy)", ""]
+        n = max(len(s) for _, s in samples)
+        md.append("| # | " + " | ".join(m for m, _ in samples) + " |")
+        md.append("|---|" + "---|" * len(samples))
+        for i in range(n):
+            md.append(f"| {i + 1} | " + " | ".join(
+                "`" + (s[i] if i < len(s) else "").replace("|", "\\|").replace("\n", " ") + "`" for _, s in samples)
+                + " |")
+        md.append("")
+    _atomic_write(out / "report.md", "\n".join(md))
+
+    imgs = "".join(f'<h2>{html.escape(n)}</h2><img alt="{html.escape(n)} curves" '
+                   f'src="data:image/png;base64,{base64.b64encode(b).decode()}">' for n, b in pngs.items())
+    sample_html = ""
+    if samples:
+        n = max(len(s) for _, s in samples)
+        head = "".join(f"<th class='t'>{html.escape(m)}</th>" for m, _ in samples)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(s[i] if i < len(s) else '')}</td>" for _, s in samples)
+                       + "</tr>" for i in range(n))
+        sample_html = (f"<h2>Sample completions (same held-out prompts, greedy)</h2>"
+                       f"<table class='samples'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    rm_html = f"<h2>Reward models</h2>{_html_table(rm_rows, RM_COLUMNS)}" if rm_rows else ""
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p class='note'>{html.escape(note)} Click a column header to sort.</p>"
+            f"{_html_table(rows, COLUMNS)}{rm_html}{imgs}{sample_html}<script>{_SORT_JS}</script></body></html>")
+    _atomic_write(out / "report.html", page)
+    return {"rows": rows, "rm_rows": rm_rows, "table_text": table, "figures": list(pngs)}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -119,7 +119,8 @@ def test_reference_cache_equals_on_the_fly_and_resume_reuses_it(tiny_model_dir, 
     want_r = [naive_answer_logps(base, p.rejected) for p in pairs]
     assert cache["train"]["chosen"].tolist() == pytest.approx(want_c, abs=1e-4, rel=1e-5)
     assert cache["train"]["rejected"].tolist() == pytest.approx(want_r, abs=1e-4, rel=1e-5)
-    assert cache["train"]["key"] == reference_cache_key(cfg_for(tiny_model_dir, data, out), str(data), "train", pairs)
+    key = reference_cache_key(cfg_for(tiny_model_dir, data, out), str(data), "train", pairs, base)
+    assert cache["train"]["key"] == key
     # At step 1 the policy is the reference: implicit rewards are 0 (same numerics, to float error).
     first = metrics(out)[0]
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
@@ -135,7 +136,11 @@ def test_reference_cache_equals_on_the_fly_and_resume_reuses_it(tiny_model_dir, 
     # Anything that changes the tokens changes the key: a new max_length recomputes.
     short = cfg_for(tiny_model_dir, data, out, max_length=40)
     spairs, _ = load_pairs(str(data), "train", tok, 40)
-    assert reference_cache_key(short, str(data), "train", spairs) != cache["train"]["key"]
+    assert reference_cache_key(short, str(data), "train", spairs, base) != key
+    # ... and so do other weights under the same model name
+    with torch.no_grad():
+        next(base.parameters()).mul_(1.001)
+    assert reference_cache_key(cfg_for(tiny_model_dir, data, out), str(data), "train", pairs, base) != key
 
 
 # ------------------------------------------------------------------------------------------ normalisation

@@ -87,11 +87,13 @@ PEFT_TYPE = {"lora": "LORA", "rslora": "LORA", "dora": "LORA", "prefix": "PREFIX
 
 
 @pytest.mark.parametrize("name,lr,extra", METHODS, ids=[m[0] for m in METHODS])
-def test_each_method_trains_only_its_adapter_and_loss_falls(tiny_model_dir, data4, tmp_path, name, lr, extra):
+def test_each_method_trains_only_its_adapter_and_loss_falls(tiny_model_dir, data4, tmp_path, capsys, name, lr,
+                                                           extra):
     method = "lora" if name == "rslora" else name
     out = tmp_path / name
     base = load_model(str(tiny_model_dir))
     before = [(n, p, p.detach().clone()) for n, p in base.named_parameters()]
+    n_base = sum(p.numel() for p in base.parameters())
     train_sft(sft_cfg(tiny_model_dir, data4, out, "max_steps=8", f"lr={lr}", f"peft.method={method}", *extra),
               model=base)
     ls = losses(out)
@@ -106,6 +108,9 @@ def test_each_method_trains_only_its_adapter_and_loss_falls(tiny_model_dir, data
     conf = json.loads((out / "adapter_config.json").read_text())
     assert conf["peft_type"] == PEFT_TYPE[name]
     assert conf["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
+    # the printed count: trainable = exactly what the adapter file holds, total = base + adapter
+    n_adapter = sum(t.numel() for t in load_file(str(out / "adapter_model.safetensors")).values())
+    assert f"parameters: {n_adapter:,} trainable of {n_base + n_adapter:,}" in capsys.readouterr().err
     if name == "rslora":
         import peft
 
@@ -186,14 +191,19 @@ def test_lora_resume_equals_uninterrupted(tiny_model_dir, data4, lora_run, tmp_p
     assert losses(out) == losses(lora_run)
 
 
-def test_resume_with_other_peft_settings_is_one_line(tiny_model_dir, data4, lora_run, tmp_path, capsys):
+@pytest.mark.parametrize("change,needle", [
+    (["peft.method=lora", "peft.r=8"], "size mismatch"),
+    (["peft.method=dora", "peft.r=4"], "missing"),
+    (["peft.method=none"], "holds an adapter"),
+])
+def test_resume_with_other_peft_settings_is_one_line(tiny_model_dir, data4, lora_run, tmp_path, capsys, change,
+                                                     needle):
     out = tmp_path / "c"
     shutil.copytree(lora_run / "checkpoints" / "step-0000003", out / "checkpoints" / "step-0000003")
     rc = cli_main(["sft", f"model={tiny_model_dir}", f"data={data4}", f"output_dir={out}", "batch_size=4", *QUIET,
-                   "max_steps=6", "peft.method=lora", "peft.r=8", "peft.target_modules=[q_proj,v_proj,down_proj]",
-                   "resume=true"])
+                   "max_steps=6", "peft.target_modules=[q_proj,v_proj,down_proj]", "resume=true", *change])
     err = error_line(capsys.readouterr().err)
-    assert rc == 2 and "resume with the same peft" in err and "size mismatch" in err, err
+    assert rc == 2 and "same peft" in err and needle in err, err
 
 
 # ------------------------------------------------------------------------------------------ merge
@@ -374,6 +384,7 @@ def _sft_cli(tiny_model_dir, data, out, *extra):
     (["peft.method=prompt", "packing=true"], "packing"),
     (["peft.method=prefix", "train_last_layers=1"], "train_last_layers"),
     (["peft.methd=lora"], "did you mean 'peft.method'"),
+    (["peft.method=none", "train_modules=nomatch"], "matches no parameter"),  # 'none' is a method, not null
 ])
 def test_bad_settings_exit_2_with_one_line(tiny_model_dir, data4, tmp_path, capsys, extra, needle):
     rc = cli_main(_sft_cli(tiny_model_dir, data4, tmp_path / "r", *extra))

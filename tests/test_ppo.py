@@ -38,6 +38,12 @@ def digits(prompts, completions, **cols):
     return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
 
 
+@pytest.fixture(autouse=True)
+def no_curve_plots(monkeypatch):
+    """curves.png with PPO's ~40 metric panels costs seconds of matplotlib layout; not under test here."""
+    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
+
+
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("prompts")
@@ -142,7 +148,7 @@ def test_value_loss_clipping_by_hand():
     t = value_loss_terms(values, old, ret, mask, clip_range=0.2)
     # token 0: (1 - 2)^2 = 1 vs clipped V = 0.7: (0.7 - 2)^2 = 1.69 -> the clipped one, gradient 0
     # token 1: (0 - 1)^2 = 1 both ways -> unclipped; token 2 masked
-    assert float(t.loss_sum) == pytest.approx(0.5 * 1.69 + 0.5 * 1.0)
+    assert float(t.loss_sum.detach()) == pytest.approx(0.5 * 1.69 + 0.5 * 1.0)
     assert float(t.count) == 2 and float(t.stats["clipped"]) == 1
     t.loss_sum.backward()
     torch.testing.assert_close(values.grad, torch.tensor([[0.0, -1.0, 0.0]]))
@@ -265,15 +271,15 @@ def test_shared_base_critic_holds_one_copy_of_the_base(tiny_model_dir, prompt_fi
 
 def test_ppo_raises_reward_and_logs_everything(tiny_model_dir, prompt_file, tmp_path):
     out = tmp_path / "ppo"
-    train_ppo(PPOConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), max_steps=16,
-                        batch_size=8, num_generations=2, max_new_tokens=12, lr=3e-3, critic_lr=3e-3, kl_coef=0.01,
+    train_ppo(PPOConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), max_steps=12,
+                        batch_size=8, num_generations=2, max_new_tokens=12, lr=1e-2, critic_lr=1e-2, kl_coef=0.01,
                         ppo_epochs=2, num_minibatches=2, progress=False, log_every=1, seed=0), reward_fn=digits)
     tr = metrics(out)
-    assert len(tr) == 16 * 2 * 2
+    assert len(tr) == 12 * 2 * 2
     per_rollout = tr[::4]
     first = sum(r["reward_mean"] for r in per_rollout[:4]) / 4
     last = sum(r["reward_mean"] for r in per_rollout[-4:]) / 4
-    assert last > first + 0.03, (first, last)
+    assert last > first + 0.08, (first, last)
     for key in ("policy_loss", "value_loss", "explained_variance", "kl", "kl_seq", "kl_coef", "clip_frac",
                 "value_clip_frac", "entropy", "reward_mean", "response_len", "time_generate_s", "time_score_s",
                 "time_prepare_s", "time_train_s", "logprob_mismatch", "critic_lr", "value_grad_norm", "approx_kl"):
@@ -319,7 +325,7 @@ def test_cli_ppo_end_to_end(tiny_model_dir, prompt_file, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["ppo", f"model={tiny_model_dir}", f"data={prompt_file}", f"reward={rfile}:digits",
                  f"output_dir={out}", "max_steps=2", "batch_size=4", "max_new_tokens=6", "ppo_epochs=1",
-                 "num_minibatches=2", "progress=false"])
+                 "num_minibatches=2", "progress=false", "log_every=1"])
     assert code == 0
     assert "done: model saved to" in capsys.readouterr().out
     assert len(metrics(out)) == 4 and (out / "critic" / "value_head.safetensors").is_file()

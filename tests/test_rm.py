@@ -437,8 +437,7 @@ def test_shared_prompt_pass_equals_full_sequences(tiny_model_dir, tok, tmp_path)
     """The prompt run once with both responses on its cache: same rewards, loss and gradients."""
     from alignkit.recipes.rm import shared_prompt_agrees, shared_prompt_collate
 
-    rows = text_pairs(6, seed=3)
-    rows[0]["margin"] = 1.0
+    rows = [dict(r, margin=float(i % 2)) for i, r in enumerate(text_pairs(6, seed=3))]
     pairs, _ = load_pairs(str(write_jsonl(tmp_path / "p.jsonl", rows)), "train", tok, 128)
     torch.manual_seed(0)
     model, _ = load_reward_backbone(str(tiny_model_dir), RewardSpec())

@@ -157,7 +157,7 @@ def test_nan_loss_stops_before_update_and_keeps_checkpoint(tiny_model_dir, tmp_p
 def _sft_cmd(model_dir, data, out, *extra):
     return [PY, "-m", "alignkit", "sft", f"model={model_dir}", f"data={data}", f"output_dir={out}",
             "max_steps=40", "batch_size=2", "grad_accum=2", "lr=3e-3", "warmup_steps=3", "progress=false",
-            "tensorboard=false", "log_every=1", "logits_chunk_size=16", *extra]
+            "tensorboard=false", "plot=false", "log_every=1", "logits_chunk_size=16", *extra]
 
 
 def _final_weights(d: Path) -> dict:

@@ -116,6 +116,7 @@ class TrainConfig(Section):
         1024, ge=1, description="Tokens per chunk when computing log-probs without materialising full logits"
     )
     tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed")
+    plot: bool = Field(True, description="Draw curves.png of the logged metrics at the end of the run")
     progress: bool = Field(True, description="Show a progress bar")
     chat_template: str | None = Field(
         None, description="Jinja chat template (text or path) used when the tokenizer has none, or to override it"

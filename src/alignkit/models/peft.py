@@ -41,6 +41,7 @@ __all__ = [
     "reference_logps_context",
     "transformer_blocks",
     "merge_adapter",
+    "build_peft_config",
 ]
 
 ADAPTER_METHODS = ("lora", "dora", "qlora", "oft", "boft", "ia3")
@@ -134,7 +135,8 @@ def transformer_blocks(model) -> tuple[str, torch.nn.ModuleList]:
 def _last_blocks_params(model, k: int) -> tuple[set[int], str]:
     name, blocks = transformer_blocks(model)
     if k > len(blocks):
-        raise UserError(f"train_last_layers={k}, but the model has {len(blocks)} transformer blocks; pick 1..{len(blocks)}")
+        raise UserError(f"train_last_layers={k}, but the model has {len(blocks)} transformer blocks; "
+                        f"pick 1..{len(blocks)}")
     chosen = {id(p) for b in list(blocks)[-k:] for p in b.parameters()}
     # The final norm (the decoder's norm sitting after the last block) belongs to the top of the
     # network: it trains with the last blocks. Embeddings and the LM head (often tied to the
@@ -267,7 +269,8 @@ def _last_layers_regex(model, targets, k: int) -> str:
     modules inside the last k transformer blocks; 'all-linear' = every linear layer of those blocks."""
     blocks_name, blocks = transformer_blocks(model)
     if k > len(blocks):
-        raise UserError(f"train_last_layers={k}, but the model has {len(blocks)} transformer blocks; pick 1..{len(blocks)}")
+        raise UserError(f"train_last_layers={k}, but the model has {len(blocks)} transformer blocks; "
+                        f"pick 1..{len(blocks)}")
     first = len(blocks) - k
     if targets == "all-linear" or targets is None:
         from transformers.pytorch_utils import Conv1D
@@ -411,7 +414,9 @@ class MergeConfig(Section):
     """`alignkit merge adapter=DIR output=DIR`: fold a saved adapter into its base model and save
     a plain transformers model (+ tokenizer) that loads without peft."""
 
-    adapter: str = Field("", description="Adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a run folder")
+    adapter: str = Field(
+        "", description="Adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a run folder"
+    )
     output: str = Field("", description="Folder for the merged model; written atomically")
     base: str | None = Field(
         None, description="Base model (hub id or folder); default: the base recorded in adapter_config.json"

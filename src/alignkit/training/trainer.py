@@ -360,7 +360,8 @@ class Trainer:
             for f in tmp.iterdir():
                 os.replace(f, self.run_dir / f.name)
             tmp.rmdir()
-            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+            if self.cfg.plot:
+                plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         barrier(self.dist)
 
     # ------------------------------------------------------------------ progress + logging

@@ -1,0 +1,129 @@
+"""The report builder on synthetic run folders (finished, diverged, in progress, a demo folder),
+and the HTML page rendered in headless Chromium: no console errors, table and figures present,
+the table sorts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from alignkit.eval.report import build_report
+from alignkit.errors import UserError
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _run(d: Path, losses, rewards, finished=True, evals=()):
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text("data: prompts.jsonl\nmodel: base\n")
+    with (d / "metrics.jsonl").open("w") as f:
+        for i, (l, r) in enumerate(zip(losses, rewards), start=1):
+            f.write(json.dumps({"step": i, "kind": "train", "loss": l, "reward_mean": r, "kl": 0.01 * i,
+                                "elapsed_s": 2.0 * i, "peak_rss_mb": 500 + i, "generated_tokens": 100 * i}) + "\n")
+        for step, acc in evals:
+            f.write(json.dumps({"step": step, "kind": "eval", "eval_solved": acc, "eval_reward": acc}) + "\n")
+    if finished:
+        (d / "config.json").write_text("{}")
+    return d
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    ok = _run(tmp_path / "grpo", [1.0, 0.8, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4], evals=[(2, 0.3), (4, 0.5)])
+    bad = _run(tmp_path / "rloo", [1.0, 5.0, "nan"], [0.1, 0.0, 0.0], finished=False)
+    live = _run(tmp_path / "ppo", [1.0, 0.9], [0.1, 0.15], finished=False)
+    return ok, bad, live
+
+
+def test_rows_statuses_and_figures(runs, tmp_path):
+    ok, bad, live = runs
+    res = build_report([ok, bad, live], tmp_path / "out")
+    by = {r["method"]: r for r in res["rows"]}
+    assert by["grpo"]["status"] == "finished" and by["grpo"]["accuracy"] == 0.5
+    assert by["grpo"]["peak_rss_mb"] == 504 and by["grpo"]["generated_tokens"] == 400
+    assert by["rloo"]["status"] == "diverged" and by["rloo"]["diverged"] == 1
+    assert by["ppo"]["status"] == "in progress"
+    assert set(res["figures"]) == {"reward", "accuracy", "kl"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| grpo |" in md and "diverged" in md and "in progress" in md
+    for name in res["figures"]:
+        assert (tmp_path / "out" / f"curve_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_folder_aggregates_seeds(tmp_path):
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    runs = {}
+    for s, acc in enumerate([0.4, 0.5, 0.6]):
+        d = _run(demo / f"grpo-s{s}", [1.0, 0.5], [0.2, 0.4])
+        runs[f"grpo-s{s}"] = {"method": "grpo", "seed": s, "dir": str(d), "returncode": 0, "wall_s": 10.0 + s,
+                              "needs": "prompts + reward",
+                              "eval": {"accuracy": acc, "format_rate": 1.0, "reward": acc, "kl_token": 0.01,
+                                       "samples": ["Итого: 5 рублей."]}}
+    runs["ppo-s0"] = {"method": "ppo", "seed": 0, "dir": str(demo / "ppo-s0"), "returncode": 3, "diverged": True,
+                      "error": "loss is nan", "needs": "prompts + reward"}
+    (demo / "results.json").write_text(json.dumps({"runs": runs}))
+    res = build_report([demo], demo)
+    by = {r["method"]: r for r in res["rows"]}
+    assert by["grpo"]["accuracy"] == pytest.approx(0.5) and by["grpo"]["spread"] == pytest.approx(0.1)
+    assert by["grpo"]["wall_s"] == pytest.approx(11.0)
+    assert by["ppo"]["status"] == "failed" and by["ppo"]["diverged"] == 1
+
+
+def test_bad_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no metrics.jsonl"):
+        build_report([tmp_path / "empty"], tmp_path)
+    with pytest.raises(UserError, match="not a run folder"):
+        build_report([tmp_path / "missing"], tmp_path)
+
+
+CHECK_JS = """
+<script>
+window.addEventListener('load', function () {
+  var t = document.querySelector('table.sortable');
+  var imgs = Array.prototype.slice.call(document.images);
+  var loaded = imgs.every(function (i) { return i.complete && i.naturalWidth > 0; });
+  var th = t.querySelectorAll('th');
+  var col = Array.prototype.findIndex.call(th, function (h) { return h.textContent === 'peak memory (MiB)'; });
+  th[col].click();
+  var first = t.tBodies[0].rows[0].cells[0].textContent;
+  th[col].click();
+  var firstDesc = t.tBodies[0].rows[0].cells[0].textContent;
+  document.body.setAttribute('data-check', JSON.stringify({rows: t.tBodies[0].rows.length, images: imgs.length,
+    loaded: loaded, asc: first, desc: firstDesc}));
+});
+</script>
+"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_html_renders_in_headless_chromium(runs, tmp_path):
+    ok, bad, live = runs
+    out = tmp_path / "out"
+    build_report([ok, bad, live], out)
+    page = (out / "report.html").read_text()
+    assert "<img" in page and "data:image/png;base64," in page and "src=\"curve_" not in page  # self-contained
+    checked = out / "checked.html"
+    checked.write_text(page.replace("</body>", CHECK_JS + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+             "--window-size=1280,900"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", checked.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln]
+    assert not console, console
+    marker = dom.stdout.split('data-check="', 1)[1].split('"', 1)[0].replace("&quot;", '"')
+    check = json.loads(marker)
+    assert check["rows"] == 3 and check["images"] == 3 and check["loaded"]
+    assert check["asc"] == "ppo" and check["desc"] == "grpo"  # peak memory 502 < 503 < 504
+    shot = tmp_path / "shot.png"
+    res = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", (out / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000

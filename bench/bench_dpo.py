@@ -277,6 +277,12 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def _spread2(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{common.med(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+
 def _epoch_pairs_per_s(r: dict, n_pairs: int) -> float:
     pps = r["trained_tokens_per_s"]  # StepClock's second counter holds pairs here
     return 1.0 / (1.0 / pps + r.get("prepass_s", 0.0) / n_pairs)
@@ -296,10 +302,10 @@ def report(args, runs: list[dict], variants: list[str], sides: list[str], n_pair
                 continue
             med = common.med
             rows.append([
-                v, s, common.spread([r["trained_tokens_per_s"] for r in rs]).replace(",", ""),
+                v, s, _spread2([r["trained_tokens_per_s"] for r in rs]),
                 f"{med([r['tokens_per_s'] for r in rs]):,.0f}", f"{med([r['s_per_step'] for r in rs]):.3f}",
                 f"{med([r.get('prepass_s', 0.0) for r in rs]):.1f}",
-                f"{med([_epoch_pairs_per_s(r, n_pairs) for r in rs]):.1f}",
+                f"{med([_epoch_pairs_per_s(r, n_pairs) for r in rs]):.2f}",
                 common.spread([r["peak_rss_mib"] for r in rs]),
                 f"{med([r['peak_rss_mib'] - r['rss_at_train_start_mib'] for r in rs]):,.0f}",
                 f"{med([r['loss_last10'] for r in rs if r.get('loss_last10') is not None]):.3f}", len(rs),

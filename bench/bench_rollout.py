@@ -18,10 +18,10 @@ of tokens, as RL completions of uneven length do. `--variants fixed` turns stopp
 sides (every sample runs to max_new_tokens), which isolates what prefill sharing alone buys.
 
 Counted: generated tokens up to and including the stop token (nothing after it), per second of
-wall time inside the generate call. Each child does one small warm-up call first, then `--calls`
-timed calls (different seeds), and reports their median.
+wall time inside the generate call. Each child does one untimed full-size warm-up call first, then
+`--calls` timed calls (different seeds), and reports their median.
 
-    python bench/bench_rollout.py                  # eos + fixed variants, 5 alternating repeats
+    python bench/bench_rollout.py                  # eos + fixed variants, 3 alternating repeats
     python bench/bench_rollout.py --write          # also replaces the "## Rollout engine (CPU)" section
     python bench/bench_rollout.py --variants eos --repeats 1    # quick look
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import os
 import random
@@ -69,7 +70,8 @@ def shape_of(args) -> common.ModelShape:
                              intermediate=args.intermediate, vocab=args.vocab)
 
 
-def make_prompt_rows(tok, src: common.TextSource, n: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[dict]:
+def make_prompt_rows(tok, src: common.TextSource, n: int, min_tokens: int, max_tokens: int,
+                     seed: int = 0) -> list[dict]:
     """`prompt` rows (a message list: optional system turn, one user turn) whose chat-template
     rendering with the generation prompt has a token count uniform in [min_tokens, max_tokens]."""
     rng = random.Random(seed)
@@ -106,6 +108,19 @@ def stop_ids_for(tok, vocab_size: int, frac: float, seed: int = 0) -> list[int]:
     return sorted({int(tok.eos_token_id), *chosen})
 
 
+def _enable_cache(model_dir: Path) -> None:
+    """`common.build_model` saves `use_cache: false` (right for training benchmarks). Generation
+    must find the cache on, as in any released model: TRL's GRPOTrainer, for one, builds its
+    GenerationConfig without `use_cache` and inherits the model's setting, so a false there would
+    make it recompute the whole sequence at every generated token."""
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            cfg["use_cache"] = True
+            path.write_text(json.dumps(cfg, indent=2))
+
+
 class RLWorkspace:
     """model/ (tokenizer + random-init Llama), prompts.jsonl (`prompt` message lists), meta.json
     (token ids of every prompt, stop ids, shape)."""
@@ -134,6 +149,7 @@ class RLWorkspace:
                         stop_ids=stop_ids_for(tok, vocab, stop_frac, seed), eos_id=int(tok.eos_token_id),
                         pad_id=int(tok.pad_token_id))
             self.meta_path.write_text(json.dumps(meta))
+        _enable_cache(self.model_dir)
         self.meta = meta
         self.n_params = meta["n_params"]
         self.prompt_ids: list[list[int]] = meta["prompt_ids"]
@@ -149,7 +165,7 @@ class RLWorkspace:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5, help="runs per side and variant (alternating)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side and variant (alternating)")
     p.add_argument("--variants", default="eos,fixed", help="comma list of: eos (stop set on), fixed (no stopping)")
     p.add_argument("--sides", default="alignkit,hf", help="comma list of: alignkit, hf")
     p.add_argument("--prompts", type=int, default=16, help="prompts per generate call")
@@ -159,17 +175,20 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt-tokens", type=int, default=80)
     p.add_argument("--stop-frac", type=float, default=1 / 32,
                    help="share of the vocabulary that ends a sample (eos variant), besides the eos token")
-    p.add_argument("--calls", type=int, default=2, help="timed generate calls per child (median reported)")
+    p.add_argument("--calls", type=int, default=1, help="timed generate calls per child (median reported)")
     add_model_args(p)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
                    help="OMP_NUM_THREADS for both sides (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--workdir", default=None, help="where to build the model/prompts (default: a temp dir)")
     p.add_argument("--write", action="store_true", help=f"replace the '## {SECTION}' section of BENCHMARKS.md")
     p.add_argument("--json", default=None, help="also write every run's raw measurements to this file")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="measure nothing: print (and with --write, write) the tables of an earlier --json file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="run one child per side and variant under torch.profiler; op tables go to DIR")
-    p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=SIDES + ("micro",), help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, default="eos", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -189,6 +208,23 @@ def child_run(args) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
+    fwd = {"cpu": 0.0, "n": 0, "prefill": 0.0}
+    orig_forward = model.forward
+
+    # functools.wraps keeps the signature visible: generate() inspects forward's parameters (e.g. to
+    # pass `logits_to_keep=1` at the prefill and `position_ids`), so a bare (*a, **kw) would change what it does
+    @functools.wraps(orig_forward)
+    def timed_forward(*a, **kw):  # CPU time of every model forward; the first of a call is the prefill
+        c = time.process_time()
+        out = orig_forward(*a, **kw)
+        d = time.process_time() - c
+        fwd["cpu"] += d
+        fwd["n"] += 1
+        if fwd["n"] == 1:
+            fwd["prefill"] = d
+        return out
+
+    model.forward = timed_forward
     prompts = meta["prompt_ids"][: args.prompts]
     use_stop = args.variant == "eos"
     stop = set(meta["stop_ids"]) if use_stop else set()
@@ -206,11 +242,11 @@ def child_run(args) -> dict:
         def call(seed: int, n_prompts: int, n: int, max_new: int) -> dict:
             params = SamplingParams(n=n, max_new_tokens=max_new, temperature=1.0, top_p=1.0, top_k=0, seed=seed,
                                     batch_size=max(1, n_prompts))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             batch = engine.generate(model, prompts[:n_prompts], params)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             lens = [len(s.completion_ids) for s in batch.samples]
-            return dict(seconds=dt, tokens=sum(lens), lens=lens,
+            return dict(seconds=dt, cpu_s=cpu, tokens=sum(lens), lens=lens,
                         stopped=sum(s.finish_reason == "eos" for s in batch.samples),
                         decode_steps=batch.stats.get("decode_steps", 0) + 1,
                         row_steps=batch.stats.get("decode_tokens", 0),
@@ -232,23 +268,27 @@ def child_run(args) -> dict:
                                   num_return_sequences=n, eos_token_id=sorted(stop) if use_stop else None,
                                   pad_token_id=pad, use_cache=True)
             torch.manual_seed(seed)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gc)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             comp = out[:, Tp:].tolist()
             counted = [_count_until_stop(r, stop) for r in comp]
             lens = [c for c, _ in counted]
-            return dict(seconds=dt, tokens=sum(lens), lens=lens, stopped=sum(s for _, s in counted),
+            return dict(seconds=dt, cpu_s=cpu, tokens=sum(lens), lens=lens, stopped=sum(s for _, s in counted),
                         decode_steps=len(comp[0]) if comp else 0, row_steps=len(comp) * (len(comp[0]) if comp else 0),
                         prefill_rows=len(ps) * n, prefill_cols=Tp)
 
-    call(10_000, min(2, len(prompts)), 2, 4)  # warm-up: thread pool, allocator, lazy inits
+    # warm-up at full size: lazy inits, and the allocator settles (glibc's mmap threshold adapts
+    # after the first large frees; before that every new cache tensor is fresh, page-faulting memory)
+    call(10_000, len(prompts), G, M)
     rss_start = common.current_rss_mib()
     calls = []
     for c in range(args.calls):
         if prof is not None and c == 0:
             prof.__enter__()
-        calls.append(call(c, len(prompts), G, M))
+        fwd.update(cpu=0.0, n=0, prefill=0.0)
+        calls.append(call(1000 * args.seed + c, len(prompts), G, M))
+        calls[-1].update(prefill_cpu=fwd["prefill"], forward_cpu=fwd["cpu"], forwards=fwd["n"])
         if prof is not None and c == 0:
             prof.__exit__(None, None, None)
             ka = prof.key_averages()
@@ -258,11 +298,17 @@ def child_run(args) -> dict:
                 f.write("\n\n")
                 f.write(ka.table(sort_by="cpu_time_total", row_limit=40))
     tps = [c["tokens"] / c["seconds"] for c in calls]
+    tpc = [c["tokens"] / c["cpu_s"] for c in calls]
     mid = sorted(range(len(calls)), key=lambda i: tps[i])[len(calls) // 2]
     best = calls[mid]
     all_lens = [x for c in calls for x in c["lens"]]
     return dict(side=args.child, variant=args.variant, tokens_per_s=statistics.median(tps), tps_calls=tps,
-                seconds=best["seconds"], tokens=best["tokens"], mean_len=statistics.mean(all_lens),
+                tokens_per_cpu_s=statistics.median(tpc), seconds=best["seconds"], cpu_s=best["cpu_s"],
+                prefill_cpu=statistics.median(c["prefill_cpu"] for c in calls),
+                decode_cpu=statistics.median(c["forward_cpu"] - c["prefill_cpu"] for c in calls),
+                other_cpu=statistics.median(c["cpu_s"] - c["forward_cpu"] for c in calls),
+                call_cpu=statistics.median(c["cpu_s"] for c in calls), tokens=best["tokens"],
+                mean_len=statistics.mean(all_lens),
                 stopped_frac=sum(c["stopped"] for c in calls) / len(all_lens),
                 decode_steps=best["decode_steps"], row_steps=best["row_steps"],
                 prefill_rows=best["prefill_rows"], prefill_cols=best["prefill_cols"],
@@ -270,21 +316,48 @@ def child_run(args) -> dict:
                 load_avg_1m=os.getloadavg()[0])
 
 
+def child_micro(args) -> dict:
+    """CPU milliseconds of the per-decode-step sampling ops at the full batch (P x G rows, the
+    vocabulary): torch.multinomial (what both sides call) vs inverse-CDF sampling."""
+    import torch
+
+    meta = json.loads((Path(args.workdir) / "meta.json").read_text())
+    B, V = args.prompts * args.group, meta["vocab"]
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, V, generator=gen)
+    probs = torch.softmax(logits, -1)
+
+    def ms(fn, n=30) -> float:
+        fn()
+        c = time.process_time()
+        for _ in range(n):
+            fn()
+        return (time.process_time() - c) / n * 1e3
+
+    return dict(rows=B, vocab=V,
+                multinomial_ms=ms(lambda: torch.multinomial(probs, 1, generator=gen)),
+                inverse_cdf_ms=ms(lambda: torch.searchsorted(probs.cumsum(-1), torch.rand(B, 1, generator=gen))),
+                log_softmax_ms=ms(lambda: torch.log_softmax(logits, -1)),
+                softmax_ms=ms(lambda: torch.softmax(logits, -1)))
+
+
 # ============================================================================================
 # Parent
 # ============================================================================================
 
 
-def child_argv(args, side: str, variant: str) -> list[str]:
+def child_argv(args, side: str, variant: str, seed: int = 0) -> list[str]:
     argv = [str(Path(__file__).resolve()), "--child", side, "--variant", variant, "--workdir", str(args.workdir),
+            "--seed", str(seed),
             "--prompts", str(args.prompts), "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens),
             "--calls", str(args.calls)]
     return argv
 
 
 def report(args, runs: list[dict], variants: list[str], sides: list[str]) -> str:
-    headers = ["variant", "side", "generated tok/s median (min-max)", "s per call", "mean length", "stopped early",
-               "decode steps", "row-steps (rows x steps)", "prefill rows x cols", "peak RSS MiB", "runs"]
+    headers = ["variant", "side", "generated tok/s (wall), median (min-max)", "tok per CPU-s", "s per call",
+               "CPU-s per call: prefill / decode forwards / sampling + rest", "mean length", "stopped early",
+               "row-steps (rows x steps)", "prefill rows x cols", "peak RSS MiB", "runs"]
     rows, ratio_rows = [], []
     for v in variants:
         per = {}
@@ -292,13 +365,17 @@ def report(args, runs: list[dict], variants: list[str], sides: list[str]) -> str
             rs = [r for r in runs if r["side"] == s and r["variant"] == v and r.get("ok")]
             per[s] = rs
             if not rs:
-                rows.append([v, SIDE_NAMES[s], "FAILED"] + [""] * 7 + [0])
+                rows.append([v, SIDE_NAMES[s], "FAILED"] + [""] * 8 + [0])
                 continue
             rows.append([
                 v, SIDE_NAMES[s], common.spread([r["tokens_per_s"] for r in rs]),
-                f"{common.med([r['seconds'] for r in rs]):.2f}", f"{common.med([r['mean_len'] for r in rs]):.1f}",
+                f"{common.med([r['tokens_per_cpu_s'] for r in rs]):,.0f}",
+                f"{common.med([r['seconds'] for r in rs]):.2f}",
+                f"{common.med([r['call_cpu'] for r in rs]):.2f}: {common.med([r['prefill_cpu'] for r in rs]):.2f} / "
+                f"{common.med([r['decode_cpu'] for r in rs]):.2f} / {common.med([r['other_cpu'] for r in rs]):.2f}",
+                f"{common.med([r['mean_len'] for r in rs]):.1f}",
                 f"{100 * common.med([r['stopped_frac'] for r in rs]):.0f}%",
-                f"{common.med([r['decode_steps'] for r in rs]):.0f}", f"{common.med([r['row_steps'] for r in rs]):,.0f}",
+                f"{common.med([r['row_steps'] for r in rs]):,.0f}",
                 f"{rs[0]['prefill_rows']} x {rs[0]['prefill_cols']}",
                 f"{common.med([r['peak_rss_mib'] for r in rs]):,.0f}", len(rs),
             ])
@@ -306,20 +383,71 @@ def report(args, runs: list[dict], variants: list[str], sides: list[str]) -> str
             a, h = per["alignkit"], per["hf"]
             # per-pair ratios (run i of each side ran back to back), median over pairs
             pairs = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(a, h)]
+            ma = lambda k: common.med([r[k] for r in a])  # noqa: E731
+            mh = lambda k: common.med([r[k] for r in h])  # noqa: E731
             ratio_rows.append([
-                v, f"{common.med([r['tokens_per_s'] for r in a]) / common.med([r['tokens_per_s'] for r in h]):.2f}x",
+                v, f"**{ma('tokens_per_s') / mh('tokens_per_s'):.2f}x**",
                 f"{common.med(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})",
+                f"{ma('tokens_per_cpu_s') / mh('tokens_per_cpu_s'):.2f}x",
                 f"{common.med([r['peak_rss_mib'] for r in a]) / common.med([r['peak_rss_mib'] for r in h]):.2f}x",
             ])
     out = common.markdown_table(headers, rows)
     if ratio_rows:
         out += "\n\n" + common.markdown_table(
             ["variant", "tok/s alignkit / generate (ratio of medians)", "per back-to-back pair: median (min-max)",
-             "peak RSS alignkit / generate"], ratio_rows)
+             "tok per CPU-s alignkit / generate", "peak RSS alignkit / generate"], ratio_rows)
     return out
 
 
-def section_body(args, ws: RLWorkspace, tables: str, when: str, cmd: str, load: list[float]) -> str:
+def analysis(args, runs: list[dict], micro: dict) -> str:
+    """Where the time goes, from the CPU split of each run and the sampling micro-benchmark."""
+
+    def m(side, variant, key):
+        xs = [r[key] for r in runs if r.get("ok") and r["side"] == side and r["variant"] == variant]
+        return common.med(xs) if xs else float("nan")
+
+    lines = ["Where the time goes (medians of the CPU split column; CPU time is what the work costs, "
+             "wall time adds waiting for a core on a loaded machine):", ""]
+    for v in ("eos", "fixed"):
+        if not any(r.get("ok") and r["variant"] == v for r in runs):
+            continue
+        ratio = m("alignkit", v, "tokens_per_cpu_s") / m("hf", v, "tokens_per_cpu_s")
+        lines.append(
+            f"- {v}: prefill {m('hf', v, 'prefill_cpu'):.2f} CPU-s in transformers ({args.prompts * args.group} "
+            f"rows) vs {m('alignkit', v, 'prefill_cpu'):.2f} in alignkit ({args.prompts} rows); decode forwards "
+            f"{m('hf', v, 'decode_cpu'):.2f} vs {m('alignkit', v, 'decode_cpu'):.2f} for "
+            f"{m('hf', v, 'row_steps'):,.0f} vs {m('alignkit', v, 'row_steps'):,.0f} row-steps; sampling and "
+            f"bookkeeping {m('hf', v, 'other_cpu'):.2f} vs {m('alignkit', v, 'other_cpu'):.2f}. "
+            + ("Both gains (prefill once, finished samples out) apply: "
+               f"{ratio:.1f}x the tokens per CPU-second, the 2x target met." if v == "eos" else
+               "Nothing finishes early, so the decode work is the same on both sides and the prefill is "
+               f"alignkit's only gain: {ratio:.1f}x, short of 2x. Per row-step the two decode forwards cost "
+               "the same, and so does sampling."))
+    if micro:
+        steps = args.max_new_tokens
+        saved_s = steps * (micro["multinomial_ms"] - micro["inverse_cdf_ms"]) / 1000  # fixed variant, full batch
+        lines += ["", f"After the model forwards, sampling is alignkit's largest cost, and the one it can cut. Both "
+                  f"sides draw the next token with `torch.multinomial`, which on CPU draws exponential noise for "
+                  f"every entry of the (rows x vocab) probability matrix: {micro['multinomial_ms']:.1f} ms CPU per "
+                  f"decode step at {micro['rows']} x {micro['vocab']} (about "
+                  f"{steps * micro['multinomial_ms'] / 1000:.2f} CPU-s over {steps} full-batch steps), against "
+                  f"{micro['inverse_cdf_ms']:.1f} ms for inverse-CDF sampling (`cumsum`, one uniform per row, "
+                  f"`searchsorted`: the same distribution). The engine's extra log-softmax for the returned "
+                  f"log-probs costs {micro['log_softmax_ms']:.1f} ms per step. Proposed change in "
+                  "`src/alignkit/rollout/engine.py` (`sample_tokens`): draw with `torch.searchsorted(probs.cumsum(-1), "
+                  "torch.rand(B, 1, generator=gen) * probs.sum(-1, keepdim=True))` (clamped to vocab - 1) instead "
+                  "of `torch.multinomial`, skip the division when temperature is 1, and take `probs = logp.exp()` "
+                  "when no top-k/top-p truncation applies instead of a second softmax. That takes most of the "
+                  "\"sampling + rest\" column away, which in the fixed variant would lift alignkit to about "
+                  f"{m('hf', 'fixed', 'call_cpu') / max(1e-9, m('alignkit', 'fixed', 'call_cpu') - saved_s):.1f}x "
+                  "(estimate from the columns above). Next after that: `DynamicCache` grows every layer's keys and "
+                  "values with `torch.cat` at each step (a copy of the whole cache per token); a cache "
+                  "preallocated to prompt + max_new_tokens and written in place would remove that copy."]
+    return "\n".join(lines)
+
+
+def section_body(args, ws: RLWorkspace, tables: str, when: str, cmd: str, load: list[float],
+                 notes: str = "") -> str:
     shape = ws.shape
     lo, mean, hi = ws.prompt_len
     loaded = ""
@@ -334,13 +462,16 @@ Command: `{cmd}`
 
 {tables}
 
+{notes}
+
 Setup (`bench/bench_rollout.py`):
 
 - Model: random-init {shape.describe(ws.n_params)}, float32, SDPA attention, KV cache
   (`DynamicCache`) on both sides, built offline with the byte-level BPE tokenizer of `bench/common.py`.
 - Prompts: {args.prompts} chat prompts (optional system turn + one user turn, ChatML with the generation
   prompt), {lo}-{hi} tokens (mean {mean:.0f}), given to both sides as the same token ids;
-  G = {args.group} samples each ({args.prompts * args.group} sequences per call), `max_new_tokens` = {args.max_new_tokens},
+  G = {args.group} samples each ({args.prompts * args.group} sequences per call),
+  `max_new_tokens` = {args.max_new_tokens},
   temperature 1, no top-k / top-p (transformers: `top_k=0`, which removes its default top-50).
 - Stopping. eos variant: the same stop set on both sides, the tokenizer's eos plus a seeded random
   {args.stop_frac:.4g} of the vocabulary ({len(ws.stop_ids)} ids; alignkit `RolloutEngine(tok, stop_token_ids=...)`,
@@ -355,17 +486,32 @@ Setup (`bench/bench_rollout.py`):
   expanded rows are all prefilled, and finished rows keep being computed (and padded) until the last one
   stops. "row-steps" = model rows fed over the decode steps (alignkit: live samples only).
 - Timed: wall time of the generate call only; tokens = generated tokens up to and including the stop
-  token. Each run is a fresh process (one warm-up call on 2 prompts, then {args.calls} timed calls with
-  different seeds, median reported); runs alternate alignkit, transformers, alignkit, ... ({args.repeats} each).
+  token. Each run is a fresh process (one untimed full-size warm-up call, then {args.calls} timed call(s) with
+  other seeds, median reported); runs alternate alignkit, transformers, alignkit, ... ({args.repeats} each).
   Peak RSS: the child's `ru_maxrss` (whole process).
 """
+
+
+def load_saved(args) -> dict | None:
+    """--from-json: the saved run, its settings copied onto args (the workdir is rebuilt: it is seeded)."""
+    if not args.from_json:
+        return None
+    saved = json.loads(Path(args.from_json).read_text())
+    keep = {k: getattr(args, k) for k in ("write", "from_json", "json", "workdir", "profile")}
+    for k, v in saved["args"].items():
+        setattr(args, k, v)
+    for k, v in keep.items():
+        setattr(args, k, v)
+    args.profile = None
+    return saved
 
 
 def main() -> int:
     args = parse_args()
     if args.child:
-        common.child_finish(child_run(args))
+        common.child_finish(child_micro(args) if args.child == "micro" else child_run(args))
         return 0
+    saved = load_saved(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     for v in variants:
@@ -374,7 +520,7 @@ def main() -> int:
     for s in sides:
         if s not in SIDES:
             raise SystemExit(f"--sides: unknown {s!r}; use {', '.join(SIDES)}")
-    cmd = common.command_line()
+    cmd = saved.get("cmd", common.command_line()) if saved else common.command_line()
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-rollout-")
@@ -400,33 +546,43 @@ def main() -> int:
                     print(res.log_tail, file=sys.stderr)
         return 0
 
-    runs: list[dict] = []
+    runs: list[dict] = saved["runs"] if saved else []
     failed = False
-    for v in variants:
+    for v in variants if not saved else []:
         for rep in range(args.repeats):
             for s in sides:
-                res = common.run_child(child_argv(args, s, v), env)
+                res = common.run_child(child_argv(args, s, v, seed=rep), env)
                 rec = dict(res.data, side=s, variant=v, repeat=rep, ok=res.ok, wall_s=res.wall_s,
                            returncode=res.returncode)
                 runs.append(rec)
                 if res.ok:
                     print(f"{v:>5} {s:>8} #{rep + 1}: {rec['tokens_per_s']:8,.0f} tok/s  {rec['seconds']:.2f} s/call  "
                           f"mean len {rec['mean_len']:.1f}  stopped {100 * rec['stopped_frac']:.0f}%  "
-                          f"peak RSS {rec['peak_rss_mib']:,.0f} MiB  load {rec['load_avg_1m']:.1f}  [{res.wall_s:.0f}s]",
+                          f"peak RSS {rec['peak_rss_mib']:,.0f} MiB  load {rec['load_avg_1m']:.1f}  "
+                          f"[{res.wall_s:.0f}s]",
                           file=sys.stderr, flush=True)
                 else:
                     failed = True
                     print(f"{v} {s} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}", file=sys.stderr,
                           flush=True)
     tables = report(args, runs, variants, sides)
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    micro = saved.get("micro", {}) if saved else {}
+    if "alignkit" in sides and not saved:
+        res = common.run_child([str(Path(__file__).resolve()), "--child", "micro", "--workdir", str(args.workdir),
+                                "--prompts", str(args.prompts), "--group", str(args.group)], env)
+        micro = res.data if res.ok else {}
+    notes = analysis(args, runs, micro)
+    when = saved.get("when") if saved else None
+    when = when or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(tables)
+    print("\n" + notes)
     print(f"\n[total {time.perf_counter() - t0:.0f}s]", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
+    if args.json and not saved:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cmd": cmd, "when": when, "runs": runs,
+                                               "micro": micro}, indent=1, default=str))
     if args.write:
         load = [r["load_avg_1m"] for r in runs if r.get("ok")]
-        common.write_section(SECTION, section_body(args, ws, tables, when, cmd, load))
+        common.write_section(SECTION, section_body(args, ws, tables, when, cmd, load, notes))
         print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
     if tmp is not None:
         tmp.cleanup()

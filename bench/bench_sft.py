@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="runs per side and variant (alternating)")
     p.add_argument("--variants", default="padded,packed", help="comma list of: padded (main row), packed")
     p.add_argument("--sides", default="alignkit,trl", help="comma list of: alignkit, trl")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     p.add_argument("--skip-steps", type=int, default=1, help="leading steps left out of the timing")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -59,18 +59,32 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
-                   help="OMP_NUM_THREADS for both sides (default: $OMP_NUM_THREADS or all cores)")
+    p.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count()),
+                   help="OMP_NUM_THREADS for both sides (default: $OMP_NUM_THREADS or all cores); a comma list "
+                        "(e.g. 2,1) runs the whole comparison once per value")
     p.add_argument("--workdir", default=None, help="where to build the model/data (default: a temp dir)")
     p.add_argument("--write", action="store_true", help="replace the '## SFT (CPU)' section of BENCHMARKS.md")
     p.add_argument("--json", default=None, help="also write every run's raw measurements to this file")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time the pieces of a training step for both sides in one process (A/B interleaved)")
+    p.add_argument("--breakdown-batches", type=int, default=4)
+    p.add_argument("--breakdown-rounds", type=int, default=6)
+    p.add_argument("--render-json", default=None, metavar="FILE",
+                   help="re-render the tables (and with --write the section) from a --json file of an earlier "
+                        "invocation, without running anything; the recorded command and date are kept")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="run one child per side under torch.profiler and write the op tables to DIR")
     # internal: one measured run
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, default="padded", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.thread_list = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--threads: expected integers, got {args.threads!r}")
+    args.threads = args.thread_list[0]
+    return args
 
 
 # ============================================================================================
@@ -233,6 +247,276 @@ def child_trl(args) -> dict:
     return out
 
 
+# ============================================================================================
+# Breakdown: the two training steps taken apart, A/B interleaved in one process
+# ============================================================================================
+
+
+def _register_varlen_attention() -> bool:
+    """Register 'bench_varlen_sdpa' with transformers: causal SDPA per document of a packed row,
+    the boundaries given as `cu_seq_lens_q` (no mask is built for unknown implementations)."""
+    try:
+        import torch.nn.functional as F
+        from transformers import AttentionInterface
+    except ImportError:
+        return False
+
+    def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None, **kw):
+        bounds = cu_seq_lens_q.tolist()
+        outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                               scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+                for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+    import torch
+
+    AttentionInterface.register("bench_varlen_sdpa", varlen_sdpa)
+    return True
+
+
+def breakdown(args, ws: common.Workspace) -> tuple[str, dict]:
+    """Time each piece of one training step for both sides in ONE process, alternating A and B
+    round by round (A,B then B,A), on the same micro-batches, so that load from other processes
+    hits both sides alike. Reports per-micro-batch medians and the median of per-round ratios.
+
+    Pieces: the decoder forward+backward; the LM head + loss forward+backward on the decoder's
+    output (alignkit: `ops.logprobs._chunked` over the trained rows in chunks of
+    `logits_chunk_size` under checkpointing; TRL: its fused LM head, `ChunkedLogProbFunction`,
+    which on CPU scores every position); gradient clipping + AdamW (alignkit: foreach AdamW;
+    TRL: fused AdamW); the whole step as each trainer computes it; the collator."""
+    import copy
+    import statistics as st
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.data.chat import encode_messages
+    from alignkit.data.collate import IGNORE, pack_collate, pad_collate
+    from alignkit.ops import logprobs as LP
+    from alignkit.recipes.sft import sft_loss_fn
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    from trl.trainer.utils import add_fused_lm_head
+
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError:  # other TRL versions
+        ChunkedLogProbFunction = None
+
+    torch.manual_seed(0)
+    wd = Path(args.workdir)
+    tok = AutoTokenizer.from_pretrained(wd / "model")
+    rows = [json.loads(line) for line in (wd / "data.jsonl").open()]
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(rows), generator=g).tolist()  # the order both trainers use with seed 0
+    n_mb = args.breakdown_batches
+    encs = [encode_messages(tok, rows[i]["messages"]) for i in order[: n_mb * args.batch_size]]
+    packed = args.variant == "packed"
+    trl_collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=packed)
+    a_mbs, t_mbs = [], []
+    for k in range(n_mb):
+        part = encs[k * args.batch_size:(k + 1) * args.batch_size]
+        a_mbs.append(pack_collate(part) if packed else pad_collate(part, tok.pad_token_id))
+        t_mbs.append(trl_collate([{"input_ids": e.input_ids, "labels": e.labels} for e in part]))
+
+    base = AutoModelForCausalLM.from_pretrained(wd / "model", dtype=torch.float32)
+    base.config.use_cache = False
+    m_a = copy.deepcopy(base).train()
+    m_t = copy.deepcopy(base).train()
+    add_fused_lm_head(m_t, outputs=("log_probs", "entropy", "is_top1"))
+    chunk = 1024
+    loss_a = sft_loss_fn(chunk)
+
+    def params(m):
+        return [p for p in m.parameters() if p.requires_grad]
+
+    def groups(m):
+        ps = params(m)
+        return [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": 0.0},
+                {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}]
+
+    opt_a = torch.optim.AdamW(groups(m_a), lr=args.lr, betas=(0.9, 0.999), fused=False)
+    opt_t = torch.optim.AdamW(groups(m_t), lr=args.lr, betas=(0.9, 0.999), fused=True)
+
+    # --- the pieces -----------------------------------------------------------------------
+    def a_decoder(k):
+        mb = a_mbs[k]
+        dec = m_a.get_decoder()
+        h = dec(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],
+                use_cache=False).last_hidden_state
+        h.sum().backward()
+
+    def t_decoder(k):
+        mb = t_mbs[k]
+        kw = {x: mb[x] for x in ("input_ids", "attention_mask", "position_ids") if x in mb}
+        h = m_t.model(**kw, use_cache=False).last_hidden_state
+        h.sum().backward()
+
+    hid_cache = {}
+
+    def hidden_for(k):
+        if k not in hid_cache:
+            mb = a_mbs[k]
+            with torch.no_grad():
+                h = m_a.get_decoder()(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                                      position_ids=mb["position_ids"], use_cache=False).last_hidden_state
+            hid_cache[k] = h
+        return hid_cache[k]
+
+    W = base.get_output_embeddings().weight.detach().clone().requires_grad_(True)
+
+    def a_head(k, chunk_size=chunk):
+        h = hidden_for(k).detach().requires_grad_(True)
+        B, T, H = h.shape
+        tg = a_mbs[k]["targets"].reshape(-1)
+        lp, _ = LP._chunked(h.reshape(B * T, H), tg, lambda x: torch.nn.functional.linear(x, W), chunk_size, 1.0,
+                            LP.IGNORE_INDEX, False, skip_ignored=True)
+        (-lp.sum()).backward()
+
+    def t_head(k):
+        h = hidden_for(k).detach().requires_grad_(True)
+        labels = t_mbs[k]["labels"]
+        hs = h[:, :-1]
+        lab = labels[:, 1:]
+        mask = lab != -100
+        outs = ChunkedLogProbFunction.apply(hs.reshape(-1, hs.size(-1)), W, None, lab.clamp(min=0).reshape(-1), 1.0,
+                                            _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy", "is_top1"))
+        lp = outs[0].view(mask.shape).masked_fill(~mask, 0)
+        (-lp.sum()).backward()
+
+    def fill_grads(m):
+        for p in params(m):
+            if p.grad is None:
+                p.grad = torch.randn_like(p) * 1e-3
+
+    def a_optim(k):
+        fill_grads(m_a)
+        torch.nn.utils.clip_grad_norm_(params(m_a), 1.0)
+        opt_a.step()
+
+    def t_optim(k):
+        fill_grads(m_t)
+        torch.nn.utils.clip_grad_norm_(params(m_t), 1.0)
+        opt_t.step()
+
+    opt_f = torch.optim.AdamW(groups(m_a), lr=args.lr, betas=(0.9, 0.999), fused=True)
+
+    def a_optim_fused(k):
+        fill_grads(m_a)
+        torch.nn.utils.clip_grad_norm_(params(m_a), 1.0)
+        opt_f.step()
+
+    def a_step(k):
+        mb = a_mbs[k]
+        n = int((mb["targets"] != IGNORE).sum())
+        loss_sum, _ = loss_a(m_a, mb)
+        (loss_sum / n).backward()
+
+    def t_step(k):
+        mb = dict(t_mbs[k])
+        out = m_t(**mb, fused_lm_head=True, use_cache=False)
+        out.loss.backward()
+        # what SFTTrainer.compute_loss adds per micro-batch: metric reductions + .item() calls
+        n = out.label_mask.sum()
+        (out.entropy.detach().sum() / n).item()
+        (out.is_top1.sum() / n).item()
+
+    def a_collate(k):
+        part = encs[k * args.batch_size:(k + 1) * args.batch_size]
+        pack_collate(part) if packed else pad_collate(part, tok.pad_token_id)
+
+    def t_collate(k):
+        part = encs[k * args.batch_size:(k + 1) * args.batch_size]
+        trl_collate([{"input_ids": e.input_ids, "labels": e.labels} for e in part])
+
+    # What-if: the same rows packed into one sequence, attention run per document (plain causal
+    # SDPA on each document's slice, no (T x T) mask built), as a varlen kernel would.
+    m_v = copy.deepcopy(base).train()
+    varlen_ok = _register_varlen_attention()
+    if varlen_ok:
+        m_v.set_attn_implementation("bench_varlen_sdpa")
+    v_mbs = []
+    for k in range(n_mb):
+        part = encs[k * args.batch_size:(k + 1) * args.batch_size]
+        mb = pack_collate(part)
+        lens = torch.tensor([len(e.input_ids) for e in part])
+        mb["cu_seq_lens_q"] = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        v_mbs.append(mb)
+    if varlen_ok:  # sanity: equals the block-mask path
+        with torch.no_grad():
+            mb = v_mbs[0]
+            ref = m_a.get_decoder()(input_ids=mb["input_ids"], position_ids=mb["position_ids"]).last_hidden_state
+            got = m_v.get_decoder()(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
+                                    cu_seq_lens_q=mb["cu_seq_lens_q"]).last_hidden_state
+            diff = float((ref - got).abs().max())
+        print(f"  per-document attention vs block mask: max |diff| {diff:.2e}", file=sys.stderr)
+
+    def v_decoder(k):
+        mb = v_mbs[k]
+        h = m_v.get_decoder()(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
+                              cu_seq_lens_q=mb["cu_seq_lens_q"], use_cache=False).last_hidden_state
+        h.sum().backward()
+
+    def zero(m):
+        for p in m.parameters():
+            p.grad = None
+
+    pieces = [
+        ("decoder fwd+bwd", a_decoder, t_decoder),
+        ("LM head + loss fwd+bwd", a_head, t_head if ChunkedLogProbFunction else None),
+        ("clip + AdamW step", a_optim, t_optim),
+        ("whole fwd+bwd (model + loss)", a_step, t_step),
+        ("collate", a_collate, t_collate),
+        ("what-if: alignkit AdamW fused=True", a_optim_fused, t_optim),
+        ("what-if: alignkit head chunk 4096", lambda k: a_head(k, 4096), t_head if ChunkedLogProbFunction else None),
+        ("what-if: decoder on the rows packed, attention per document", v_decoder if varlen_ok else None, t_decoder),
+    ]
+    rounds = args.breakdown_rounds
+    lines = []
+    stats: dict = {"pieces": {}}
+    for name, fa, ft in pieces:
+        if ft is None or fa is None:
+            continue
+        ca, ct, ratios, wratios = [], [], [], []
+        models = {"a": m_v if fa is v_decoder else m_a, "t": m_t}
+        for r in range(rounds + 1):  # round 0 is a warm-up
+            res = {}
+            order = (("a", fa), ("t", ft)) if r % 2 else (("t", ft), ("a", fa))
+            for side, fn in order:
+                m = models[side]
+                w0, c0 = time.perf_counter(), time.process_time()
+                for k in range(n_mb):
+                    fn(k)
+                    if "AdamW" not in name:
+                        zero(m)
+                        W.grad = None
+                res[side] = ((time.perf_counter() - w0) / n_mb, (time.process_time() - c0) / n_mb)
+            if r:
+                ca.append(res["a"][1])
+                ct.append(res["t"][1])
+                ratios.append(res["t"][1] / res["a"][1])
+                wratios.append(res["t"][0] / res["a"][0])
+        stats["pieces"][name] = (1000 * st.median(ca), 1000 * st.median(ct), st.median(ratios))
+        lines.append([name, f"{1000 * st.median(ca):.0f}", f"{1000 * st.median(ct):.0f}",
+                      f"{st.median(ratios):.2f}x", f"{st.median(wratios):.2f}x"])
+        print(f"  {name}: alignkit {1000 * st.median(ca):.0f} ms, TRL {1000 * st.median(ct):.0f} ms CPU", file=sys.stderr,
+              flush=True)
+    toks = st.mean(int(mb["attention_mask"].sum()) if mb["attention_mask"] is not None else mb["input_ids"].numel()
+                   for mb in a_mbs)
+    scored_a = st.mean(int((mb["targets"] != IGNORE).sum()) for mb in a_mbs)
+    scored_t = st.mean(mb["labels"][:, 1:].numel() for mb in t_mbs)
+    head = (f"Per micro-batch ({args.variant}, batch {args.batch_size}, {toks:.0f} real tokens, "
+            f"{st.mean(mb['input_ids'].numel() for mb in a_mbs):.0f} positions incl. padding; LM-head rows: "
+            f"alignkit {scored_a:.0f} (trained tokens only), TRL {scored_t:.0f} (every position: its CPU path "
+            f"does not compact)). Process CPU time (all threads), median of {rounds} interleaved rounds x "
+            f"{n_mb} micro-batches, {torch.get_num_threads()} thread(s); the last column is the same ratio in wall time:")
+    stats.update(variant=args.variant, tokens=toks, positions=st.mean(mb["input_ids"].numel() for mb in a_mbs),
+                 scored_a=scored_a, scored_t=scored_t, chunk=chunk, threads=torch.get_num_threads(),
+                 varlen_diff=diff if varlen_ok else None)
+    return head + "\n\n" + common.markdown_table(
+        ["piece", "alignkit CPU ms", "TRL CPU ms", "TRL/alignkit (CPU)", "TRL/alignkit (wall)"], lines), stats
+
+
 def run_one_child(args) -> None:
     fn = child_alignkit if args.child == "alignkit" else child_trl
     common.child_finish(fn(args))
@@ -257,32 +541,35 @@ def fmt_ratio(a: float, b: float) -> str:
 
 
 def report(args, ws: common.Workspace, runs: list[dict], variants: list[str], sides: list[str]) -> str:
-    headers = ["variant", "side", "tokens/s median (min-max)", "trained tok/s", "peak RSS MiB (min-max)",
+    settings = [(t, v) for t in args.thread_list for v in variants]
+    label = (lambda t, v: f"{v}, {t} thr") if len(args.thread_list) > 1 else (lambda t, v: v)  # noqa: E731
+    headers = ["variant", "side", "tokens/s median (min-max)", "trained tok/s", "tokens/CPU-s", "peak RSS MiB (min-max)",
                "RSS growth in training MiB", "s/step", "loss (last 10 steps)", "runs"]
     rows = []
     ratio_rows = []
-    for v in variants:
+    for t, v in settings:
         per = {}
         for s in sides:
-            rs = [r for r in runs if r["side"] == s and r["variant"] == v and r.get("ok")]
+            rs = [r for r in runs if r["side"] == s and r["variant"] == v and r.get("threads") == t and r.get("ok")]
             per[s] = rs
             if not rs:
-                rows.append([v, s, "FAILED", "", "", "", "", "", 0])
+                rows.append([label(t, v), s, "FAILED", "", "", "", "", "", "", 0])
                 continue
             tps = [r["tokens_per_s"] for r in rs]
             rss = [r["peak_rss_mib"] for r in rs]
             grow = [r["peak_rss_mib"] - r["rss_at_train_start_mib"] for r in rs]
             loss = [r["loss_last10"] for r in rs if r.get("loss_last10") is not None]
             rows.append([
-                v, s, common.spread(tps), f"{common.med([r['trained_tokens_per_s'] for r in rs]):,.0f}",
-                common.spread(rss), f"{common.med(grow):,.0f}", f"{common.med([r['s_per_step'] for r in rs]):.3f}",
+                label(t, v), s, common.spread(tps), f"{common.med([r['trained_tokens_per_s'] for r in rs]):,.0f}",
+                f"{common.med([r['tokens_per_cpu_s'] for r in rs]):,.0f}", common.spread(rss), f"{common.med(grow):,.0f}", f"{common.med([r['s_per_step'] for r in rs]):.3f}",
                 f"{common.med(loss):.3f}" if loss else "n/a", len(rs),
             ])
         if "alignkit" in per and "trl" in per and per["alignkit"] and per["trl"]:
             a, t = per["alignkit"], per["trl"]
             ratio_rows.append([
-                v,
+                label(t, v),
                 fmt_ratio(common.med([r["tokens_per_s"] for r in a]), common.med([r["tokens_per_s"] for r in t])),
+                fmt_ratio(common.med([r["tokens_per_cpu_s"] for r in a]), common.med([r["tokens_per_cpu_s"] for r in t])),
                 fmt_ratio(common.med([r["peak_rss_mib"] for r in a]), common.med([r["peak_rss_mib"] for r in t])),
                 fmt_ratio(common.med([r["peak_rss_mib"] - r["rss_at_train_start_mib"] for r in a]),
                           common.med([r["peak_rss_mib"] - r["rss_at_train_start_mib"] for r in t])),
@@ -293,14 +580,24 @@ def report(args, ws: common.Workspace, runs: list[dict], variants: list[str], si
             ])
     table = common.markdown_table(headers, rows)
     ratios = common.markdown_table(
-        ["variant", "tokens/s alignkit/TRL", "peak RSS alignkit/TRL", "RSS growth alignkit/TRL",
+        ["variant", "tokens/s alignkit/TRL", "tokens/CPU-s alignkit/TRL", "peak RSS alignkit/TRL", "RSS growth alignkit/TRL",
          "tokens per step alignkit / TRL", "trained share alignkit / TRL"], ratio_rows) if ratio_rows else ""
     return table + ("\n\n" + ratios if ratios else "")
 
 
-def section_body(args, ws: common.Workspace, tables: str, when: str, cmd: str) -> str:
+def section_body(args, ws: common.Workspace, tables: str, when: str, cmd: str, runs: list[dict]) -> str:
     shape = ws.shape
-    return f"""Measured {when} on {common.machine()}, `OMP_NUM_THREADS={args.threads}` for both sides.
+    loads = [r["load_avg_1m"] for r in runs if r.get("ok") and "load_avg_1m" in r]
+    busy = bool(loads) and max(loads) > 1.5 * (os.cpu_count() or 1)
+    load = (f" The machine was shared: 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs "
+            f"(on {os.cpu_count()} cores), so absolute figures are depressed and noisy; compare the ratios and "
+            f"tokens per CPU-second." if busy else "")
+    if busy and max(args.thread_list) == 1 and (os.cpu_count() or 1) > 1:
+        load += (" One thread per side (not the default, all cores): on a busy machine multi-threaded OpenMP "
+                 "runs lose far more to the other jobs than single-threaded ones, and the spread swamps the "
+                 "difference being measured.")
+    thr = " and ".join(f"`OMP_NUM_THREADS={t}`" for t in args.thread_list)
+    return f"""Measured {when} on {common.machine()}, {thr} for both sides.{load}
 Versions: {common.versions("torch", "transformers", "trl", "accelerate", "alignkit")}.
 
 Command: `{cmd}`
@@ -310,9 +607,10 @@ Command: `{cmd}`
 Setup (`bench/bench_sft.py`, helpers in `bench/common.py`):
 
 - Model: random-init {shape.describe(ws.n_params)}, float32, SDPA attention, built offline.
-  The vocabulary sets the LM-head share of the work ({2 * shape.vocab * shape.hidden / 1e6:.1f} MFLOP
-  per scored token for the head vs about {2 * (ws.n_params - shape.vocab * shape.hidden) / 1e6:.1f} MFLOP
-  in the decoder), so it is the knob that most changes the outcome.
+  The vocabulary sets the LM-head share of the work (forward: {2 * shape.vocab * shape.hidden / 1e6:.1f} MFLOP
+  per projected position for the head vs about {2 * (ws.n_params - shape.vocab * shape.hidden) / 1e6:.1f} MFLOP
+  per position in the decoder's matmuls), so it is the knob that most changes the outcome: a
+  bigger vocabulary favours alignkit, which projects only the trained positions.
 - Tokenizer: byte-level BPE ({shape.vocab} entries) trained offline, ChatML template with
   `{{% generation %}}` markers around each answer and its `<|im_end|>`.
 - Data: {ws.n_rows} `messages` rows (a third with a system turn, a quarter with two exchanges),
@@ -323,8 +621,8 @@ Setup (`bench/bench_sft.py`, helpers in `bench/common.py`):
   warmup, clip 1.0, no gradient checkpointing, float32, seed 0. Loss on the assistant tokens only:
   alignkit by default; TRL with `assistant_only_loss=True` (the same token set, checked by
   decoding both masks; the "trained share" column shows the same fraction on both sides). Each side
-  uses its own AdamW implementation (alignkit: `torch.optim.AdamW` foreach; TRL: the transformers
-  default `adamw_torch_fused`).
+  uses its own AdamW implementation (alignkit: `torch.optim.AdamW` with torch's CPU default, the
+  single-tensor loop; TRL: the transformers default `adamw_torch_fused`).
 - padded: right-padded micro-batches (alignkit `packing=false`; TRL `packing=False,
   padding_free=False`). packed: the {args.batch_size} rows of a micro-batch concatenated into one
   sequence, positions restarting per document, no padding (alignkit `packing=true`; TRL
@@ -339,8 +637,95 @@ Setup (`bench/bench_sft.py`, helpers in `bench/common.py`):
   final save are not timed. "trained tok/s" counts only the tokens that carry loss.
 - peak RSS: the child's `ru_maxrss` (whole process, imports included). "RSS growth in training" =
   peak RSS minus the RSS when the first step starts (what training itself adds).
-- loss: mean training loss over the last 10 steps (a sanity check that both train the same thing).
+- tokens/CPU-s: the same tokens per second of process CPU time (all threads) over the same steps;
+  less sensitive than wall time to other load on the machine.
+- loss: mean training loss over the last 10 steps (TRL: its last logged loss, a mean over the last
+  `logging_steps=10` steps). With seed 0 both trainers draw the same permutation of the rows, so
+  they train on the same micro-batches in the same order; equal losses show that both optimise
+  the same objective on the same tokens.
 """
+
+
+BREAKDOWN_HEADING = "### Where the time goes (`--breakdown`)"
+
+
+def breakdown_reading(all_stats: list[dict]) -> str:
+    """Plain-words reading of the breakdown numbers (shares, what differs, what-ifs)."""
+    out = []
+    by = {s["variant"]: s for s in all_stats}
+    for v, s in by.items():
+        P = s["pieces"]
+        if not all(k in P for k in ("decoder fwd+bwd", "LM head + loss fwd+bwd", "clip + AdamW step")):
+            continue
+        (da, dt, dr), (ha, ht, hr), (oa, ot, _) = (P["decoder fwd+bwd"], P["LM head + loss fwd+bwd"],
+                                                   P["clip + AdamW step"])
+        sa, stt = da + ha + oa, dt + ht + ot
+        out.append(
+            f"- {v}: alignkit's step = decoder {da:.0f} + LM head/loss {ha:.0f} + clip/AdamW {oa:.0f} = {sa:.0f} ms "
+            f"CPU ({100 * da / sa:.0f}% decoder); TRL's = {dt:.0f} + {ht:.0f} + {ot:.0f} = {stt:.0f} ms "
+            f"({stt / sa:.2f}x). The decoder is the same transformers module on both sides ({1 / dr:.2f}x); the "
+            f"difference is the LM head: alignkit projects only the {s['scored_a']:.0f} trained positions "
+            f"({s['chunk']}-row chunks under checkpointing), TRL's fused head on CPU projects all "
+            f"{s['scored_t']:.0f} positions (prompt and padding included), {hr:.1f}x the time. With the "
+            f"decoder as it is, alignkit's ceiling at this model shape is {stt / (da + oa):.2f}x "
+            f"(a free LM head).")
+    if "padded" in by and "packed" in by:
+        pa, pk = by["padded"]["pieces"], by["packed"]["pieces"]
+        key = "what-if: decoder on the rows packed, attention per document"
+        if "decoder fwd+bwd" in pa and "decoder fwd+bwd" in pk:
+            line = (f"- packed vs padded: the packed decoder costs {pk['decoder fwd+bwd'][0]:.0f} ms for "
+                    f"{by['packed']['tokens']:.0f} tokens, more than the padded one ({pa['decoder fwd+bwd'][0]:.0f} ms "
+                    f"for {by['padded']['positions']:.0f} positions with padding): with `attention_mask=None` and "
+                    f"restarting `position_ids`, transformers builds a dense (T x T) block-diagonal mask and SDPA "
+                    f"computes all T x T scores of the packed row.")
+            if key in pk:
+                diff = by["packed"].get("varlen_diff")
+                line += (f" Attention per document (the what-if row: causal SDPA on each document's slice, no "
+                         f"mask; outputs equal to {diff:.0e}) costs {pk[key][0]:.0f} ms, "
+                         f"{pk['decoder fwd+bwd'][0] / pk[key][0]:.2f}x less than packed today and "
+                         f"{pa['decoder fwd+bwd'][0] / pk[key][0]:.2f}x less than padded.")
+            out.append(line)
+    for v, s in by.items():
+        P = s["pieces"]
+        if "clip + AdamW step" in P and "what-if: alignkit AdamW fused=True" in P:
+            out.append(f"- AdamW ({v}): alignkit's optimizer is `torch.optim.AdamW` with torch's CPU default (the "
+                       f"single-tensor for-loop): {P['clip + AdamW step'][0]:.0f} ms per step vs "
+                       f"{P['what-if: alignkit AdamW fused=True'][0]:.0f} ms with `fused=True` (what TRL uses).")
+            break
+    return "Reading:\n\n" + "\n".join(out) if out else ""
+
+
+def _section_text(path: Path = common.BENCHMARKS_MD) -> str:
+    """The current body of the '## SFT (CPU)' section ('' when absent)."""
+    if not path.exists():
+        return ""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip("\n") == f"## {SECTION}"), None)
+    if start is None:
+        return ""
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+    return "".join(lines[start + 1:end])
+
+
+def _split_breakdown(body: str) -> tuple[str, str]:
+    """(main part, breakdown subsection incl. its heading or '')."""
+    i = body.find(BREAKDOWN_HEADING)
+    return (body, "") if i < 0 else (body[:i], body[i:])
+
+
+def write_breakdown(text: str, when: str, cmd: str, reading: str = "") -> None:
+    """Replace the breakdown subsection of the SFT section, keeping the rest of the section."""
+    main_part, _ = _split_breakdown(_section_text())
+    sub = f"""{BREAKDOWN_HEADING}
+
+Measured {when}, command: `{cmd}`. One process, both sides' pieces timed on the same
+micro-batches, alternating which side goes first each round; process CPU time, so other load on
+the machine affects both sides alike.
+
+{text.strip()}
+""" + (f"\n{reading.strip()}\n" if reading else "")
+    main_part = main_part.strip() or "(no throughput table yet: run `python bench/bench_sft.py --write`)"
+    common.write_section(SECTION, main_part + "\n\n" + sub)
 
 
 def main() -> int:
@@ -359,6 +744,16 @@ def main() -> int:
     if args.max_tokens > args.max_length:
         raise SystemExit("--max-tokens must be <= --max-length (the packed TRL row runs with max_length=None)")
     cmd = common.command_line()
+    if args.render_json:
+        saved = json.loads(Path(args.render_json).read_text())
+        write = args.write
+        for k, val in saved["args"].items():
+            if k not in ("write", "json", "render_json", "workdir"):
+                setattr(args, k, val)
+        args.write = write
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+        cmd, when_saved = saved.get("cmd", cmd), saved.get("when")
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-sft-")
@@ -371,6 +766,36 @@ def main() -> int:
     print(f"  {shape.describe(ws.n_params)}; {ws.n_rows} rows, mean {ws.mean_tokens:.0f} tokens "
           f"({ws.mean_trained:.0f} trained) [{time.perf_counter() - t0:.1f}s]", file=sys.stderr, flush=True)
     env = common.child_env(args.threads)
+
+    if args.render_json:
+        runs = saved["runs"]
+        tables = report(args, ws, runs, variants, sides)
+        print(tables)
+        if args.write:
+            _, kept = _split_breakdown(_section_text())
+            common.write_section(SECTION, section_body(args, ws, tables, when_saved or "(unknown date)", cmd, runs)
+                                 + ("\n" + kept if kept else ""))
+            print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
+        if tmp is not None:
+            tmp.cleanup()
+        return 0
+
+    if args.breakdown:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        outs, all_stats = [], []
+        for v in variants:
+            args.variant = v
+            text, st_ = breakdown(args, ws)
+            outs.append(text)
+            all_stats.append(st_)
+        reading = breakdown_reading(all_stats)
+        print("\n\n".join(outs) + ("\n\n" + reading if reading else ""))
+        if args.write:
+            write_breakdown("\n\n".join(outs), _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), cmd, reading)
+            print(f"wrote the breakdown into the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
+        return 0
 
     if args.profile:
         out_dir = Path(args.profile)
@@ -388,32 +813,34 @@ def main() -> int:
 
     runs: list[dict] = []
     failed = False
-    for v in variants:
-        for rep in range(args.repeats):
-            for s in sides:
-                run_dir = str(Path(args.workdir) / f"run-{v}-{s}-{rep}")
-                res = common.run_child(child_argv(args, s, v, run_dir), env)
-                rec = dict(res.data, side=s, variant=v, repeat=rep, ok=res.ok, wall_s=res.wall_s,
-                           peak_rss_mib_polled=res.peak_rss_mib_polled, returncode=res.returncode)
-                runs.append(rec)
-                if res.ok:
-                    print(f"{v:>6} {s:>8} #{rep + 1}: {rec['tokens_per_s']:8,.0f} tok/s  "
-                          f"{rec['s_per_step']:.3f} s/step  peak RSS {rec['peak_rss_mib']:7,.0f} MiB "
-                          f"(polled {rec['peak_rss_mib_polled']:,.0f}, at start {rec['rss_at_train_start_mib']:,.0f})"
-                          f"  loss {rec.get('loss_last10') or float('nan'):.3f}  [{res.wall_s:.0f}s]",
-                          file=sys.stderr, flush=True)
-                else:
-                    failed = True
-                    print(f"{v} {s} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}", file=sys.stderr,
-                          flush=True)
+    schedule = [(t, v, r, s) for t in args.thread_list for v in variants for r in range(args.repeats) for s in sides]
+    for thr, v, rep, s in schedule:
+        env = common.child_env(thr)
+        run_dir = str(Path(args.workdir) / f"run-{thr}-{v}-{s}-{rep}")
+        res = common.run_child(child_argv(args, s, v, run_dir), env)
+        rec = dict(res.data, side=s, variant=v, threads=thr, repeat=rep, ok=res.ok, wall_s=res.wall_s,
+                   peak_rss_mib_polled=res.peak_rss_mib_polled, returncode=res.returncode)
+        runs.append(rec)
+        if res.ok:
+            print(f"{thr}thr {v:>6} {s:>8} #{rep + 1}: {rec['tokens_per_s']:8,.0f} tok/s  "
+                  f"{rec['s_per_step']:.3f} s/step  peak RSS {rec['peak_rss_mib']:7,.0f} MiB "
+                  f"(polled {rec['peak_rss_mib_polled']:,.0f}, at start {rec['rss_at_train_start_mib']:,.0f})"
+                  f"  loss {rec.get('loss_last10') or float('nan'):.3f}  [{res.wall_s:.0f}s]",
+                  file=sys.stderr, flush=True)
+        else:
+            failed = True
+            print(f"{v} {s} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}", file=sys.stderr,
+                  flush=True)
     tables = report(args, ws, runs, variants, sides)
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(tables)
     print(f"\n[total {time.perf_counter() - t0:.0f}s]", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "cmd": cmd, "when": when,
+                                               "machine": common.machine()}, indent=1, default=str))
     if args.write:
-        common.write_section(SECTION, section_body(args, ws, tables, when, cmd))
+        _, kept = _split_breakdown(_section_text())  # a breakdown written by --breakdown --write stays
+        common.write_section(SECTION, section_body(args, ws, tables, when, cmd, runs) + ("\n" + kept if kept else ""))
         print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
     if tmp is not None:
         tmp.cleanup()

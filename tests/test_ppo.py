@@ -194,8 +194,8 @@ def test_critic_from_policy_starts_at_zero_and_from_reward_model_reads_its_score
     torch.nn.init.normal_(rm_model.score.weight, std=0.5)
     rm_dir = tmp_path / "rm"
     RewardModel(rm_model, tok).save_pretrained(rm_dir)
-    assert _reward_model_path(str(rm_dir)) == str(rm_dir)
-    assert _reward_model_path("toy") is None
+    assert _reward_model_path(PPOConfig(model="x", reward=str(rm_dir)).reward) == str(rm_dir)  # critic_init=auto
+    assert _reward_model_path(PPOConfig(model="x", reward="toy").reward) is None
     rm = RewardModel.from_pretrained(rm_dir)
     crit = load_value_model("reward", str(rm_dir), tok)
     with torch.no_grad():
@@ -203,6 +203,15 @@ def test_critic_from_policy_starts_at_zero_and_from_reward_model_reads_its_score
         want = rm.rewards(t["input_ids"], t["attention_mask"], t["position_ids"])
     last = t["attention_mask"].sum(-1) - 1
     torch.testing.assert_close(v[torch.arange(3), last], want, rtol=1e-5, atol=1e-5)
+    # end to end: reward=RM folder scores the answers and (critic_init=auto) initialises the critic, whose
+    # first values are then the RM's scores of the prefixes, not the zeros of a policy-initialised critic
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i} + {i}"} for i in range(8)])
+    for reward, nonzero in ((str(rm_dir), True), ("toy", False)):
+        out = tmp_path / f"run-{nonzero}"
+        train_ppo(PPOConfig(model=str(tiny_model_dir), data=str(prompts), output_dir=str(out), reward=reward,
+                            max_steps=1, batch_size=4, max_new_tokens=4, ppo_epochs=1, progress=False, log_every=1,
+                            save_critic=False), reward_fn=None if nonzero else digits)
+        assert (abs(metrics(out)[0]["values_mean"]) > 1e-4) == nonzero
 
 
 def test_critic_loss_is_normalised_over_the_global_batch(tiny_model_dir):

@@ -367,7 +367,8 @@ def test_resume_is_exact_and_restores_the_head(tiny_model_dir, tmp_path):
     train_rm(full)
     step3 = next((tmp_path / "full" / "checkpoints").glob("step-*3"))
     train_rm(full.model_copy(update={"output_dir": str(tmp_path / "part"), "resume": str(step3)}))
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "part" / "model.safetensors"))
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model.safetensors"))
     assert a.keys() == b.keys() and "score.weight" in a
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -433,18 +434,23 @@ def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, rows,
     assert not out.exists()
 
 
-def test_shared_prompt_pass_equals_full_sequences(tiny_model_dir, tok, tmp_path):
-    """The prompt run once with both responses on its cache: same rewards, loss and gradients."""
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_pass_equals_full_sequences(tiny_model_dir, tok, tmp_path, attn):
+    """One row per pair [prompt | y_w | y_l] with the response-isolating mask: the same rewards,
+    loss and gradients as the 2B full sequences."""
+    from alignkit.models.reward import shared_prompt_mask, shared_prompt_unsupported
     from alignkit.recipes.rm import shared_prompt_agrees, shared_prompt_collate
 
     rows = [dict(r, margin=float(i % 2)) for i, r in enumerate(text_pairs(6, seed=3))]
     pairs, _ = load_pairs(str(write_jsonl(tmp_path / "p.jsonl", rows)), "train", tok, 128)
     torch.manual_seed(0)
     model, _ = load_reward_backbone(str(tiny_model_dir), RewardSpec())
+    model.set_attn_implementation(attn)
+    assert shared_prompt_unsupported(model) is None
     full, shared = pair_collate(pairs, tok.pad_token_id), shared_prompt_collate(pairs, tok.pad_token_id)
-    assert shared["prompt_ids"].shape[0] == 6 and shared["cont_ids"].shape[0] == 12
+    assert shared["input_ids"].shape[0] == 6 and full["input_ids"].shape[0] == 12
     assert shared["n_tokens"] == int(full["attention_mask"].sum())
-    assert int(shared["prompt_mask"].sum()) > 6 * 5  # the prompts really are shared, not one token each
+    assert int((shared["segments"] == 0).sum()) > 6 * 5  # the prompts really are shared
     out = {}
     for name, b in (("full", full), ("shared", shared)):
         model.zero_grad()
@@ -457,3 +463,14 @@ def test_shared_prompt_pass_equals_full_sequences(tiny_model_dir, tok, tmp_path)
     for k, g in out["full"][2].items():
         assert torch.allclose(g, out["shared"][2][k], atol=1e-5, rtol=1e-4), k
     assert shared_prompt_agrees(model, pairs, tok.pad_token_id)[0]
+    model.config.sliding_window = 64  # a custom mask would bypass the window: not used then
+    assert "sliding-window" in shared_prompt_unsupported(model)
+    # the mask itself, for a row [p p | w w | l | pad]
+    seg = torch.tensor([[0, 0, 1, 1, 2, 3]])
+    m = shared_prompt_mask(seg, "sdpa", torch.float32)[0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0, 0],
+                 [1, 1, 1, 0, 0, 0],
+                 [1, 1, 1, 1, 0, 0],
+                 [1, 1, 0, 0, 1, 0],
+                 [0, 0, 0, 0, 0, 1]]

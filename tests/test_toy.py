@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -68,9 +69,15 @@ def test_row_shapes():
     assert p["prompt"] == s["messages"][:1] and p["answer"] == s["messages"][1]["content"] and p["total"] == s["total"]
     pt = world.prompt_rows(5, seed=0, as_text=True)[0]
     assert pt["prompt"] == s["messages"][0]["content"]
-    text = world.pretrain_texts(50, seed=0)
-    assert all(isinstance(r["text"], str) and r["text"] for r in text)
-    assert not any("<|" in r["text"] or world.INSTRUCTION in r["text"] for r in text)  # never the chat format
+    text = [r["text"] for r in world.pretrain_texts(50, seed=0)]
+    assert all(isinstance(t, str) and len(t) >= 340 for t in text)
+    # never the chat format, the instruction, or the exact answer line: that is what SFT teaches
+    assert not any("<|" in t or world.INSTRUCTION in t or re.search(r"Итого: \d+ рублей\.", t) for t in text)
+    # but totals, running sums and addition facts, all arithmetically right
+    for t in text:
+        for terms, result in re.findall(r"((?:\d+ \+ )+\d+) = (\d+)", t):
+            assert sum(int(x) for x in terms.split(" + ")) == int(result)
+    assert any("Всего" in t for t in text) and any(" + " in t for t in text)
 
 
 def test_preference_pairs():

@@ -192,7 +192,8 @@ def _parse_value(raw: str, ann: Any) -> Any:
         return raw
     if raw.strip().lower() in ("null", "none", "~"):
         return None
-    if [a for a in typing.get_args(ann) if a is not type(None)] == [str]:
+    if typing.get_origin(ann) in (Union, types.UnionType) and [a for a in typing.get_args(ann)
+                                                              if a is not type(None)] == [str]:
         return raw  # `str | None`: text such as 'Answer:' must not turn into a YAML mapping
     try:
         val = yaml.safe_load(raw)
@@ -643,9 +644,10 @@ class RMConfig(TrainConfig):
         "before cutting the responses (default max_length // 2)"
     )
     share_prompt: bool = Field(
-        True, description="Run a pair's prompt once and let both responses attend to its cached keys/values "
-        "(same rewards and gradients as full sequences, fewer tokens); off, or gradient_checkpointing: one pass "
-        "over the 2 x batch_size full sequences"
+        True, description="One row per pair, [prompt | chosen | rejected], with an attention mask that lets each "
+        "response see the prompt and itself only: the prompt is computed once, with the same rewards and gradients "
+        "as two full sequences. false: the 2 x batch_size full sequences (also used where the model's attention "
+        "cannot take such a mask)"
     )
 
 

@@ -50,6 +50,8 @@ __all__ = [
     "last_token_index",
     "sequence_logits",
     "shared_prompt_logits",
+    "shared_prompt_mask",
+    "shared_prompt_unsupported",
     "pair_batch_logits",
     "rewards_from_logits",
     "score_probs",
@@ -76,6 +78,7 @@ class RewardSpec:
     temperature: float = 1.0  # divides the logits of a distributional head (fitted on held-out pairs)
     reward_stat: str = "mean"  # statistic of the score distribution handed out as the reward
     max_length: int | None = None  # longest scored sequence (prompt + response), as in training
+    max_prompt_length: int | None = None  # prompt tokens kept when cutting (default max_length // 2), as in training
 
     def __post_init__(self) -> None:
         if self.kind not in REWARD_KINDS:
@@ -238,44 +241,77 @@ def sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return head(h_last).float()
 
 
-def shared_prompt_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cont_ids: torch.Tensor,
-                         cont_mask: torch.Tensor) -> torch.Tensor:
-    """(2B, K) head outputs of B pairs whose two responses share a prompt, the prompt run once.
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask as is
 
-    prompt_ids/prompt_mask: (B, P) right-padded prompts. cont_ids/cont_mask: (2B, R) right-padded
-    responses, interleaved: row 2b is pair b's chosen response, row 2b + 1 its rejected one; each
-    has at least one token. The prompts go through the decoder once (B rows, keys/values kept);
-    the cache is repeated per response and the 2B responses go through in one pass, attending to
-    their prompt's cached keys/values (prompt padding masked) at positions that continue the
-    prompt. Every real token sees exactly the tokens it sees in a full (prompt + response) pass,
-    so rewards and gradients equal the one-pass computation up to float rounding, for roughly
-    (P + 2R) instead of 2(P + R) token positions. Output rows: the B chosen, then the B rejected
-    (the order of `pair_collate`)."""
-    from transformers import DynamicCache
 
+def shared_prompt_unsupported(model) -> str | None:
+    """Why `shared_prompt_logits` cannot run on this model (None: it can). It needs an attention
+    implementation that applies a custom (B, 1, T, T) mask as given, and no sliding-window or
+    chunked attention (a custom mask replaces the model's own per-layer masks)."""
+    decoder, _ = reward_parts(model)
+    config = decoder.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in SHARED_PROMPT_ATTENTION:
+        return f"attention implementation {impl!r} (needs {' or '.join(SHARED_PROMPT_ATTENTION)})"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(text, "attention_chunk_size", None):
+        return "chunked attention"
+    return None
+
+
+def shared_prompt_mask(segments: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) attention mask of pair rows [prompt | chosen | rejected | padding].
+
+    segments (B, T): 0 prompt, 1 chosen response, 2 rejected response, 3 padding. Query t may see
+    key s <= t when s is a prompt token or in t's own segment: the prompt is causal, each response
+    sees the prompt and its own earlier tokens, never the other response. A padding query sees only
+    itself (a row with no visible key would give NaN). sdpa: boolean (True = attend); eager: additive
+    float (0 or the dtype's minimum)."""
+    B, T = segments.shape
+    ar = torch.arange(T, device=segments.device)
+    causal = ar[:, None] >= ar[None, :]
+    sq, sk = segments[:, :, None], segments[:, None, :]
+    allowed = causal[None] & ((sk == 0) | (sk == sq)) & (sq != 3)
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=segments.device)[None]
+    allowed = allowed[:, None]
+    if impl == "sdpa":
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=segments.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def shared_prompt_logits(model, input_ids: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor,
+                         last_index: torch.Tensor) -> torch.Tensor:
+    """(2B, K) head outputs of B pairs, each pair one row: its prompt once, then both responses.
+
+    input_ids (B, T): [prompt | chosen response | rejected response | padding]; segments (B, T):
+    0 / 1 / 2 / 3 for those parts; position_ids (B, T): both responses continue the prompt (the
+    rejected one restarts where the chosen one started); last_index (B, 2): the last token of
+    each response. With the mask of `shared_prompt_mask`, every real token sees exactly the
+    tokens it sees in a full (prompt + response) sequence at the same positions, so rewards and
+    gradients equal the two-row computation up to float rounding, for P + R_w + R_l instead of
+    2P + R_w + R_l token positions per pair, in one forward pass of B rows. Output rows: the B
+    chosen, then the B rejected (the order of `pair_collate`)."""
     decoder, head = reward_parts(model)
-    B = prompt_ids.shape[0]
-    cache = DynamicCache(config=decoder.config)
-    p_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=p_pos, past_key_values=cache,
-            use_cache=True)
-    cache.batch_repeat_interleave(2)
-    plen = prompt_mask.sum(-1).repeat_interleave(2)
-    c_pos = plen[:, None] + torch.arange(cont_ids.shape[1], device=cont_ids.device)[None]
-    mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), cont_mask], dim=1)
-    out = decoder(input_ids=cont_ids, attention_mask=mask, position_ids=c_pos, past_key_values=cache, use_cache=True)
+    impl = getattr(decoder.config, "_attn_implementation", None) or "eager"
+    dtype = next(decoder.parameters()).dtype
+    mask = shared_prompt_mask(segments, impl, dtype if dtype.is_floating_point else torch.float32)
+    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    idx = last_token_index(cont_mask)
-    logits = head(hidden[torch.arange(2 * B, device=hidden.device), idx]).float()
-    return torch.cat([logits[0::2], logits[1::2]])
+    rows = torch.arange(input_ids.shape[0], device=hidden.device)
+    h = torch.cat([hidden[rows, last_index[:, 0]], hidden[rows, last_index[:, 1]]])
+    return head(h).float()
 
 
 def pair_batch_logits(model, batch: dict) -> torch.Tensor:
     """(2B, K) head outputs (B chosen rows, then B rejected) of a pair batch in either layout:
-    shared prompt (`prompt_ids`, ...) or full sequences (`input_ids`, 2B rows, one pass)."""
-    if "prompt_ids" in batch:
-        return shared_prompt_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch["cont_ids"],
-                                    batch["cont_mask"])
+    one row per pair with the prompt shared (`segments` present, see `shared_prompt_logits`) or
+    2B full sequences (`pair_collate`). Either way one forward pass."""
+    if "segments" in batch:
+        return shared_prompt_logits(model, batch["input_ids"], batch["segments"], batch["position_ids"],
+                                    batch["last_index"])
     return sequence_logits(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
 
 
@@ -484,7 +520,8 @@ class RewardModel(torch.nn.Module):
         max_len = self.spec.max_length
         if max_len and len(enc) > max_len:
             plen = next((i for i, x in enumerate(enc.labels) if x != -100), len(enc))
-            fitted = _fit_pair(enc, enc, plen, max_len, max_len // 2, "truncate", EncodeStats())
+            fitted = _fit_pair(enc, enc, plen, max_len, self.spec.max_prompt_length or max_len // 2, "truncate",
+                               EncodeStats())
             return fitted[0].input_ids if fitted is not None else enc.input_ids[-max_len:]
         return enc.input_ids
 

@@ -66,7 +66,8 @@ class ValueHead(torch.nn.Module):
             self.linear.bias.fill_(float(bias))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 even under bf16 autocast
+            return self.linear(hidden.float()).squeeze(-1)
 
 
 def _last_hidden(decoder, input_ids, attention_mask, position_ids) -> torch.Tensor:

@@ -229,11 +229,14 @@ def _reward_model_path(reward) -> str | None:
     from alignkit.config import RewardSection
     from alignkit.models.value import is_reward_model_folder
 
-    if not isinstance(reward, (str, list, tuple, dict)):
-        return None
-    try:
-        sec = RewardSection.model_validate(reward)
-    except Exception:
+    if isinstance(reward, RewardSection):
+        sec = reward
+    elif isinstance(reward, (str, list, tuple, dict)):
+        try:
+            sec = RewardSection.model_validate(reward)
+        except Exception:
+            return None
+    else:
         return None
     paths = [t.source for t in sec.terms if is_reward_model_folder(t.source)]
     return paths[0] if len(paths) == 1 else None
@@ -277,6 +280,15 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
         pconf = build_peft_config(cfg.peft, policy.get_base_model(), cfg)
         policy.add_adapter(CRITIC_ADAPTER, pconf)
         policy.set_adapter("default")
+        # The trainer's checkpoints and final folder hold the policy's adapter only (peft would also write
+        # every other adapter into a subfolder); the critic travels in the trainer state and output_dir/critic.
+        save_all = policy.save_pretrained
+
+        def save_policy_adapter(save_directory, **kwargs):
+            kwargs.setdefault("selected_adapters", ["default"])
+            return save_all(save_directory, **kwargs)
+
+        policy.save_pretrained = save_policy_adapter
         from alignkit.models.value import _hidden_size
 
         critic = AdapterValueModel(policy, ValueHead(_hidden_size(policy.get_base_model())))

@@ -23,12 +23,12 @@ Distributional (K = `num_scores` score classes):
 The reward handed out is the expected score E[s] = sum_i i p_i (or `reward_stat`). After each
 evaluation a temperature T (logits / T) is fitted on the held-out pairs and stored with the model.
 
-The chosen and rejected sides of a micro-batch go through the network together. With
-`share_prompt` (default) each pair's prompt is run once and both responses, all 2B of them in one
-pass, attend to its cached keys/values: the same rewards and gradients as full sequences, for
-fewer token positions. Without it, one pass over 2B full rows (B chosen, then B rejected). A
-step's loss is the sum over the pairs of the global batch divided by their number (units =
-pairs; see `alignkit.training.trainer`).
+The chosen and rejected sides of a micro-batch go through the network in one forward pass. With
+`share_prompt` (default) each pair is one row, [prompt | y_w | y_l], whose attention mask lets each
+response see the prompt and itself only, at positions that continue the prompt: the prompt is
+computed once, and the rewards and gradients are those of two full sequences. Without it, 2B
+full rows (B chosen, then B rejected). A step's loss is the sum over the pairs of the global batch
+divided by their number (units = pairs; see `alignkit.training.trainer`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from alignkit.models.reward import (
     is_adapter_model,
     load_reward_backbone,
     pair_batch_logits,
+    shared_prompt_unsupported,
     preference_nll,
     preference_probability,
     reward_parts,
@@ -192,34 +193,33 @@ def evaluate_pairs(chosen: torch.Tensor, rejected: torch.Tensor, spec: RewardSpe
 # ---------------------------------------------------------------------------------------- data + model
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, x in enumerate(seqs):
-        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
-    return ids, mask
-
-
 def shared_prompt_collate(pairs: list, pad_id: int) -> dict | None:
-    """A batch for `shared_prompt_logits`: the B prompts (right-padded) and the 2B responses
-    (chosen / rejected interleaved, right-padded). A pair's prompt is its shared leading tokens,
-    shortened if needed so that each response keeps at least one token. None when some pair has
-    no shared prompt token (then use `pair_collate`)."""
-    prompts, conts, n_tokens = [], [], 0
+    """One row per pair: [prompt | chosen response | rejected response], right-padded, for
+    `shared_prompt_logits`. A pair's prompt is its shared leading tokens, shortened if needed so
+    that each response keeps at least one token. None when some pair has no shared token (then
+    use `pair_collate`)."""
+    rows, segs, poss, last, n_tokens = [], [], [], [], 0
     for p in pairs:
         c, r = p.chosen.input_ids, p.rejected.input_ids
         k = min(p.prompt_len, len(c) - 1, len(r) - 1)
         if k < 1:
             return None
-        prompts.append(c[:k])
-        conts += [c[k:], r[k:]]
+        rows.append(c + r[k:])
+        segs.append([0] * k + [1] * (len(c) - k) + [2] * (len(r) - k))
+        poss.append(list(range(len(c))) + list(range(k, len(r))))
+        last.append((len(c) - 1, len(c) + len(r) - k - 1))
         n_tokens += len(c) + len(r)
-    p_ids, p_mask = _pad(prompts, pad_id)
-    c_ids, c_mask = _pad(conts, pad_id)
-    batch = {"prompt_ids": p_ids, "prompt_mask": p_mask, "cont_ids": c_ids, "cont_mask": c_mask,
-             "n_pairs": len(pairs), "n_tokens": n_tokens}
+    B, T = len(rows), max(len(x) for x in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    seg = torch.full((B, T), 3, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for i in range(B):
+        n = len(rows[i])
+        ids[i, :n] = torch.tensor(rows[i], dtype=torch.long)
+        seg[i, :n] = torch.tensor(segs[i], dtype=torch.long)
+        pos[i, :n] = torch.tensor(poss[i], dtype=torch.long)
+    batch = {"input_ids": ids, "segments": seg, "position_ids": pos, "last_index": torch.tensor(last),
+             "n_pairs": B, "n_tokens": n_tokens}
     if any(p.margin is not None for p in pairs):
         batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
     return batch
@@ -312,7 +312,7 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
     dist = init_distributed()
     seed_everything(cfg.seed)
     spec = RewardSpec(kind=cfg.kind, num_scores=1 if cfg.kind == "scalar" else cfg.num_scores,
-                      reward_stat=cfg.reward_stat, max_length=cfg.max_length)
+                      reward_stat=cfg.reward_stat, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     tok = tokenizer or load_tokenizer(cfg.model)
     setup_chat_template(tok, cfg.chat_template)
 
@@ -346,12 +346,15 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
         trainer.load_checkpoint(resume)
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    share = cfg.share_prompt and not cfg.gradient_checkpointing
+    share = cfg.share_prompt
     if share:
-        share, gap = shared_prompt_agrees(trainer.model, pairs, pad_id)
-        if not share:
-            trainer.info(f"share_prompt: the shared-prompt pass differs from a full pass on this model (gap {gap:.3g}); "
-                         "using full sequences")
+        why = shared_prompt_unsupported(trainer.model)
+        if why is None:
+            share, gap = shared_prompt_agrees(trainer.model, pairs, pad_id)
+            why = None if share else f"it differs from full sequences on this model (gap {gap:.3g})"
+        if why is not None:
+            share = False
+            trainer.info(f"share_prompt: off ({why}); each side goes through as a full sequence")
 
     def collate(batch_pairs):
         return (shared_prompt_collate(batch_pairs, pad_id) if share else None) or pair_collate(batch_pairs, pad_id)

@@ -109,7 +109,7 @@ def tokenizer_corpus(seed: int = 0, n: int = 4000, difficulty=None) -> list[str]
     train split, and the wrong-format answers (so every phrase the world uses has merges)."""
     from alignkit.toy import world
 
-    texts = [r["text"] for r in world.pretrain_texts(n, seed=seed, difficulty=difficulty)]
+    texts = [r["text"] for r in world.pretrain_texts(max(1, n // 4), seed=seed, difficulty=difficulty)]
     for t in world.tasks(n // 4, seed=seed, difficulty=difficulty):
         texts.append(t["prompt"])
         texts.append(t["answer"])

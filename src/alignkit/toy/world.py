@@ -18,7 +18,7 @@ Held-out split
 --------------
 Train and eval sets never share a task. Two mechanisms:
 
-* every split draws from its own seed stream (``alignkit-toy/<split>/<seed>``), and
+* every split draws from its own seed stream (``alignkit-toy/tasks/<split>/<seed>``), and
 * every possible task is assigned to exactly one split by a hash of its content (the sorted
   (name, value) pairs): a task whose hash falls in the eval bucket (1 in 8) is never emitted
   by a train generator, and an eval generator emits only such tasks. So no train set, for any
@@ -64,8 +64,8 @@ class Difficulty:
 
     min_items: int = 2
     max_items: int = 3
-    min_value: int = 10
-    max_value: int = 300
+    min_value: int = 5
+    max_value: int = 95
     step: int = 5
 
     def __post_init__(self) -> None:
@@ -83,11 +83,12 @@ class Difficulty:
         return lo, hi
 
 
-# Presets. "default" is the calibrated one (see docs/toy.md): after a short SFT the tiny base
-# model gets the format right almost always and the total right only part of the time.
+# Presets, calibrated on the default toy base model (docs/toy.md): after a 300-step SFT it gets
+# the format right almost always and the total right only part of the time -- about 0.3 of
+# held-out prompts on "default", 0.55 on "easy"; "hard" is beyond it (room for bigger models).
 DIFFICULTIES: dict[str, Difficulty] = {
-    "easy": Difficulty(min_items=2, max_items=2, min_value=10, max_value=90, step=10),
-    "default": Difficulty(min_items=2, max_items=3, min_value=10, max_value=300, step=5),
+    "easy": Difficulty(min_items=2, max_items=4, min_value=10, max_value=90, step=10),
+    "default": Difficulty(min_items=2, max_items=3, min_value=5, max_value=95, step=5),
     "hard": Difficulty(min_items=3, max_items=5, min_value=10, max_value=990, step=5),
 }
 
@@ -346,9 +347,11 @@ _HEADERS = (
     "Расходы за день:", "Список покупок:", "Траты за неделю:", "Мои расходы:", "Чек:",
     "Покупки в магазине:", "Расходы:", "Бюджет на сегодня:", "Что купили:", "Затраты:",
 )
+# Deliberately never the exact answer line `Итого: <total> рублей.`: the base model knows
+# totals in many phrasings, SFT teaches the one the reward asks for.
 _TOTAL_LINES = (
-    "Итого: {t} рублей.", "Всего: {t} рублей.", "Сумма: {t} руб.", "Общая сумма: {t} рублей.",
-    "Всего потрачено {t} рублей.", "Итого {t} руб.", "Вместе получается {t} рублей.",
+    "Итого {t} рублей.", "Всего: {t} рублей.", "Сумма: {t} руб.", "Общая сумма: {t} рублей.",
+    "Всего потрачено {t} рублей.", "Итого: {t} руб.", "Вместе получается {t} рублей.", "Итого: {t}",
 )
 
 
@@ -364,7 +367,7 @@ def _doc_inline(t: dict, rng: random.Random) -> str:
     parts = ", ".join(f"{n.lower()} {v}" for n, v in t["items"])
     return rng.choice((
         f"Сегодня потратил: {parts}. Всего {t['total']} рублей.",
-        f"Купили: {parts}. Итого: {t['total']} рублей.",
+        f"Купили: {parts}. Итого {t['total']} руб.",
         f"Расходы: {parts}. Сумма: {t['total']} руб.",
     ))
 
@@ -386,7 +389,7 @@ def _doc_running(t: dict, rng: random.Random) -> str:
 def _doc_equation(t: dict, rng: random.Random) -> str:
     vals = [v for _, v in t["items"]]
     eq = " + ".join(str(v) for v in vals) + f" = {t['total']}"
-    return rng.choice((eq, f"Считаем: {eq}.", f"{eq}\nИтого: {t['total']} рублей."))
+    return rng.choice((eq, f"Считаем: {eq}.", f"{eq}\nВсего: {t['total']} рублей."))
 
 
 def _doc_facts(t: dict, rng: random.Random, d: Difficulty) -> str:
@@ -409,20 +412,30 @@ PRETRAIN_MIX = (
 
 
 def pretrain_texts(n: int, seed: int = 0, difficulty: str | Difficulty | None = None,
-                   split: str = "train") -> list[dict]:
+                   split: str = "train", doc_chars: int = 340) -> list[dict]:
     """Plain-text documents for pretraining the base model: {"text": ...}.
 
-    Each document is one of: a titled list with a total line, an inline list, a list with
-    running sums, an addition equation, or a few addition facts."""
+    A document is sections separated by a blank line, added until it is at least `doc_chars`
+    characters long (about 250 tokens of the toy tokenizer for 340), so documents have nearly
+    equal lengths and batch with little padding. Each section is one of: a titled list with a
+    total line, an inline list, a list with running sums, an addition equation, or a few
+    addition facts (weights: PRETRAIN_MIX)."""
     d = get_difficulty(difficulty)
+    if doc_chars < 1:
+        raise ValueError(f"doc_chars must be >= 1, got {doc_chars}")
     rng = _stream("pretrain-style", split, seed)
     it = iter_tasks(seed, split, d, stream="pretrain")
     kinds, weights = zip(*PRETRAIN_MIX)
     out = []
     for _ in range(n):
-        t = next(it)
-        f = rng.choices(kinds, weights)[0]
-        out.append({"text": f(t, rng, d) if f is _doc_facts else f(t, rng)})
+        parts: list[str] = []
+        size = -2  # length of "\n\n".join(parts)
+        while size < doc_chars:
+            f = rng.choices(kinds, weights)[0]
+            t = next(it)
+            parts.append(f(t, rng, d) if f is _doc_facts else f(t, rng))
+            size += len(parts[-1]) + 2
+        out.append({"text": "\n\n".join(parts)})
     return out
 
 

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="where to build the model/prompts (default: a temp dir)")
     p.add_argument("--write", action="store_true", help=f"replace the '## {SECTION}' section of BENCHMARKS.md")
     p.add_argument("--json", default=None, help="also write every run's raw measurements to this file")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="measure nothing: print (and with --write, write) the tables of an earlier --json file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="run one child per side and variant under torch.profiler (timed steps); tables go to DIR")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -364,6 +366,9 @@ def settings_table(args) -> str:
          "`generation_batch_size=64` (all prompts of a step prefilled together)",
          f"`max_completion_length={args.max_new_tokens}`, `temperature=1`, `top_p=1`, `top_k=0`, `use_vllm=False` "
          "(one `model.generate` per step on the prompts repeated G times)"],
+        ["micro-batches", f"{args.grad_accum} of {bs} whole groups each, in prompt order",
+         f"`steps_per_generation={args.grad_accum}` (derived): one generation per optimizer step, the generated "
+         f"batch shuffled and split into {args.grad_accum} micro-batches"],
         ["stop set", "rollout engine `stop_token_ids`", "`model.generation_config.eos_token_id`"],
         ["optimizer", f"AdamW lr {args.lr:g}, betas 0.9/0.999, no weight decay, `schedule=constant`, no warmup, "
          "clip 1.0", f"`learning_rate={args.lr:g}`, `lr_scheduler_type=constant`, `warmup_steps=0`, "
@@ -379,6 +384,9 @@ def settings_table(args) -> str:
          f"`beta={args.rloo_beta:g}` (k1 summed per sequence, in the reward), `normalize_advantages=False`, "
          "`num_iterations=1`, clipped sequence ratio (= 1 at μ = 1), mean over sequences"],
         ["reward", "`reward_fn=` a Python function (same `score_text`)", "`reward_funcs=[...]` the same function"],
+        ["logging, saving", "`log_every=10`, no eval, no samples file, final save after the timed steps",
+         "`logging_steps=1` (the benchmark reads the reward from the logs), `save_strategy=no`, "
+         "`log_completions=False`, `report_to=none`"],
     ]
     return common.markdown_table(["setting", "alignkit", "TRL"], rows)
 
@@ -546,6 +554,7 @@ def main() -> int:
         fn = child_alignkit if args.child == "alignkit" else child_trl
         common.child_finish(fn(args))
         return 0
+    saved = br.load_saved(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     for v in variants:
@@ -554,7 +563,7 @@ def main() -> int:
     for s in sides:
         if s not in SIDES:
             raise SystemExit(f"--sides: unknown {s!r}; use {', '.join(SIDES)}")
-    cmd = common.command_line()
+    cmd = saved.get("cmd", common.command_line()) if saved else common.command_line()
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-grpo-")
@@ -582,9 +591,9 @@ def main() -> int:
                     print(res.log_tail, file=sys.stderr)
         return 0
 
-    runs: list[dict] = []
+    runs: list[dict] = saved["runs"] if saved else []
     failed = False
-    for v in variants:
+    for v in variants if not saved else []:
         for rep in range(args.repeats):
             for s in sides:
                 run_dir = str(Path(args.workdir) / f"run-{v}-{s}-{rep}")
@@ -603,12 +612,13 @@ def main() -> int:
                           flush=True)
     tables = report(args, runs, variants, sides)
     notes = analysis(args, runs, variants) if len(sides) == 2 else ""
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    when = (saved.get("when") if saved else None) or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(tables)
     print("\n" + notes)
     print(f"\n[total {time.perf_counter() - t0:.0f}s]", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
+    if args.json and not saved:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cmd": cmd, "when": when, "runs": runs}, indent=1,
+                                              default=str))
     if args.write:
         load = [r["load_avg_1m"] for r in runs if r.get("ok")]
         common.write_section(SECTION, section_body(args, ws, tables, when, cmd, load, notes))

@@ -42,7 +42,9 @@ class DemoConfig(Section):
         "quick", description=f"quick: one seed, about {QUICK_MINUTES} minutes on 2 CPU cores; full: 3 seeds, longer "
         "runs")
     seeds: list[int] | None = Field(None, description="Seeds of the method runs (default: [0] quick, [0, 1, 2] full)")
-    methods: list[str] | None = Field(None, description="Methods to run (default: all); see `alignkit demo --help`")
+    methods: list[str] | None = Field(
+        None, description="Methods to run after SFT (default: all): rm, dpo, dpo_lora, reinforce, rloo, grpo, rs, ppo, "
+        "online_dpo; [] runs base and SFT only")
     n_eval: int = Field(200, ge=1, description="Held-out prompts for evaluation")
     preset: str = Field("default", description="Toy base-model preset (default, or tiny for a fast smoke run)")
     difficulty: str = Field("default", description="Toy task difficulty preset")
@@ -113,7 +115,9 @@ class Pipeline:
         self.run = Path(cfg.output_dir)
         self.run.mkdir(parents=True, exist_ok=True)
         self.seeds = cfg.seeds or ([0] if cfg.mode == "quick" else [0, 1, 2])
-        self.methods = [METHODS[m] for m in (cfg.methods or list(METHODS))]
+        chosen = list(METHODS) + ["rm"] if cfg.methods is None else cfg.methods
+        self.with_rm = "rm" in chosen
+        self.methods = [METHODS[m] for m in chosen if m != "rm"]
         self.results_path = self.run / "results.json"
         self.results: dict = json.loads(self.results_path.read_text()) if cfg.reuse and self.results_path.exists() \
             else {"runs": {}}
@@ -240,7 +244,7 @@ class Pipeline:
                 rec["eval"] = self.evaluate(str(sft_dir), base)
                 self.record("sft", rec)
             self.stage("reward models")
-            if not self.done("rm_scalar") or not self.done("rm_distributional"):
+            if self.with_rm and (not self.done("rm_scalar") or not self.done("rm_distributional")):
                 for kind in ("scalar", "distributional"):
                     out = self.run / f"rm_{kind}"
                     rec = self.run_command(f"rm_{kind}", "rm", out, dict(
@@ -317,7 +321,7 @@ def _last_eval(out: Path) -> dict:
 def run_demo(cfg: DemoConfig) -> dict:
     from alignkit.errors import UserError
 
-    unknown = [m for m in (cfg.methods or []) if m not in METHODS]
+    unknown = [m for m in (cfg.methods or []) if m not in METHODS and m != "rm"]
     if unknown:
         raise UserError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     return Pipeline(cfg).go()

@@ -145,14 +145,14 @@ def demo_stage(run_dir: Path, sft_model: str, seed: int, quick: bool) -> dict:
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     train_p, eval_p = data_dir / "odpo_prompts.jsonl", data_dir / "odpo_eval_prompts.jsonl"
-    world.write_jsonl(world.prompt_rows(2048, seed=seed, split="train"), train_p)
+    world.write_jsonl(world.prompt_rows(1024, seed=seed, split="train"), train_p)
     world.write_jsonl(world.prompt_rows(64, seed=seed, split="eval"), eval_p)
     out = run_dir / "online_dpo"
-    steps = 20 if quick else 60
+    steps = 32 if quick else 64  # 16 prompts x 4 samples per step
     cfg = OnlineDPOConfig(model=str(sft_model), data=str(train_p), eval_data=str(eval_p), output_dir=str(out),
-                          reward="toy", max_steps=steps, batch_size=16, grad_accum=2, num_generations=4,
-                          max_new_tokens=24, lr=2e-5, beta=0.1, warmup_steps=2, schedule="constant", seed=seed,
-                          overwrite=True, progress=False, log_every=5, eval_prompts=64, sample_every=0)
+                          reward="toy", max_steps=steps, batch_size=16, num_generations=4, max_new_tokens=24,
+                          lr=5e-5, beta=0.1, warmup_steps=2, schedule="constant", seed=seed, overwrite=True,
+                          progress=False, log_every=4, eval_prompts=64, sample_every=0)
     t0 = time.time()
     res = train_online_dpo(cfg)
     return {"model_dir": str(out), "wall_s": time.time() - t0, "steps": steps,

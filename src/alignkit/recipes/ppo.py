@@ -474,15 +474,15 @@ def demo_stage(run_dir: Path, sft_model: str, seed: int, quick: bool) -> dict:
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     train_p, eval_p = data_dir / "ppo_prompts.jsonl", data_dir / "ppo_eval_prompts.jsonl"
-    world.write_jsonl(world.prompt_rows(2048, seed=seed, split="train"), train_p)
+    world.write_jsonl(world.prompt_rows(1024, seed=seed, split="train"), train_p)
     world.write_jsonl(world.prompt_rows(64, seed=seed, split="eval"), eval_p)
     out = run_dir / "ppo"
-    steps = 20 if quick else 60
+    steps = 32 if quick else 64  # 16 prompts x 4 samples per rollout step
     cfg = PPOConfig(model=str(sft_model), data=str(train_p), eval_data=str(eval_p), output_dir=str(out),
-                    reward="toy", max_steps=steps, batch_size=16, num_generations=4, max_new_tokens=24,
-                    lr=5e-5, critic_lr=5e-4, kl_coef=0.02, ppo_epochs=2, num_minibatches=2, warmup_steps=2,
+                    reward="toy", max_steps=steps, batch_size=8, num_minibatches=2, num_generations=4,
+                    max_new_tokens=24, lr=5e-5, critic_lr=5e-4, kl_coef=0.02, ppo_epochs=2, warmup_steps=2,
                     schedule="constant", temperature=1.0, seed=seed, overwrite=True, progress=False,
-                    log_every=5, eval_prompts=64, sample_every=0, save_critic=False)
+                    log_every=4, eval_prompts=64, sample_every=0, save_critic=False)
     t0 = time.time()
     res = train_ppo(cfg)
     return {"model_dir": str(out), "wall_s": time.time() - t0, "steps": steps,

@@ -663,10 +663,11 @@ def breakdown_reading(all_stats: list[dict]) -> str:
         out.append(
             f"- {v}: alignkit's step = decoder {da:.0f} + LM head/loss {ha:.0f} + clip/AdamW {oa:.0f} = {sa:.0f} ms "
             f"CPU ({100 * da / sa:.0f}% decoder); TRL's = {dt:.0f} + {ht:.0f} + {ot:.0f} = {stt:.0f} ms "
-            f"({stt / sa:.2f}x). The decoder is the same transformers module on both sides ({1 / dr:.2f}x); the "
-            f"difference is the LM head: alignkit projects only the {s['scored_a']:.0f} trained positions "
-            f"({s['chunk']}-row chunks under checkpointing), TRL's fused head on CPU projects all "
-            f"{s['scored_t']:.0f} positions (prompt and padding included), {hr:.1f}x the time. With the "
+            f"({stt / sa:.2f}x). The decoder is the same transformers module on both sides (TRL/alignkit time "
+            f"{dr:.2f}x); the difference is the LM head: alignkit projects only the {s['scored_a']:.0f} trained "
+            f"positions ({s['chunk']}-row chunks under checkpointing), TRL's fused head on CPU projects all "
+            f"{s['scored_t']:.0f} positions ({'prompt and padding' if v == 'padded' else 'prompt'} included), "
+            f"{hr:.1f}x the time. With the "
             f"decoder as it is, alignkit's ceiling at this model shape is {stt / (da + oa):.2f}x "
             f"(a free LM head).")
     if "padded" in by and "packed" in by:

@@ -90,3 +90,20 @@ def test_stop_reasons(mt):
     cut = eng.generate(model, PROMPTS[:1], SamplingParams(temperature=0, max_new_tokens=12, stop=(stop,)))
     s = cut.samples[0]
     assert s.finish_reason == "stop" and stop not in s.text and text.startswith(s.text)
+
+
+def test_sampler_matches_the_distribution():
+    """Inverse-CDF sampling draws from softmax(logits / T) after top-k / top-p truncation."""
+    from alignkit.rollout.engine import sample_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(20000, 1)
+    gen = torch.Generator().manual_seed(0)
+    tok, lp = sample_tokens(logits, SamplingParams(temperature=1.0), gen)
+    freq = torch.bincount(tok, minlength=5).float() / len(tok)
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.01, rtol=0)
+    torch.testing.assert_close(lp, torch.log_softmax(logits[0], -1)[tok])
+    tok, _ = sample_tokens(logits, SamplingParams(temperature=1.0, top_k=2), gen)
+    p2 = torch.softmax(logits[0, :2], -1)
+    freq = torch.bincount(tok, minlength=5).float() / len(tok)
+    assert freq[2:].sum() == 0
+    torch.testing.assert_close(freq[:2], p2, atol=0.015, rtol=0)

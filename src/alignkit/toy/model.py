@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when anything that changes the built model changes (data, tokenizer, architecture, training).
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 DONE_FILE = "toy_build.json"  # written last: its presence marks a complete build
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
@@ -94,7 +94,10 @@ def cache_root() -> Path:
 
 def cache_key(preset: str | ModelPreset, seed: int = 0) -> str:
     p = get_preset(preset)
-    blob = json.dumps({"version": BUILD_VERSION, "seed": int(seed), "preset": asdict(p)}, sort_keys=True)
+    from alignkit.toy.world import difficulty_dict
+
+    blob = json.dumps({"version": BUILD_VERSION, "seed": int(seed), "preset": asdict(p),
+                       "difficulty": difficulty_dict(p.difficulty)}, sort_keys=True)
     name = preset if isinstance(preset, str) else "custom"
     return f"{name}-s{int(seed)}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 

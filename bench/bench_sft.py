@@ -628,7 +628,7 @@ Setup (`bench/bench_sft.py`, helpers in `bench/common.py`):
   sequence, positions restarting per document, no padding (alignkit `packing=true`; TRL
   `padding_free=True` with `packing=False` and `max_length=None`, which is the same micro-batch
   content — TRL's `packing=True` would instead fill {args.batch_size} blocks of `max_length` tokens
-  per micro-batch, 2.5x the tokens per step).
+  per micro-batch, {args.max_length / ws.mean_tokens:.1f}x the tokens per step).
 - Runs alternate alignkit, TRL, alignkit, ... each in a fresh process.
 - tokens/s: non-padding tokens fed to the model per second over optimizer steps
   {args.skip_steps + 1}..{args.steps} (from the end of step {args.skip_steps} to the end of the last step, recorded

@@ -125,17 +125,20 @@ def pair_loss(model, mb: dict, cfg: DPOConfig, reference: str) -> tuple[torch.Te
     mb: `pair_collate` output (chosen rows, then rejected rows) plus `ref_chosen` / `ref_rejected`
     (B,) when reference == 'precompute'."""
     B = int(mb["n_pairs"])
-    logps, lengths = sequence_logps(model, mb, cfg.logits_chunk_size)  # one forward over 2B rows
-    pc, pr = logps[:B], logps[B:]
-    nc, nr = lengths[:B], lengths[B:]
     if reference == "precompute":
-        rc, rr = mb["ref_chosen"].to(pc.dtype), mb["ref_rejected"].to(pr.dtype)
+        rc, rr = mb["ref_chosen"].float(), mb["ref_rejected"].float()
     elif reference == "adapter_off":
+        # First, while no graph is held: the no-grad pass's temporaries never add to the policy's.
         with reference_logps_context(model):
             ref, _ = sequence_logps(model, mb, cfg.logits_chunk_size)
         rc, rr = ref[:B], ref[B:]
     else:
         rc = rr = None
+    logps, lengths = sequence_logps(model, mb, cfg.logits_chunk_size)  # one forward over 2B rows
+    pc, pr = logps[:B], logps[B:]
+    nc, nr = lengths[:B], lengths[B:]
+    if rc is not None:
+        rc, rr = rc.to(pc.dtype), rr.to(pr.dtype)
     losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss,
                                 label_smoothing=cfg.label_smoothing,
                                 gamma=cfg.simpo_gamma if cfg.loss == "simpo" else 0.0,

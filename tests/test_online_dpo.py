@@ -60,8 +60,8 @@ def test_pairs_are_best_vs_worst_and_ties_are_skipped():
         build_pairs(torch.ones(5), 2)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
-def test_pair_loss_equals_dpo_loss_on_separately_computed_logps(tiny_model_dir, loss):
+@pytest.mark.parametrize("loss, sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("simpo", 0.0), ("sigmoid", 0.7)])
+def test_pair_loss_equals_dpo_loss_on_separately_computed_logps(tiny_model_dir, loss, sft_weight):
     """Chosen and rejected rows in one padded forward pass give the same loss as scoring every
     answer on its own; a zero-weight filler pair contributes nothing."""
     tok = load_tokenizer(str(tiny_model_dir))
@@ -82,7 +82,7 @@ def test_pair_loss_equals_dpo_loss_on_separately_computed_logps(tiny_model_dir, 
     with torch.no_grad():
         mb["ref_logps"] = causal_lm_token_logps(ref, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
                                                 mb["targets"])
-    cfg = OnlineDPOConfig(model="x", loss=loss, beta=0.5)
+    cfg = OnlineDPOConfig(model="x", loss=loss, beta=0.5, sft_weight=sft_weight)
     loss_sum, _ = online_dpo_loss_fn(cfg)(model, mb)
 
     def seq(m, s):  # one answer alone, unpadded
@@ -100,6 +100,7 @@ def test_pair_loss_equals_dpo_loss_on_separately_computed_logps(tiny_model_dir, 
     lr = torch.tensor([float(len(samples[j].completion_ids)) for _, j in pairs[:2]])
     want, _, _ = dpo_loss(c, r, rc, rr, beta=0.5, loss_type=loss, gamma=0.5 if loss == "simpo" else 0.0,
                           chosen_lengths=lc, rejected_lengths=lr)
+    want = want + sft_weight * (-c / lc)  # NLL of the chosen answer, token mean
     assert float(loss_sum.detach()) == pytest.approx(float(want.sum()), rel=1e-5)
 
 

@@ -721,6 +721,10 @@ class OnlineDPOConfig(OnlineConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed preference-flip rate (sigmoid, robust, "
                                    "simpo)")
     simpo_gamma: float = Field(0.5, description="SimPO target reward margin (loss=simpo only)")
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an NLL term on the chosen answer: per pair its token-mean NLL, averaged "
+        "over pairs like the preference loss (iterative RPO)"
+    )
     missing_eos_penalty: float = Field(
         0.0, ge=0, description="Subtracted from the score of a response cut at max_new_tokens without eos/stop, "
         "before ranking"

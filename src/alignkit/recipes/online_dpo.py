@@ -68,7 +68,8 @@ def pair_batches(batch: RolloutBatch, pairs: list[tuple[int, int]], weights: lis
 
 
 def online_dpo_loss_fn(cfg: OnlineDPOConfig):
-    """Sum over the micro-batch's pairs of weight x DPO loss (units: pairs)."""
+    """Sum over the micro-batch's pairs of weight x (DPO loss + sft_weight x token-mean NLL of the chosen
+    answer) (units: pairs)."""
 
     def loss_fn(model, mb: dict):
         lp = ol.seq_logps(model, mb, cfg.temperature, cfg.logits_chunk_size)
@@ -82,6 +83,9 @@ def online_dpo_loss_fn(cfg: OnlineDPOConfig):
                                   beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
                                   gamma=cfg.simpo_gamma if cfg.loss == "simpo" else 0.0,
                                   chosen_lengths=lens[:P], rejected_lengths=lens[P:])
+        if cfg.sft_weight:
+            nll = -seq[:P] / lens[:P].clamp(min=1)
+            losses = losses + cfg.sft_weight * nll
         wr = torch.cat([w, w])[:, None] * m  # token weights of both rows of each pair
         metrics = {
             "reward_margin": ((rc - rr) * w).sum(),

@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="where to build the model/data (default: a temp dir)")
     p.add_argument("--write", action="store_true", help="replace the '## DPO (CPU)' section of BENCHMARKS.md")
     p.add_argument("--json", default=None, help="also write every run's raw measurements to this file")
+    p.add_argument("--note", default="", help="a sentence added under the tables (e.g. about machine load)")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="no runs: print (and with --write, record) the tables of a file written by --json")
     # internal: one measured run
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, default="full", help=argparse.SUPPRESS)
@@ -333,6 +336,15 @@ def report(args, runs: list[dict], variants: list[str], sides: list[str], n_pair
     return table + ("\n\n" + ratios if ratios else "")
 
 
+def _trl_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trl")
+    except PackageNotFoundError:
+        return "?"
+
+
 def section_body(args, ws: common.Workspace, n_pairs: int, tables: str, when: str, cmd: str) -> str:
     shape = ws.shape
     return f"""Measured {when} on {common.machine()}, `OMP_NUM_THREADS={args.threads}` for both sides.
@@ -341,7 +353,7 @@ Versions: {common.versions("torch", "transformers", "trl", "peft", "accelerate",
 Command: `{cmd}`
 
 {tables}
-
+{("" if not args.note else chr(10) + args.note + chr(10))}
 Setup (`bench/bench_dpo.py`, helpers in `bench/common.py`):
 
 - Model: random-init {shape.describe(ws.n_params)}, float32, SDPA attention, built offline.
@@ -351,8 +363,8 @@ Setup (`bench/bench_dpo.py`, helpers in `bench/common.py`):
 - Both sides: batch {args.batch_size} pairs x grad accumulation {args.grad_accum}, {args.steps} optimizer steps,
   max length {args.max_length}, sigmoid loss, beta {args.beta:g}, AdamW lr {args.lr:g} (betas 0.9/0.999, no weight
   decay), cosine to 0, no warmup, clip 1.0, no gradient checkpointing, float32, seed 0. Chosen and
-  rejected rows go through the model in one forward on both sides, and both compute log-probs
-  without the full logits (alignkit: chunked head in plain PyTorch; TRL 1.x: its fused LM head).
+  rejected rows go through the model in one forward on both sides; log-probs come from
+  alignkit's chunked head (plain PyTorch) and from TRL 1.x's fused LM head (see below).
 - full: alignkit precomputes the reference log-probs in one no-grad pass before training (its
   default); TRL by default loads a second copy of the model and runs it every step;
   `trl-precompute` is TRL with `precompute_ref_log_probs=True`. The pre-pass is not in the step
@@ -361,11 +373,40 @@ Setup (`bench/bench_dpo.py`, helpers in `bench/common.py`):
 - lora: LoRA r={args.lora_r}, alpha={2 * args.lora_r}, no dropout, every linear layer but the head, on both
   sides; the reference is the same model with the adapter switched off, one extra no-grad forward
   per step on both sides.
+- Where the difference comes from (reading TRL {_trl_version()}'s code, not profiled here): on a device
+  without Triton (this CPU) TRL's fused head scores *every* position of the batch — prompt and
+  padding included — in tiles of up to 32768 rows, so it builds the (positions x vocab) logits of
+  the whole micro-batch at once; alignkit scores only the answer positions, 1024 rows at a time
+  under activation checkpointing. In `full`, TRL's default also keeps the second model and runs it
+  every step. Both sides end at the same loss, so they optimise the same objective.
 - Runs alternate between the sides, each in a fresh process. pairs/s and tokens/s (non-padding
   tokens fed to the model) over optimizer steps {args.skip_steps + 1}..{args.steps}, recorded inside each
   training loop; peak RSS is the child's `ru_maxrss` (imports included); "RSS growth in training"
   = peak RSS minus the RSS when the first step starts.
 """
+
+
+def from_json(args) -> int:
+    """Tables (and with --write the BENCHMARKS.md section) from the raw runs of an earlier --json."""
+    saved = json.loads(Path(args.from_json).read_text())
+    a = argparse.Namespace(**{**vars(args), **saved["args"], "write": args.write, "from_json": args.from_json,
+                              "note": args.note or saved["args"].get("note", "")})
+    runs = saved["runs"]
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    tables = report(a, runs, variants, sides, a.pairs)
+    print(tables)
+    if args.write:
+        when = saved.get("when") or _dt.datetime.fromtimestamp(Path(args.from_json).stat().st_mtime).strftime(
+            "%Y-%m-%d %H:%M")
+        cmd = saved.get("command") or f"OMP_NUM_THREADS={a.threads} python bench/bench_dpo.py --threads {a.threads}"
+        shape = common.ModelShape(hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+                                  intermediate=a.intermediate, vocab=a.vocab)
+        with tempfile.TemporaryDirectory(prefix="bench-dpo-") as td:  # rebuilt only to describe it
+            ws = common.build_workspace(Path(td), shape, a.pairs, a.min_tokens, a.max_tokens)
+            common.write_section(SECTION, section_body(a, ws, a.pairs, tables, when, cmd))
+        print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
+    return 0
 
 
 def main() -> int:
@@ -379,6 +420,8 @@ def main() -> int:
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown {v!r}; use {', '.join(VARIANTS)}")
     cmd = common.command_line()
+    if args.from_json:
+        return from_json(args)
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-dpo-")
@@ -418,7 +461,8 @@ def main() -> int:
     print(tables)
     print(f"\n[total {time.perf_counter() - t0:.0f}s]", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "command": cmd, "when": when},
+                                              indent=1, default=str))
     if args.write:
         common.write_section(SECTION, section_body(args, ws, args.pairs, tables, when, cmd))
         print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)

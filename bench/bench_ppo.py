@@ -194,6 +194,14 @@ def main() -> int:
     for c in configs:
         if c not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    saved = None
+    cmd = common.command_line()
+    if args.from_json:  # re-render a finished run: its settings, not this command line's
+        saved = json.loads(Path(args.from_json).read_text())
+        for k, v in saved.get("args", {}).items():
+            if k not in ("write", "from_json", "json", "child"):
+                setattr(args, k, v)
+        cmd = saved.get("cmd") or _command_of(args)
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-ppo-")
@@ -204,8 +212,7 @@ def main() -> int:
     env = common.child_env(args.threads)
     load = []
     runs: dict[str, dict] = {}
-    if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
+    if saved is not None:
         runs, load = saved.get("runs", saved), saved.get("load", [])
         configs = []
     for c in configs:
@@ -226,10 +233,10 @@ def main() -> int:
     table = report(runs)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "load": load, "args": vars(args)}, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": runs, "load": load, "args": vars(args), "cmd": cmd}, indent=1))
     if args.write:
         when = _dt.date.today().isoformat()
-        body = section_body(args, ws, table, when, common.command_line(), load)
+        body = section_body(args, ws, table, when, cmd, load, runs)
         common.write_section(SECTION, body)
         print(f"wrote '## {SECTION}' in {common.BENCHMARKS_MD}", file=sys.stderr)
     if tmp is not None:
@@ -237,7 +244,22 @@ def main() -> int:
     return 0 if all(r["ok"] for r in runs.values()) else 1
 
 
-def section_body(args, ws, table: str, when: str, cmd: str, load: list[float]) -> str:
+def _command_of(args) -> str:
+    keys = ("threads", "steps", "answers", "max_new_tokens", "hidden", "layers", "heads", "kv_heads", "intermediate",
+            "vocab")
+    opts = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys)
+    return f"OMP_NUM_THREADS={args.threads} python bench/bench_ppo.py {opts}"
+
+
+def _gap(runs: dict, a: str, b: str) -> str:
+    try:
+        return f"{runs[a]['data']['peak_rss_mib'] - runs[b]['data']['peak_rss_mib']:,.0f}"
+    except KeyError:
+        return "n/a"
+
+
+def section_body(args, ws, table: str, when: str, cmd: str, load: list[float], runs: dict | None = None) -> str:
+    runs = runs or {}
     p = ws.prompt_len
     load_txt = (f"load average during the runs {min(load):.1f}-{max(load):.1f}" if load else
                 "load average not recorded")
@@ -251,7 +273,7 @@ def section_body(args, ws, table: str, when: str, cmd: str, load: list[float]) -
   rule (distinct characters / length).
 - Every rollout step samples {args.answers} answers: PPO 1 answer x {args.answers} prompts, 2 epochs x 2
   minibatches (4 optimizer steps); online DPO and GRPO 4 answers x {args.answers // 4} prompts (1 and 2 optimizer
-  steps). Time per rollout step = median over {args.steps} steps after one warm-up step, split into generate /
+  steps). Time per rollout step = median over {args.steps} step{'s' if args.steps != 1 else ''} after one warm-up step, split into generate /
   score / no-grad passes (old, reference, critic values, GAE) / train.
 - Peak RSS: the child process's ru_maxrss (Python, torch, data and everything); "floor" is a process that
   imports the stack and loads the model once. LoRA: r = 16 on every linear layer. The separate critic is a full
@@ -259,11 +281,14 @@ def section_body(args, ws, table: str, when: str, cmd: str, load: list[float]) -
 
 {table}
 
-What the memory column shows: each extra full copy of the weights costs its size once when frozen (the
-reference) and about four times when trained (weights, gradients, two AdamW moments), so PPO with full
-fine-tuning and a separate critic is the heaviest configuration and the shared base the lightest, close to
-online DPO with LoRA. Step time is dominated by generation at this size; PPO's extra cost is the critic's
-forward/backward and its 4 optimizer steps per rollout.
+How to read it: a full copy of the weights costs its size once when frozen (a reference) and about four
+times when trained (weights, gradients, two AdamW moments), plus the activations of its passes. Among the PPO
+configurations the shared base holds one copy and the separate critic one more, trained in full: in this run the
+shared base needed {_gap(runs, "ppo_lora_separate", "ppo_lora_shared")} MiB less than the LoRA policy with a
+separate critic and {_gap(runs, "ppo_full_separate", "ppo_lora_shared")} MiB less than full fine-tuning with a
+separate critic (one copy of this model is {ws.n_params * 4 / 2**20:.0f} MiB in float32). PPO's extra work per
+rollout step is the critic's no-grad pass, its forward/backward and twice as many optimizer steps as GRPO here;
+the times of this shared machine vary by 2x from run to run, so compare memory, not seconds, across rows.
 """
 
 

@@ -271,7 +271,7 @@ def test_adapter_off_reference_equals_base_model(tiny_model_dir, tmp_path):
         loss_pre, m_pre = pair_loss(model, mb_pre, cfg, "precompute")
     assert (policy - want).abs().max() > 1e-2  # the adapter is on for the policy
     torch.testing.assert_close(torch.cat(got), want, atol=1e-5, rtol=1e-5)
-    assert float(loss) == pytest.approx(float(loss_pre), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(loss_pre), rel=1e-5)
     for k in m:
         assert float(m[k]) == pytest.approx(float(m_pre[k]), rel=1e-5, abs=1e-6), k
 

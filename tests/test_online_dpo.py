@@ -56,6 +56,11 @@ def test_pairs_are_best_vs_worst_and_ties_are_skipped():
     assert pairs == [(1, 0), (10, 9), (13, 12)] and ties == 1
     pairs, ties = build_pairs(torch.tensor([0.2, 0.7, 0.4, 0.4]), 2)  # G = 2: the better one is chosen
     assert pairs == [(1, 0)] and ties == 1
+    # min_gap: a group whose best and worst differ by at most min_gap is skipped too
+    r = torch.tensor([1.0, 0.1, 0.1, 0.0,    # right vs wrong total: kept, worst is the 0.0
+                      0.1, 0.0, 0.1, 0.1])   # format-only difference (0.1): skipped with min_gap 0.5
+    assert build_pairs(r, 4) == ([(0, 3), (4, 5)], 0)
+    assert build_pairs(r, 4, min_gap=0.5) == ([(0, 3)], 1)
     with pytest.raises(ValueError):
         build_pairs(torch.ones(5), 2)
 

@@ -725,6 +725,10 @@ class OnlineDPOConfig(OnlineConfig):
         0.0, ge=0, description="Weight of an NLL term on the chosen answer: per pair its token-mean NLL, averaged "
         "over pairs like the preference loss (iterative RPO)"
     )
+    min_score_gap: float = Field(
+        0.0, ge=0, description="Skip a prompt when its best − worst score gap is at most this (0: only exact ties "
+        "are skipped); e.g. 0.5 with the toy reward keeps only right-vs-wrong-total pairs"
+    )
     missing_eos_penalty: float = Field(
         0.0, ge=0, description="Subtracted from the score of a response cut at max_new_tokens without eos/stop, "
         "before ranking"

@@ -5,7 +5,8 @@ Every rollout step:
   1. Sample G ≥ 2 answers y_1..y_G per prompt x from the current policy π; score them with the
      reward source (a response cut at max_new_tokens without eos loses `missing_eos_penalty`).
   2. Per prompt, the best answer (highest score) is `chosen`, the worst (lowest) `rejected`; a
-     group whose scores are all equal gives no pair: it is skipped and counted (`tied_groups`).
+     group whose scores are all equal (or whose best − worst gap is at most `min_score_gap`) gives
+     no pair: it is skipped and counted (`tied_groups`).
   3. One optimizer step of the DPO loss (`loss`: sigmoid | ipo | hinge | robust | simpo) on the pairs,
          h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
          sigmoid: −log σ(β h)   (the other variants: see alignkit.losses.dpo_loss)
@@ -34,10 +35,10 @@ from alignkit.training.dist import all_reduce_sum
 __all__ = ["OnlineDPOConfig", "train_online_dpo", "build_pairs", "online_dpo_loss_fn", "pair_batches", "demo_stage"]
 
 
-def build_pairs(rewards: torch.Tensor, group_size: int) -> tuple[list[tuple[int, int]], int]:
+def build_pairs(rewards: torch.Tensor, group_size: int, min_gap: float = 0.0) -> tuple[list[tuple[int, int]], int]:
     """(chosen, rejected) sample indices per group of `group_size` contiguous samples: the highest
-    and the lowest score (the first one among equals). Groups whose scores are all equal are
-    skipped; returns (pairs, number of skipped groups)."""
+    and the lowest score (the first one among equals). Groups whose best − worst gap is at most
+    `min_gap` (0: groups whose scores are all equal) are skipped; returns (pairs, skipped groups)."""
     if rewards.dim() != 1 or rewards.numel() % group_size or group_size < 2:
         raise ValueError(f"need (n_groups x group_size,) rewards with group_size >= 2, got shape "
                          f"{tuple(rewards.shape)} and group_size {group_size}")
@@ -46,7 +47,7 @@ def build_pairs(rewards: torch.Tensor, group_size: int) -> tuple[list[tuple[int,
     pairs, ties = [], 0
     for g in range(r.shape[0]):
         hi, lo = int(best[g]), int(worst[g])
-        if r[g, hi] == r[g, lo]:
+        if float(r[g, hi] - r[g, lo]) <= min_gap:
             ties += 1
             continue
         pairs.append((g * group_size + hi, g * group_size + lo))
@@ -114,7 +115,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, model=None, tokenizer=None, reward_fn
         no_eos = torch.tensor([s.finish_reason == "length" for s in batch.samples])
         scores = scores - cfg.missing_eos_penalty * no_eos.float()
         # 2. best vs worst per prompt; ties skipped and counted
-        pairs, ties = build_pairs(scores, G)
+        pairs, ties = build_pairs(scores, G, cfg.min_score_gap)
         gap = sum(float(scores[c] - scores[r]) for c, r in pairs)
         tot = all_reduce_sum(torch.tensor([len(pairs), ties, gap], dtype=torch.float64), dist).tolist()
         info.update(pairs=tot[0], tied_groups=tot[1], score_gap=tot[2] / max(tot[0], 1.0))

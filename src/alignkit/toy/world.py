@@ -62,8 +62,8 @@ class Difficulty:
 
     Prices are multiples of `step` in [min_value, max_value] (both rounded onto the grid)."""
 
-    min_items: int = 2
-    max_items: int = 4
+    min_items: int = 3
+    max_items: int = 5
     min_value: int = 10
     max_value: int = 90
     step: int = 10
@@ -89,8 +89,8 @@ class Difficulty:
 # ending in 5 (about a quarter right); "expert" is beyond it (room for bigger models).
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty(min_items=2, max_items=3, min_value=10, max_value=90, step=10),
-    "default": Difficulty(min_items=2, max_items=4, min_value=10, max_value=90, step=10),
-    "hard": Difficulty(min_items=2, max_items=3, min_value=5, max_value=95, step=5),
+    "default": Difficulty(min_items=3, max_items=5, min_value=10, max_value=90, step=10),
+    "hard": Difficulty(min_items=2, max_items=4, min_value=5, max_value=95, step=5),
     "expert": Difficulty(min_items=3, max_items=5, min_value=10, max_value=990, step=5),
 }
 

@@ -76,6 +76,23 @@ class PeftConfig(Section):
         return "none" if v is None else v
 
 
+class FSDPConfig(Section):
+    """FSDP2 settings, used when `distributed=fsdp` (see docs/distributed.md)."""
+
+    cpu_offload: bool = Field(
+        False, description="Keep sharded weights, gradients and optimizer state in CPU memory; the GPU holds one "
+        "block's gathered weights at a time (slower; GPU only)")
+    reshard_after_forward: bool = Field(
+        True, description="Free each block's gathered weights after its forward and gather them again in backward "
+        "(false: less communication, more memory)")
+    auto_min_params: int = Field(
+        1_000_000_000, ge=0, description="distributed=auto picks fsdp for models with at least this many parameters "
+        "(with more than one process), ddp below")
+    consolidate_checkpoints: bool = Field(
+        False, description="Also write a full Hugging Face model into every intermediate checkpoint (the run's "
+        "final model is always written in full)")
+
+
 class TrainConfig(Section):
     """Keys shared by every training recipe."""
 
@@ -112,6 +129,10 @@ class TrainConfig(Section):
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end)")
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many intermediate checkpoints")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory")
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="Data parallelism under torchrun: ddp (replicas), fsdp (FSDP2: weights, gradients and "
+        "optimizer state sharded per transformer block), auto (fsdp from fsdp.auto_min_params, else ddp), none")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 settings (distributed=fsdp)")
     logits_chunk_size: int = Field(
         1024, ge=1, description="Tokens per chunk when computing log-probs without materialising full logits"
     )

@@ -59,15 +59,17 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
     return model.to(device)
 
 
-def save_pretrained(model, tokenizer, out_dir: str | Path) -> None:
-    """Save in Hugging Face format (safetensors) so plain transformers loads it."""
+def save_pretrained(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """Save in Hugging Face format (safetensors) so plain transformers loads it. `state_dict`:
+    the full weights when the model itself holds shards (FSDP)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar inside our own progress display
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
-    model.save_pretrained(out_dir, safe_serialization=True)
+    kw = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kw)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

@@ -80,6 +80,10 @@ def load_base_model(cfg: TrainConfig, dtype: str = "float32"):
 
     if cfg.peft.method != "qlora":
         return load_model(cfg.model, dtype)
+    if getattr(cfg, "distributed", None) == "fsdp":  # say so before loading anything
+        from alignkit.training.fsdp import check_fsdp_config
+
+        check_fsdp_config(cfg)
     _check_qlora_possible()
     from transformers import BitsAndBytesConfig
 

@@ -284,7 +284,8 @@ def cached_reference_logps(trainer: Trainer, cfg: DPOConfig, pairs: list[Pair], 
     same key, else computed (with the model as it is now: call before loading a checkpoint) and
     written there."""
     path = trainer.run_dir / REF_FILE
-    key = reference_cache_key(cfg, data_path, split, pairs, trainer.model)
+    with trainer.gathered():  # under FSDP: the full weights, and ranks may run different batch counts
+        key = reference_cache_key(cfg, data_path, split, pairs, trainer.model)
     entry = None
     if trainer.dist.main and path.is_file():
         try:
@@ -300,8 +301,9 @@ def cached_reference_logps(trainer: Trainer, cfg: DPOConfig, pairs: list[Pair], 
         return entry
     trainer.info(f"reference log-probs ({name}): computing for {len(pairs)} pairs (one no-grad pass)")
     bs = cfg.ref_batch_size or 2 * cfg.batch_size
-    ref = compute_reference_logps(trainer.model, pairs, pad_id, bs, cfg.logits_chunk_size, trainer.dist,
-                                  trainer.autocast, adapter_off=_has_adapter(trainer.model), device=trainer.device)
+    with trainer.gathered():
+        ref = compute_reference_logps(trainer.model, pairs, pad_id, bs, cfg.logits_chunk_size, trainer.dist,
+                                      trainer.autocast, adapter_off=_has_adapter(trainer.model), device=trainer.device)
     if trainer.dist.main:
         cache = {}
         if path.is_file():

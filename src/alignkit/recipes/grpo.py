@@ -127,7 +127,9 @@ def refill(run: "ol.OnlineRun", rstep: int, ps: list, cols: dict, batch: Rollout
         if len(keep) >= need:
             break
         extra_ps, extra_cols = run.extra_prompts(rstep, rnd, need - len(keep))
-        b2 = run.engine.generate(run.trainer.model, extra_ps, ol.sampling_params(cfg, rstep, run.dist.rank + 64 * (rnd + 1)))
+        with run.trainer.gathered():
+            b2 = run.engine.generate(run.trainer.model, extra_ps,
+                                     ol.sampling_params(cfg, rstep, run.dist.rank + 64 * (rnd + 1)))
         r2, _ = ol.score(run.reward_fn, extra_ps, extra_cols, b2)
         before = len(keep)
         add(extra_ps, extra_cols, b2, r2)

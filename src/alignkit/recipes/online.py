@@ -268,7 +268,8 @@ class OnlineRun:
         idx = self.order(rstep)[d.rank * self.per_rank:(d.rank + 1) * self.per_rank]
         ps, cols = self.prompts.take(idx)
         self.last_prompts = (ps, cols)
-        with self.trainer.autocast():
+        # gathered: under FSDP each process samples on full weights, its own number of decode steps.
+        with self.trainer.gathered(), self.trainer.autocast():
             batch = self.engine.generate(self.trainer.model, ps, sampling_params(self.cfg, rstep, d.rank, n=n))
         self.clock.lap("generate")
         rewards, missing = score(self.reward_fn, ps, cols, batch)
@@ -288,13 +289,14 @@ class OnlineRun:
 
     # -- log-probs without grad
     def policy_logps(self, mbs: list[dict]) -> list[torch.Tensor]:
-        return forward_logps(self.trainer.model, mbs, self.cfg.temperature, self.cfg.logits_chunk_size,
-                             self.dist.device, self.trainer.autocast)
+        with self.trainer.gathered():
+            return forward_logps(self.trainer.model, mbs, self.cfg.temperature, self.cfg.logits_chunk_size,
+                                 self.dist.device, self.trainer.autocast)
 
     def add_ref_logps(self, mbs: list[dict]) -> None:
         if self.ref is None:
             return
-        with ref_context(self.ref, self.trainer.model):
+        with self.trainer.gathered(), ref_context(self.ref, self.trainer.model):
             lps = forward_logps(self.ref, mbs, self.cfg.temperature, self.cfg.logits_chunk_size, self.dist.device,
                                 self.trainer.autocast)
         for mb, lp in zip(mbs, lps):
@@ -342,6 +344,6 @@ class OnlineRun:
         return last_eval
 
     def evaluate(self) -> dict:
-        with self.trainer.autocast():
+        with self.trainer.gathered(), self.trainer.autocast():
             return evaluate_greedy(self.trainer.model, self.engine, self.reward_fn, self.eval_prompts, self.cfg,
                                    self.dist)

@@ -350,7 +350,8 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
     if share:
         why = shared_prompt_unsupported(trainer.model)
         if why is None:
-            share, gap = shared_prompt_agrees(trainer.model, pairs, pad_id)
+            with trainer.gathered():  # under FSDP: full weights, no collectives inside
+                share, gap = shared_prompt_agrees(trainer.model, pairs, pad_id)
             why = None if share else f"it differs from full sequences on this model (gap {gap:.3g})"
         if why is not None:
             share = False

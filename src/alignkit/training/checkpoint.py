@@ -57,6 +57,11 @@ def atomic_dir_write(final: Path, writer) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     writer(tmp)
+    return commit_dir(tmp, final)
+
+
+def commit_dir(tmp: Path, final: Path) -> Path:
+    """fsync a fully written folder and rename it to `final` (replacing an older one)."""
     _fsync_dir(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"

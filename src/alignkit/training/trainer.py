@@ -2,13 +2,15 @@
 
 A recipe owns its algorithm (what a micro-batch's loss is); the `Trainer` owns everything else:
 the optimizer and schedule, gradient accumulation with *global* normalisation, precision,
-clipping, DDP, checkpoints with exact resume, metrics and the progress bar.
+clipping, DDP / FSDP2 (`alignkit.training.fsdp`), checkpoints with exact resume, metrics and the
+progress bar.
 
 Global normalisation: a loss is written as (sum over units) / (number of units in the whole
 global batch), where a unit is what the recipe averages over (trained tokens for SFT, pairs for
 DPO, ...). Before any forward pass the trainer adds up the units of every micro-batch on every
 rank, and each micro-batch backpropagates `loss_sum * world / global_units` (DDP then averages
-over ranks). The gradient is therefore the same for 1 x 8, 4 x 2 and 2 ranks x 4.
+over ranks; FSDP's reduce-scatter averages the same way). The gradient is therefore the same
+for 1 x 8, 4 x 2 and 2 ranks x 4.
 """
 
 from __future__ import annotations
@@ -117,25 +119,46 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "config"):
                 model.config.use_cache = False
-        model.to(self.device)
+        from alignkit.training import fsdp as fsdp_lib
+
+        self.mode = fsdp_lib.resolve_mode(cfg, self.dist.world, model)
+        if self.mode == "none" and cfg.distributed in ("ddp", "fsdp"):
+            self.info(f"distributed={cfg.distributed}: one process, nothing to distribute")
+        elif cfg.distributed == "auto" and self.dist.world > 1:
+            self.info(f"distributed=auto: {self.mode} ({total:,} parameters, fsdp from {cfg.fsdp.auto_min_params:,})")
+        self.fsdp: fsdp_lib.FSDPModel | None = None
+        if self.mode != "fsdp":
+            model.to(self.device)
         self.model = model  # unwrapped: for saving and for eval
         # The recipe's loss function runs *inside* the wrapper's forward, so under DDP the
         # gradient hooks see every parameter use, whatever the recipe calls on the model.
         self.train_model: torch.nn.Module = _Forward(model)
-        if self.dist.enabled:
+        if self.mode == "fsdp":
+            fsdp_lib.check_fsdp_config(cfg)
+            # Mixed precision through FSDP's policy on a GPU (bf16 gathered weights, fp32 reduce and
+            # master weights); on CPU autocast as without FSDP.
+            mp = self.amp_dtype if self.device.type == "cuda" else None
+            self.fsdp = fsdp_lib.FSDPModel(model, self.device, self.dist.world, param_dtype=mp,
+                                           cpu_offload=cfg.fsdp.cpu_offload and self.device.type == "cuda",
+                                           reshard_after_forward=cfg.fsdp.reshard_after_forward)
+            if mp is not None:
+                self.amp_dtype = None
+            if cfg.fsdp.cpu_offload and self.device.type != "cuda":
+                self.info("fsdp.cpu_offload: no GPU here, the weights already live in CPU memory")
+        elif self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.train_model = DDP(
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=find_unused_parameters,
             )
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = self._trainable()
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=tuple(cfg.adam_betas),
-            fused=self.device.type == "cuda",
+            fused=self.device.type == "cuda" and not (self.fsdp and cfg.fsdp.cpu_offload),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -174,6 +197,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _trainable(self) -> list[torch.Tensor]:
+        if self.fsdp is not None:
+            return self.fsdp.params
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def gathered(self):
+        """Under FSDP, full weights on every process for work that differs between processes
+        (sampling, evaluation of each process's share): no collective runs inside."""
+        return self.fsdp.gathered() if self.fsdp is not None else contextlib.nullcontext()
+
     def to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -203,7 +236,8 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             mb = self.to_device(mb)
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
+            ddp = self.mode == "ddp"  # FSDP reduce-scatters every micro-batch: sharded gradients, less memory
+            sync = contextlib.nullcontext() if (last or not ddp) else self.train_model.no_sync()
             with sync:
                 with self.autocast():
                     loss_sum, msums = self.train_model(loss_fn, mb)
@@ -235,11 +269,14 @@ class Trainer:
     def optimizer_step(self, metrics: dict) -> dict:
         """Clip, step, schedule. A non-finite loss or gradient stops the run before the update,
         after saving the (still good) state as a checkpoint."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.fsdp is not None:
+            gnorm = self.fsdp.clip_grad_norm_(params, max_norm)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not math.isfinite(metrics["loss"]) or (not torch.isfinite(gnorm) and self.scaler is None):
             self.optimizer.zero_grad(set_to_none=True)
             path = self.save_checkpoint()
@@ -253,6 +290,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.fsdp is not None:
+            self.fsdp.refresh()
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["grad_norm"] = float(gnorm)
@@ -291,7 +330,20 @@ class Trainer:
         barrier(self.dist)
         return resume_from
 
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict() if self.fsdp is None else None,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "extra": {k: g() for k, (g, _) in self.extra_state.items()},
+            "world": self.dist.world,
+            "distributed": self.mode,
+        }
+
     def save_checkpoint(self) -> Path:
+        if self.fsdp is not None:
+            return self._save_sharded_checkpoint()
         final = ckpt.checkpoint_dir(self.run_dir, self.step)
         tmp_holder: dict = {}
 
@@ -300,15 +352,7 @@ class Trainer:
             from alignkit.models import save_pretrained
 
             save_pretrained(self.model, self.tokenizer, tmp)
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "extra": {k: g() for k, (g, _) in self.extra_state.items()},
-                "world": self.dist.world,
-            }
-            torch.save(state, tmp / ckpt.STATE_FILE)
+            torch.save(self._state(), tmp / ckpt.STATE_FILE)
             (tmp / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
 
         # RNG streams are per rank: each rank writes its own file into a shared staging folder.
@@ -330,10 +374,59 @@ class Trainer:
         barrier(self.dist)
         return final
 
+    def _save_sharded_checkpoint(self) -> Path:
+        """FSDP: every process writes its shards (torch.distributed.checkpoint) into a staging folder
+        named the same on every process; rank 0 adds the trainer state and renames it into place."""
+        from alignkit.training.fsdp import SHARDED_DIR
+
+        final = ckpt.checkpoint_dir(self.run_dir, self.step)
+        stage = final.parent / f".{final.name}.tmp-sharded"
+        if self.dist.main:
+            if stage.exists():
+                import shutil
+
+                shutil.rmtree(stage)
+            stage.mkdir(parents=True)
+        barrier(self.dist)
+        self.fsdp.save(stage / SHARDED_DIR, self.optimizer)
+        torch.save(ckpt.rng_state(), stage / f"rng-{self.dist.rank}.pt")
+        full = self.fsdp.full_state_dict() if self.cfg.fsdp.consolidate_checkpoints else None
+        barrier(self.dist)
+        if self.dist.main:
+            if full is not None:
+                self._save_hf(stage, full)
+            torch.save(self._state(), stage / ckpt.STATE_FILE)
+            (stage / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+            ckpt.commit_dir(stage, final)
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+        barrier(self.dist)
+        return final
+
+    def _save_hf(self, out_dir: Path, state_dict: dict | None = None) -> None:
+        from alignkit.models import save_pretrained
+
+        save_pretrained(self.model, self.tokenizer, out_dir, state_dict=state_dict)
+        if self.fsdp is not None:
+            from alignkit.training.fsdp import fix_saved_architectures
+
+            fix_saved_architectures(out_dir)
+
     def load_checkpoint(self, path: Path) -> None:
-        _load_weights(self.model, path)
+        from alignkit.training.fsdp import SHARDED_DIR, load_sharded
+
         state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if (path / SHARDED_DIR).is_dir():
+            # Written under FSDP: loads into any number of processes, sharded or not.
+            if self.fsdp is not None:
+                self.fsdp.load(path / SHARDED_DIR, self.optimizer)
+            else:
+                load_sharded(self.model, self.optimizer, path / SHARDED_DIR)
+        elif self.fsdp is not None:
+            raise UserError(f"{path}: checkpoint was written without FSDP (distributed="
+                            f"{state.get('distributed', 'ddp')}); resume it with that setting")
+        else:
+            _load_weights(self.model, path)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -352,11 +445,11 @@ class Trainer:
 
     def save_final(self) -> None:
         """Write the final model (HF format) into the run folder root, atomically per file."""
+        # Under FSDP every process takes part in gathering the full weights to rank 0.
+        full = self.fsdp.full_state_dict() if self.fsdp is not None else None
         if self.dist.main:
-            from alignkit.models import save_pretrained
-
             tmp = self.run_dir / f".final.tmp-{os.getpid()}"
-            ckpt.atomic_dir_write(tmp, lambda d: save_pretrained(self.model, self.tokenizer, d))
+            ckpt.atomic_dir_write(tmp, lambda d: self._save_hf(d, full))
             for f in tmp.iterdir():
                 os.replace(f, self.run_dir / f.name)
             tmp.rmdir()
@@ -500,10 +593,12 @@ def run_offline(
             if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < trainer.total_steps:
                 trainer.save_checkpoint()
             if eval_fn and cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < trainer.total_steps:
-                last_eval = eval_fn()
+                with trainer.gathered():
+                    last_eval = eval_fn()
                 trainer.log_eval(last_eval)
         if eval_fn:
-            last_eval = eval_fn()
+            with trainer.gathered():
+                last_eval = eval_fn()
             trainer.log_eval(last_eval)
         trainer.save_checkpoint()
         trainer.save_final()

@@ -1,0 +1,274 @@
+"""FSDP2 on CPU (gloo, 2 processes): SFT, LoRA and DPO equal one process on the same global batch,
+GRPO gradients equal one process and a GRPO run equals the same run under DDP, sharded checkpoints
+resume on another number of processes, the consolidated model is the unsharded one and loads in
+plain transformers; `distributed=auto` and the refusals; activation checkpointing in every recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.cli import main as cli_main
+from alignkit.config import SFTConfig
+from alignkit.errors import UserError
+from alignkit.training.fsdp import resolve_mode
+
+from conftest import ROOT, chat_rows, write_jsonl
+
+PY = sys.executable
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
+COMMON = ["progress=false", "tensorboard=false", "plot=false", "log_every=1", "logits_chunk_size=16"]
+
+
+def torchrun(port: int, *args, check=True) -> subprocess.CompletedProcess:
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                          *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, cwd=str(ROOT))
+    if check:
+        assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def single(*args) -> None:
+    res = subprocess.run([PY, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, cwd=str(ROOT))
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+def train_metrics(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def assert_same_run(a: Path, b: Path, keys=("loss", "grad_norm", "units"), rel=1e-5, atol=1e-6):
+    ma, mb = train_metrics(a), train_metrics(b)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-7), (k, ra["step"])
+    assert_same_weights(a, b, atol=atol)
+
+
+def assert_same_weights(a: Path, b: Path, atol=1e-6, name="model.safetensors"):
+    wa, wb = load_file(str(a / name)), load_file(str(b / name))
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("dist_data") / "d.jsonl", chat_rows(16))
+
+
+# ------------------------------------------------------------------------------------------ SFT
+
+
+def test_sft_fsdp_equals_one_process_and_resumes_on_one(tiny_model_dir, sft_data, tmp_path):
+    """2 ranks x batch 2 under FSDP2 (with activation checkpointing) == 1 process x batch 4, step by step
+    and in the final weights; the sharded checkpoint of step 2 resumes on one process (batch 2 x 2
+    micro-batches: the same global batch) to the same end; the consolidated model is the unsharded one."""
+    sft = ["-m", "alignkit", "sft", f"model={tiny_model_dir}", f"data={sft_data}", "max_steps=4", "lr=3e-3",
+           "warmup_steps=1", *COMMON]
+    fsdp, one, resumed = tmp_path / "fsdp", tmp_path / "one", tmp_path / "resumed"
+    torchrun(29551, *sft, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp", "save_every=2",
+             "gradient_checkpointing=true", "fsdp.consolidate_checkpoints=true")
+    single(*sft, "batch_size=4", f"output_dir={one}")
+    assert_same_run(fsdp, one)
+
+    ck = fsdp / "checkpoints" / "step-0000002"
+    assert (ck / "sharded").is_dir() and {p.name for p in ck.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    state = torch.load(ck / "trainer_state.pt", weights_only=False)
+    assert state["distributed"] == "fsdp" and state["world"] == 2 and state["optimizer"] is None
+
+    single(*sft, "batch_size=2", "grad_accum=2", f"output_dir={resumed}", f"resume={ck}")
+    assert [r["step"] for r in train_metrics(resumed)] == [3, 4]
+    for ra, rb in zip(train_metrics(resumed), train_metrics(one)[2:]):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    assert_same_weights(resumed, one)
+
+    # The consolidated folders load in plain transformers and equal the unsharded model.
+    from transformers import AutoModelForCausalLM
+
+    assert json.loads((fsdp / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    m = AutoModelForCausalLM.from_pretrained(str(fsdp))
+    ref = load_file(str(one / "model.safetensors"))
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, ref.get(k, ref["model.embed_tokens.weight"] if k == "lm_head.weight" else None),
+                                   atol=1e-6, rtol=1e-5, msg=k)
+    mid = AutoModelForCausalLM.from_pretrained(str(ck))  # fsdp.consolidate_checkpoints=true
+    assert torch.equal(mid.lm_head.weight, mid.model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_sharded_resume_on_two_ranks_and_refusal(tiny_model_dir, sft_data, tmp_path):
+    """A 2-step FSDP run resumed in place to 3 steps equals 3 uninterrupted steps (one process, same
+    global batch); a single-process checkpoint cannot seed an FSDP run: one line, no traceback."""
+    sft = ["-m", "alignkit", "sft", f"model={tiny_model_dir}", f"data={sft_data}", "lr=3e-3",
+           "schedule=constant", *COMMON]  # constant: the schedule does not depend on max_steps
+    one, part = tmp_path / "one", tmp_path / "part"
+    single(*sft, "max_steps=3", "batch_size=4", f"output_dir={one}")
+    torchrun(29552, *sft, "max_steps=2", "batch_size=2", f"output_dir={part}", "distributed=fsdp")
+    torchrun(29552, *sft, "max_steps=3", "batch_size=2", f"output_dir={part}", "distributed=fsdp", "resume=true")
+    assert [r["step"] for r in train_metrics(part)] == [1, 2, 3]
+    assert_same_run(part, one)
+
+    res = torchrun(29552, *sft, "max_steps=4", "batch_size=2", f"output_dir={tmp_path / 'x'}", "distributed=fsdp",
+                   f"resume={one / 'checkpoints' / 'step-0000003'}", check=False)
+    assert res.returncode != 0 and "written without FSDP (distributed=none)" in res.stderr, res.stderr[-2000:]
+    assert f'File "{ROOT / "src"}' not in res.stderr  # no traceback through alignkit (torchrun adds its own)
+
+
+def test_lora_fsdp_equals_one_process(tiny_model_dir, sft_data, tmp_path):
+    sft = ["-m", "alignkit", "sft", f"model={tiny_model_dir}", f"data={sft_data}", "max_steps=3", "lr=1e-2",
+           "peft.method=lora", "peft.r=4", *COMMON]
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    torchrun(29553, *sft, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp")
+    single(*sft, "batch_size=4", f"output_dir={one}")
+    assert_same_run_adapter(fsdp, one)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(fsdp))
+    assert any("lora_A" in n for n, _ in m.named_parameters())
+
+
+def assert_same_run_adapter(a: Path, b: Path):
+    ma, mb = train_metrics(a), train_metrics(b)
+    for ra, rb in zip(ma, mb):
+        for k in ("loss", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (k, ra["step"])
+    assert_same_weights(a, b, name="adapter_model.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ DPO
+
+
+def test_dpo_fsdp_equals_one_process(tiny_model_dir, tmp_path):
+    from alignkit.toy import world
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", world.preference_rows(8, seed=0))
+    dpo = ["-m", "alignkit", "dpo", f"model={tiny_model_dir}", f"data={data}", "max_steps=3", "lr=5e-3", "beta=0.5",
+           *COMMON]
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    torchrun(29554, *dpo, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp")
+    single(*dpo, "batch_size=4", f"output_dir={one}")
+    # As for DDP (test_dpo.py): float rounding of tiny gradients, amplified by Adam, up to ~lr/50.
+    assert_same_run(fsdp, one, keys=("loss", "grad_norm", "units", "rewards/margin"), rel=1e-4, atol=3e-4)
+
+
+# ------------------------------------------------------------------------------------------ GRPO
+
+GRPO_GRADS = r"""
+import sys, torch
+from pathlib import Path
+from alignkit.advantages import group_normalized
+from alignkit.config import GRPOConfig
+from alignkit.models import load_model, load_tokenizer
+from alignkit.recipes import online as ol
+from alignkit.recipes.grpo import grpo_loss_fn, grpo_units
+from alignkit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
+from alignkit.training.dist import init_distributed
+from alignkit.training.trainer import Trainer
+
+model_dir, out = sys.argv[1], Path(sys.argv[2])
+d = init_distributed()
+tok = load_tokenizer(model_dir)
+prompts = [[{"role": "user", "content": f"{i} + {i}"}] for i in range(8)]
+# Every process samples the same 8 groups (same seed), then trains on its own 4.
+batch = RolloutEngine(tok).generate(load_model(model_dir), prompts, SamplingParams(n=4, max_new_tokens=10, seed=0))
+rewards = torch.tensor([sum(c.isdigit() for c in t) / max(len(t), 1) for t in batch.texts]) + torch.arange(32) % 3 * 0.1
+adv = group_normalized(rewards, 4)
+cfg = GRPOConfig(model=model_dir, output_dir=str(out / "r"), max_new_tokens=10, kl_coef=0.0, progress=False,
+                 tensorboard=False, compute_entropy=False, distributed=sys.argv[3])
+model = load_model(model_dir)
+tr = Trainer(cfg, model, tok, recipe="t", total_steps=1, log=lambda s: None, dist_info=d)
+if d.world > 1:
+    lo, hi = d.rank * 16, (d.rank + 1) * 16
+    batch, adv = RolloutBatch(batch.samples[lo:hi], 4), adv[lo:hi]
+mbs = ol.split_groups(batch, 2, len(batch.samples) // 8, tok.pad_token_id, {"advantages": adv})
+for mb in mbs:
+    mb["loss_mask"] = mb["completion_mask"]
+m = tr.accumulate(mbs, grpo_loss_fn(cfg), grpo_units(cfg.aggregation))
+gn = float(tr.optimizer_step(m)["grad_norm"])
+if tr.fsdp is not None:
+    tr.model.reshard()  # the sharded parameters, whose .grad was reduce-scattered
+sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tr.model.state_dict().items()}
+if d.rank == 0:
+    torch.save({"loss": m["loss"], "grad_norm": gn, "weights": sd}, out / f"grpo-{sys.argv[3]}.pt")
+"""
+
+GRPO_RUN = r"""
+import sys
+from alignkit.config import GRPOConfig
+from alignkit.recipes.grpo import train_grpo
+
+def digits(prompts, completions, **cols):
+    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
+
+model_dir, prompts, out, mode = sys.argv[1:5]
+train_grpo(GRPOConfig(model=model_dir, data=prompts, eval_data=prompts, output_dir=out, max_steps=3, batch_size=2,
+                      grad_accum=2, num_generations=4, max_new_tokens=8, lr=3e-3, kl_coef=0.05, iterations=2,
+                      eval_prompts=3, progress=False, tensorboard=False, plot=False, log_every=1, seed=0,
+                      logits_chunk_size=16, distributed=mode), reward_fn=digits)
+"""
+
+
+def test_grpo_fsdp_gradients_equal_one_process(tiny_model_dir, tmp_path):
+    """8 groups: 2 FSDP ranks x 4 groups (2 micro-batches each) == 1 process x 8 groups: same loss,
+    same global gradient norm, same weights after one optimizer step."""
+    script = tmp_path / "grpo_grads.py"
+    script.write_text(GRPO_GRADS)
+    torchrun(29555, script, tiny_model_dir, tmp_path, "fsdp")
+    single(script, tiny_model_dir, tmp_path, "none")
+    a, b = torch.load(tmp_path / "grpo-fsdp.pt"), torch.load(tmp_path / "grpo-none.pt")
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert sorted(a["weights"]) == sorted(b["weights"])
+    for k in a["weights"]:
+        torch.testing.assert_close(a["weights"][k], b["weights"][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_grpo_run_fsdp_equals_ddp(tiny_model_dir, tmp_path):
+    """Whole GRPO runs (sampling on every rank, a KL reference, 2 updates per rollout, uneven greedy
+    evaluation 2 + 1 prompts) under FSDP2 and under DDP: the same samples, metrics and final weights."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?"} for i in range(16)])
+    script = tmp_path / "grpo_run.py"
+    script.write_text(GRPO_RUN)
+    torchrun(29556, script, tiny_model_dir, prompts, tmp_path / "fsdp", "fsdp")
+    torchrun(29556, script, tiny_model_dir, prompts, tmp_path / "ddp", "ddp")
+    assert_same_run(tmp_path / "fsdp", tmp_path / "ddp", keys=("loss", "grad_norm", "reward_mean", "kl",
+                                                              "response_len"), atol=1e-5)
+    ev = [[r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "eval"] for d in ("fsdp", "ddp")]
+    assert ev[0] and ev[0][-1]["eval_reward"] == pytest.approx(ev[1][-1]["eval_reward"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ choices
+
+
+def test_auto_picks_by_size_and_process_count(tiny_model_dir):
+    from alignkit.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    n = sum(p.numel() for p in model.parameters())
+    cfg = SFTConfig(model="x")
+    assert resolve_mode(cfg, 1, model) == "none"
+    assert resolve_mode(cfg, 2, model) == "ddp"  # far below 1e9 parameters
+    assert resolve_mode(SFTConfig(model="x", fsdp={"auto_min_params": n}), 2, model) == "fsdp"
+    assert resolve_mode(SFTConfig(model="x", fsdp={"auto_min_params": n}, peft={"method": "lora"}), 2, model) == "fsdp"
+    assert resolve_mode(SFTConfig(model="x", fsdp={"auto_min_params": n}, peft={"method": "prompt"}), 2, model) == "ddp"
+    assert resolve_mode(SFTConfig(model="x", distributed="fsdp"), 1, model) == "none"
+    with pytest.raises(UserError, match="distributed=none, but 4 processes"):
+        resolve_mode(SFTConfig(model="x", distributed="none"), 4, model)
+
+
+def test_qlora_with_fsdp_is_one_clear_line(tiny_model_dir, sft_data, tmp_path, capsys):
+    rc = cli_main(["sft", f"model={tiny_model_dir}", f"data={sft_data}", f"output_dir={tmp_path / 'q'}",
+                   "peft.method=qlora", "distributed=fsdp", *COMMON])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "distributed=fsdp with peft.method=qlora" in err[0], err

@@ -72,12 +72,12 @@ def test_sft_fsdp_equals_one_process_and_resumes_on_one(tiny_model_dir, sft_data
     """2 ranks x batch 2 under FSDP2 (with activation checkpointing) == 1 process x batch 4, step by step
     and in the final weights; the sharded checkpoint of step 2 resumes on one process (batch 2 x 2
     micro-batches: the same global batch) to the same end; the consolidated model is the unsharded one."""
-    sft = ["-m", "alignkit", "sft", f"model={tiny_model_dir}", f"data={sft_data}", "max_steps=4", "lr=3e-3",
-           "warmup_steps=1", *COMMON]
+    sft = ["-m", "alignkit", "sft", f"model={tiny_model_dir}", f"data={sft_data}", "lr=3e-3", "warmup_steps=1",
+           *COMMON]
     fsdp, one, resumed = tmp_path / "fsdp", tmp_path / "one", tmp_path / "resumed"
-    torchrun(29551, *sft, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp", "save_every=2",
+    torchrun(29551, *sft, "max_steps=4", "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp", "save_every=2",
              "gradient_checkpointing=true", "fsdp.consolidate_checkpoints=true")
-    single(*sft, "batch_size=4", f"output_dir={one}")
+    single(*sft, "max_steps=4", "batch_size=4", f"output_dir={one}")
     assert_same_run(fsdp, one)
 
     ck = fsdp / "checkpoints" / "step-0000002"
@@ -85,7 +85,7 @@ def test_sft_fsdp_equals_one_process_and_resumes_on_one(tiny_model_dir, sft_data
     state = torch.load(ck / "trainer_state.pt", weights_only=False)
     assert state["distributed"] == "fsdp" and state["world"] == 2 and state["optimizer"] is None
 
-    single(*sft, "batch_size=2", "grad_accum=2", f"output_dir={resumed}", f"resume={ck}")
+    single(*sft, "max_steps=4", "batch_size=2", "grad_accum=2", f"output_dir={resumed}", f"resume={ck}")
     assert [r["step"] for r in train_metrics(resumed)] == [3, 4]
     for ra, rb in zip(train_metrics(resumed), train_metrics(one)[2:]):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
@@ -102,6 +102,9 @@ def test_sft_fsdp_equals_one_process_and_resumes_on_one(tiny_model_dir, sft_data
                                    atol=1e-6, rtol=1e-5, msg=k)
     mid = AutoModelForCausalLM.from_pretrained(str(ck))  # fsdp.consolidate_checkpoints=true
     assert torch.equal(mid.lm_head.weight, mid.model.embed_tokens.weight)
+    # On request, later: resume the sharded checkpoint on one process with max_steps at its step.
+    single(*sft, "max_steps=2", "batch_size=4", f"output_dir={tmp_path / 'cons'}", f"resume={ck}")
+    assert_same_weights(tmp_path / "cons", ck, atol=0)
 
 
 @pytest.mark.slow
@@ -248,6 +251,39 @@ def test_grpo_run_fsdp_equals_ddp(tiny_model_dir, tmp_path):
     assert ev[0] and ev[0][-1]["eval_reward"] == pytest.approx(ev[1][-1]["eval_reward"], rel=1e-6)
 
 
+REWARD = """
+def digits(prompts, completions, **cols):
+    return [sum(c.isdigit() for c in t) / max(len(t), 1) + 0.1 * (len(t) % 3) for t in completions]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [["rm"], ["rloo", "num_generations=2"], ["reinforce"],
+                                    ["online-dpo", "num_generations=2"], ["ppo"],
+                                    ["ppo", "critic=shared_base", "peft.method=lora"],
+                                    ["rs", "rounds=2", "sft_steps=1", "prompts_per_round=4", "num_generations=2"]])
+def test_other_recipes_fsdp_equal_ddp(recipe, tiny_model_dir, tmp_path):
+    from alignkit.toy import world
+
+    name, *extra = recipe
+    if name == "rm":
+        data = [f"data={write_jsonl(tmp_path / 'pairs.jsonl', world.preference_rows(8, seed=0))}"]
+    else:
+        (tmp_path / "rw.py").write_text(REWARD)
+        data = [f"data={write_jsonl(tmp_path / 'p.jsonl', world.prompt_rows(16, seed=0))}",
+                f"reward={tmp_path / 'rw.py'}:digits", "max_new_tokens=8", "kl_coef=0.05"]
+    args = ["-m", "alignkit", name, f"model={tiny_model_dir}", *data, "max_steps=2", "batch_size=2", "lr=3e-3",
+            *COMMON, *extra]
+    for mode in ("fsdp", "ddp"):
+        torchrun(29557, *args, f"output_dir={tmp_path / mode}", f"distributed={mode}")
+    weights = "adapter_model.safetensors" if "peft.method=lora" in extra else "model.safetensors"
+    ma, mb = train_metrics(tmp_path / "fsdp"), train_metrics(tmp_path / "ddp")
+    assert len(ma) == len(mb) > 0
+    for ra, rb in zip(ma, mb):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6), ra["step"]
+    assert_same_weights(tmp_path / "fsdp", tmp_path / "ddp", atol=1e-5, name=weights)
+
+
 # ------------------------------------------------------------------------------------------ choices
 
 
@@ -272,3 +308,75 @@ def test_qlora_with_fsdp_is_one_clear_line(tiny_model_dir, sft_data, tmp_path, c
                    "peft.method=qlora", "distributed=fsdp", *COMMON])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "distributed=fsdp with peft.method=qlora" in err[0], err
+
+
+# ------------------------------------------------------------------------------------------ activation checkpointing
+
+
+def _digits(prompts, completions, **cols):
+    return [sum(c.isdigit() for c in t) / max(len(t), 1) + 0.1 * (len(t) % 3) for t in completions]
+
+
+def _run_recipe(name: str, model_dir: Path, data: Path, out: Path, gc: bool) -> None:
+    from alignkit import config as C
+    from alignkit.recipes import dpo, grpo, online_dpo, ppo, reinforce, rloo, rm, rs, sft
+
+    kw = dict(model=str(model_dir), output_dir=str(out), progress=False, tensorboard=False, plot=False, log_every=1,
+              logits_chunk_size=16, lr=3e-3, seed=0, gradient_checkpointing=gc, batch_size=2)
+    rl = dict(kw, data=str(data["prompts"]), max_new_tokens=8, kl_coef=0.05)
+    if name == "sft":
+        sft.train_sft(C.SFTConfig(**kw, data=str(data["chat"]), max_steps=2))
+    elif name == "dpo":
+        dpo.train_dpo(C.DPOConfig(**kw, data=str(data["pairs"]), max_steps=2))
+    elif name == "rm":
+        rm.train_rm(C.RMConfig(**kw, data=str(data["pairs"]), max_steps=2, eval_fraction=0))
+    elif name == "grpo":
+        grpo.train_grpo(C.GRPOConfig(**rl, max_steps=2, num_generations=2, iterations=2), reward_fn=_digits)
+    elif name == "rloo":
+        rloo.train_rloo(C.RLOOConfig(**rl, max_steps=2, num_generations=2), reward_fn=_digits)
+    elif name == "reinforce":
+        reinforce.train_reinforce(C.ReinforceConfig(**rl, max_steps=2), reward_fn=_digits)
+    elif name == "online_dpo":
+        online_dpo.train_online_dpo(C.OnlineDPOConfig(**rl, max_steps=2), reward_fn=_digits)
+    elif name == "ppo":
+        ppo.train_ppo(C.PPOConfig(**rl, max_steps=2, ppo_epochs=2), reward_fn=_digits)
+    elif name == "rs":
+        rs.train_rs(C.RSConfig(**rl, rounds=1, sft_steps=2, prompts_per_round=4, num_generations=2),
+                    reward_fn=_digits)
+
+
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory) -> dict:
+    from alignkit.toy import world
+
+    d = tmp_path_factory.mktemp("recipes")
+    return {"chat": write_jsonl(d / "chat.jsonl", chat_rows(8)),
+            "pairs": write_jsonl(d / "pairs.jsonl", world.preference_rows(8, seed=0)),
+            "prompts": write_jsonl(d / "prompts.jsonl", world.prompt_rows(16, seed=0))}
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "rm", "grpo", "rloo", "reinforce", "online_dpo", "ppo", "rs"])
+def test_gradient_checkpointing_in_every_recipe_changes_nothing_but_memory(name, tiny_model_dir, recipe_data,
+                                                                           tmp_path, monkeypatch):
+    """gradient_checkpointing=true reaches the trained model's blocks in every recipe, and the run
+    (losses, final weights) is the run without it."""
+    from alignkit.training.trainer import Trainer
+
+    on_blocks: list[bool] = []
+    orig = Trainer.accumulate
+
+    def spy(self, *a, **k):
+        on_blocks.append(any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "accumulate", spy)
+    _run_recipe(name, tiny_model_dir, recipe_data, tmp_path / "off", gc=False)
+    assert on_blocks and not any(on_blocks)
+    on_blocks.clear()
+    _run_recipe(name, tiny_model_dir, recipe_data, tmp_path / "on", gc=True)
+    assert on_blocks and all(on_blocks)
+    ma, mb = train_metrics(tmp_path / "on"), train_metrics(tmp_path / "off")
+    assert len(ma) == len(mb) > 0
+    for ra, rb in zip(ma, mb):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6), ra["step"]
+    assert_same_weights(tmp_path / "on", tmp_path / "off", atol=1e-5)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -204,7 +205,11 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path:
     msd, osd = get_state_dict(model, optimizer, options=_options())
     state = {"model": msd, "optim": osd}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            # One process without a process group (a multi-GPU run resumed on one) reads every shard:
+            # intended, so torch's notice about it is noise.
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
     except Exception as e:  # a different model / trainable set / adapter than the run that wrote it
         msg = str(e).strip().splitlines()
         raise UserError(f"{path.parent}: sharded checkpoint does not match this run ({(msg[0] if msg else '')[:200]}); "

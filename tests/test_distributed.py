@@ -190,9 +190,12 @@ cfg = GRPOConfig(model=model_dir, output_dir=str(out / "r"), max_new_tokens=10, 
                  tensorboard=False, compute_entropy=False, distributed=sys.argv[3])
 model = load_model(model_dir)
 tr = Trainer(cfg, model, tok, recipe="t", total_steps=1, log=lambda s: None, dist_info=d)
+all_rewards = rewards
 if d.world > 1:
     lo, hi = d.rank * 16, (d.rank + 1) * 16
-    batch, adv = RolloutBatch(batch.samples[lo:hi], 4), adv[lo:hi]
+    batch, adv, rewards = RolloutBatch(batch.samples[lo:hi], 4), adv[lo:hi], rewards[lo:hi]
+from alignkit.recipes.grpo import global_std  # scale=batch: the std of the global batch
+assert abs(global_std(rewards, d) - float(all_rewards.double().std())) < 1e-12
 mbs = ol.split_groups(batch, 2, len(batch.samples) // 8, tok.pad_token_id, {"advantages": adv})
 for mb in mbs:
     mb["loss_mask"] = mb["completion_mask"]

@@ -82,7 +82,10 @@ def train_grpo(cfg: GRPOConfig, model=None, tokenizer=None, reward_fn=None) -> d
         if cfg.dynamic_sampling and flat.any():
             batch, rewards, info["refilled_groups"] = refill(run, rstep, ps, cols, batch, rewards)
             ps, cols = run.last_prompts
-        adv = group_normalized(rewards, G, cfg.scale)
+        if cfg.scale == "batch" and run.dist.enabled:  # the batch is every process's samples
+            adv = group_normalized(rewards, G, "none") / (global_std(rewards, run.dist) + 1e-6)
+        else:
+            adv = group_normalized(rewards, G, cfg.scale)
         clock.lap("score")
         # 3. micro-batches of whole groups; loss mask = completion tokens (minus masked truncations)
         mbs = ol.split_groups(batch, cfg.batch_size, cfg.grad_accum, run.pad_id, {"advantages": adv})
@@ -104,6 +107,17 @@ def train_grpo(cfg: GRPOConfig, model=None, tokenizer=None, reward_fn=None) -> d
         return info
 
     return run.loop(step)
+
+
+def global_std(x: torch.Tensor, dist) -> float:
+    """Sample std (n - 1) of `x` over every process, as one process holding all of it would compute."""
+    from alignkit.training.dist import all_reduce_sum
+
+    n, total = all_reduce_sum(torch.tensor([float(x.numel()), float(x.double().sum())], dtype=torch.float64),
+                              dist).tolist()
+    mean = total / n
+    sq = float(all_reduce_sum(float(((x.double() - mean) ** 2).sum()), dist))
+    return (sq / (n - 1)) ** 0.5 if n > 1 else 0.0
 
 
 def refill(run: "ol.OnlineRun", rstep: int, ps: list, cols: dict, batch: RolloutBatch, rewards: torch.Tensor):

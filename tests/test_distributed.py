@@ -217,6 +217,17 @@ def digits(prompts, completions, **cols):
     return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
 
 model_dir, prompts, out, mode = sys.argv[1:5]
+
+from alignkit.recipes import online as ol
+ref_pass = ol.OnlineRun.add_ref_logps
+
+def sharded_reference(self, mbs):  # under FSDP the reference is sharded between its passes
+    if mode == "fsdp":
+        from torch.distributed.tensor import DTensor
+        assert self.ref_fsdp is not None and isinstance(next(self.ref_fsdp.blocks[0].parameters()), DTensor)
+    return ref_pass(self, mbs)
+
+ol.OnlineRun.add_ref_logps = sharded_reference
 train_grpo(GRPOConfig(model=model_dir, data=prompts, eval_data=prompts, output_dir=out, max_steps=3, batch_size=2,
                       grad_accum=2, num_generations=4, max_new_tokens=8, lr=3e-3, kl_coef=0.05, iterations=2,
                       eval_prompts=3, progress=False, tensorboard=False, plot=False, log_every=1, seed=0,
@@ -240,8 +251,8 @@ def test_grpo_fsdp_gradients_equal_one_process(tiny_model_dir, tmp_path):
 
 
 def test_grpo_run_fsdp_equals_ddp(tiny_model_dir, tmp_path):
-    """Whole GRPO runs (sampling on every rank, a KL reference, 2 updates per rollout, uneven greedy
-    evaluation 2 + 1 prompts) under FSDP2 and under DDP: the same samples, metrics and final weights."""
+    """Whole GRPO runs (sampling on every rank, a sharded KL reference, 2 updates per rollout, uneven
+    greedy evaluation 2 + 1 prompts) under FSDP2 and under DDP: the same samples, metrics and weights."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?"} for i in range(16)])
     script = tmp_path / "grpo_run.py"
     script.write_text(GRPO_RUN)

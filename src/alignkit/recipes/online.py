@@ -8,6 +8,7 @@ per-step logging and held-out evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -251,10 +252,16 @@ class OnlineRun:
         self.trainer = Trainer(cfg, policy, self.tok, recipe=recipe, total_steps=steps * updates_per_step,
                                dist_info=self.dist)
         # need_reference: None = as β says (reference_policy); True / False = the recipe decides (online DPO)
+        # Under FSDP a separate reference is sharded like the policy: loaded on the CPU, its shards
+        # move to the device, and it is gathered only for the no-grad reference pass.
+        ref_device = torch.device("cpu") if self.trainer.fsdp is not None else self.dist.device
         if need_reference is None:
-            self.ref = reference_policy(cfg, self.trainer.model, self.dist.device)
+            self.ref = reference_policy(cfg, self.trainer.model, ref_device)
         else:
-            self.ref = load_reference(cfg, self.trainer.model, self.dist.device) if need_reference else None
+            self.ref = load_reference(cfg, self.trainer.model, ref_device) if need_reference else None
+        self.ref_fsdp = None
+        if self.ref is not None and self.ref is not self.trainer.model:
+            self.ref_fsdp = self.trainer.shard_frozen(self.ref)
         self.engine = RolloutEngine(self.tok)
         self.pad_id = self.engine.pad_id
         self.run_dir = self.trainer.run_dir
@@ -296,7 +303,11 @@ class OnlineRun:
     def add_ref_logps(self, mbs: list[dict]) -> None:
         if self.ref is None:
             return
-        with self.trainer.gathered(), ref_context(self.ref, self.trainer.model):
+        if self.ref is self.trainer.model:  # the policy with its adapter off
+            gather = self.trainer.gathered()
+        else:
+            gather = self.ref_fsdp.gathered() if self.ref_fsdp is not None else contextlib.nullcontext()
+        with gather, ref_context(self.ref, self.trainer.model):
             lps = forward_logps(self.ref, mbs, self.cfg.temperature, self.cfg.logits_chunk_size, self.dist.device,
                                 self.trainer.autocast)
         for mb, lp in zip(mbs, lps):

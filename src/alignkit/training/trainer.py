@@ -138,6 +138,7 @@ class Trainer:
             # Mixed precision through FSDP's policy on a GPU (bf16 gathered weights, fp32 reduce and
             # master weights); on CPU autocast as without FSDP.
             mp = self.amp_dtype if self.device.type == "cuda" else None
+            self._fsdp_param_dtype = mp
             self.fsdp = fsdp_lib.FSDPModel(model, self.device, self.dist.world, param_dtype=mp,
                                            cpu_offload=cfg.fsdp.cpu_offload and self.device.type == "cuda",
                                            reshard_after_forward=cfg.fsdp.reshard_after_forward)
@@ -201,6 +202,16 @@ class Trainer:
         if self.fsdp is not None:
             return self.fsdp.params
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def shard_frozen(self, model: torch.nn.Module):
+        """Under FSDP, shard a frozen model (an RL reference) like the trained one, with the same
+        compute dtype; returns its `FSDPModel` (use `.gathered()` around its no-grad passes).
+        Without FSDP: None, and the model stays as it is."""
+        if self.fsdp is None:
+            return None
+        from alignkit.training.fsdp import FSDPModel
+
+        return FSDPModel(model, self.device, self.dist.world, param_dtype=self._fsdp_param_dtype)
 
     def gathered(self):
         """Under FSDP, full weights on every process for work that differs between processes

@@ -6,7 +6,6 @@ with the critic, CLI end to end and bad input."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest

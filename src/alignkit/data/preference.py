@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.data.chat import Encoded, encode_messages, encode_prompt_completion
+from alignkit.data.chat import Encoded, encode_prompt_completion
 from alignkit.data.collate import IGNORE, pad_collate
 from alignkit.data.loading import check_messages, load_rows, require_format
 from alignkit.data.sft import EncodeStats

@@ -120,7 +120,9 @@ def _demo_rows(results: dict) -> tuple[list[dict], list[dict], dict]:
             ev = rec.get("eval", {})
             rm_rows.append({"model": key, "accuracy": ev.get("eval_accuracy"), "margin": ev.get("eval_margin"),
                             "ece_before": ev.get("eval_ece_before", ev.get("eval_ece")),
-                            "ece_after": ev.get("eval_ece_after"), "wall_s": rec.get("wall_s")})
+                            "ece_after": ev.get("eval_ece_after", ev.get("eval_ece_calibrated")),
+                            "wall_s": rec.get("wall_s"),
+                            **{f"acc_{k}": v for k, v in (ev.get("accuracy_by_mistake") or {}).items()}})
             continue
         groups.setdefault(rec.get("method", key), []).append(rec)
     rows = []
@@ -280,7 +282,11 @@ def _html_table(rows: list[dict], columns, cls: str = "sortable") -> str:
 
 RM_COLUMNS = [("model", "reward model", "{}"), ("accuracy", "held-out pair accuracy", "{:.3f}"),
               ("margin", "mean margin", "{:.3f}"), ("ece_before", "ECE before calibration", "{:.3f}"),
-              ("ece_after", "ECE after calibration", "{:.3f}"), ("wall_s", "wall time (s)", "{:.0f}")]
+              ("ece_after", "ECE after calibration", "{:.3f}"),
+              # held-out accuracy per kind of rejected answer (toy pairs)
+              ("acc_format", "vs wrong format", "{:.3f}"), ("acc_dropped_item", "vs dropped item", "{:.3f}"),
+              ("acc_digit_slip", "vs digit slip", "{:.3f}"), ("acc_off_by", "vs off by a little", "{:.3f}"),
+              ("wall_s", "wall time (s)", "{:.0f}")]
 
 
 def build_report(run_dirs: list[Path | str], out_dir: Path | str, title: str = "alignkit report",

@@ -49,7 +49,10 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
         if (Path(path) / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+            from alignkit.models.peft import _quiet_peft
+
+            with _quiet_peft():
+                model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except UserError:

@@ -581,7 +581,10 @@ def _load_adapter_reward_model(path: str, dtype: str):
     if not hasattr(model, "prepare_inputs_for_generation"):  # see recipes.rm.prepare_reward_trainable
         model.prepare_inputs_for_generation = _no_generation
     try:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        from alignkit.models.peft import _quiet_peft
+
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
     except Exception as e:
         raise UserError(f"{path}: could not load the adapter onto {base} ({_first_line(e)})") from None
     model.config.update({CONFIG_KEY: spec.to_dict()})

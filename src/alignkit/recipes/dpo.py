@@ -64,7 +64,6 @@ __all__ = [
     "evaluate_pairs",
     "METRICS",
     "REF_FILE",
-    "demo_stage",
 ]
 
 REF_FILE = "ref_logps.pt"
@@ -421,16 +420,7 @@ def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
                        eval_fn=eval_fn, tokens=batch_tokens)
 
 
-# ----------------------------------------------------------------------------------------------
-# Toy-world demo stage
-# ----------------------------------------------------------------------------------------------
-
-# Settings for DPO from the toy SFT checkpoint (see docs/dpo.md, "Toy task"): full fine-tuning and
-# LoRA, the same pairs for both.
-DEMO_PAIRS = dict(n=1024, pairs="onpolicy", samples=1, temperature=1.0)
-DEMO_FULL = dict(max_steps=32, batch_size=32, lr=1e-4, beta=0.1, sft_weight=1.0, warmup_steps=2, max_length=256)
-DEMO_LORA = dict(DEMO_FULL, lr=1e-3, peft={"method": "lora", "r": 16, "alpha": 32})
-
+# ---------------------------------------------------------------------------------------------- toy pairs
 
 def onpolicy_pairs(model_dir: str, prompts: list[dict], samples: int = 1, temperature: float = 1.0,
                    seed: int = 0, max_new_tokens: int = 24) -> list[dict]:
@@ -452,43 +442,3 @@ def onpolicy_pairs(model_dir: str, prompts: list[dict], samples: int = 1, temper
                 rows.append({"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["answer"]}],
                              "rejected": [{"role": "assistant", "content": text}], "total": p["total"]})
     return rows
-
-
-def _finished(out: Path) -> bool:
-    return (out / "config.yaml").is_file() and ((out / "model.safetensors").is_file()
-                                                 or (out / "adapter_model.safetensors").is_file())
-
-
-def demo_stage(run_dir: Path, sft_model: str, seed: int, quick: bool, reuse: bool = True,
-               difficulty: str = "default") -> dict:
-    """DPO on toy preference pairs from the SFT checkpoint `sft_model`, full and LoRA.
-
-    Pairs: `DEMO_PAIRS` (on-policy: the SFT model's own wrong samples against the reference
-    answers of fresh training prompts; "offline": `world.preference_rows`). Returns
-    {"dpo": dir, "dpo_lora": dir, "pairs": path}; finished runs are reused when `reuse`.
-    quick: a quarter of the pairs and steps (a smoke run)."""
-    from alignkit.toy import world
-
-    run_dir = Path(run_dir)
-    scale = 4 if quick else 1
-    n = DEMO_PAIRS["n"] // scale
-    data = run_dir / "data" / f"dpo_pairs_s{seed}.jsonl"
-    if not (reuse and data.is_file()):
-        if DEMO_PAIRS["pairs"] == "onpolicy":
-            prompts = world.prompt_rows(n, seed=1000 + seed, difficulty=difficulty)
-            rows = onpolicy_pairs(sft_model, prompts, DEMO_PAIRS["samples"], DEMO_PAIRS["temperature"], seed)
-        else:
-            rows = world.preference_rows(n, seed=1000 + seed, difficulty=difficulty)
-        if not rows:
-            raise UserError(f"{sft_model}: the model answered every training prompt right; no pairs to learn from")
-        world.write_jsonl(rows, data)
-    out = {"pairs": str(data)}
-    for name, settings in (("dpo", DEMO_FULL), ("dpo_lora", DEMO_LORA)):
-        target = run_dir / name if seed == 0 else run_dir / f"{name}-s{seed}"
-        if not (reuse and _finished(target)):
-            kw = dict(settings)
-            kw["max_steps"] = max(1, kw["max_steps"] // scale)
-            train_dpo(DPOConfig(model=str(sft_model), data=str(data), output_dir=str(target), seed=seed,
-                                overwrite=True, progress=False, tensorboard=False, log_every=1, **kw))
-        out[name] = str(target)
-    return out

@@ -124,7 +124,7 @@ def refill(run: "ol.OnlineRun", rstep: int, ps: list, cols: dict, batch: Rollout
     """Dynamic sampling: replace groups whose rewards are all equal by groups of fresh prompts, up to
     `max_refill_rounds` extra generations. Groups still flat after that stay (advantage 0)."""
     cfg, G = run.cfg, run.cfg.num_generations
-    keep_ps, keep_cols, keep_samples, keep_r = [], {k: [] for k in cols}, [], []
+    keep_ps, keep_cols = [], {k: [] for k in cols}
     pool_flat = []
 
     def add(ps_, cols_, batch_, r_):

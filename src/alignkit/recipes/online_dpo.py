@@ -22,7 +22,6 @@ See docs/online-dpo.md.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -32,7 +31,7 @@ from alignkit.recipes import online as ol
 from alignkit.rollout.engine import RolloutBatch
 from alignkit.training.dist import all_reduce_sum
 
-__all__ = ["OnlineDPOConfig", "train_online_dpo", "build_pairs", "online_dpo_loss_fn", "pair_batches", "demo_stage"]
+__all__ = ["OnlineDPOConfig", "train_online_dpo", "build_pairs", "online_dpo_loss_fn", "pair_batches"]
 
 
 def build_pairs(rewards: torch.Tensor, group_size: int, min_gap: float = 0.0) -> tuple[list[tuple[int, int]], int]:
@@ -138,27 +137,3 @@ def train_online_dpo(cfg: OnlineDPOConfig, model=None, tokenizer=None, reward_fn
     result = dict(run.loop(step))
     result["wall_s"] = time.time() - t0
     return result
-
-
-def demo_stage(run_dir: Path, sft_model: str, seed: int, quick: bool) -> dict:
-    """Online DPO from the SFT checkpoint on the toy task with the built-in `toy` reward.
-
-    Returns {"model_dir", "wall_s", "steps", "eval_reward", "eval_solved"}."""
-    from alignkit.toy import world
-
-    run_dir = Path(run_dir)
-    data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    train_p, eval_p = data_dir / "odpo_prompts.jsonl", data_dir / "odpo_eval_prompts.jsonl"
-    world.write_jsonl(world.prompt_rows(1024, seed=seed, split="train"), train_p)
-    world.write_jsonl(world.prompt_rows(64, seed=seed, split="eval"), eval_p)
-    out = run_dir / "online_dpo"
-    steps = 32 if quick else 64  # 16 prompts x 4 samples per step
-    cfg = OnlineDPOConfig(model=str(sft_model), data=str(train_p), eval_data=str(eval_p), output_dir=str(out),
-                          reward="toy", max_steps=steps, batch_size=16, num_generations=4, max_new_tokens=24,
-                          lr=5e-5, beta=0.1, warmup_steps=2, schedule="constant", seed=seed, overwrite=True,
-                          progress=False, log_every=4, eval_prompts=64, sample_every=0)
-    t0 = time.time()
-    res = train_online_dpo(cfg)
-    return {"model_dir": str(out), "wall_s": time.time() - t0, "steps": steps,
-            "eval_reward": res.get("eval_reward"), "eval_solved": res.get("eval_solved")}

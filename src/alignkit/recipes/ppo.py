@@ -56,7 +56,6 @@ __all__ = [
     "ppo_policy_loss_fn",
     "ppo_value_loss_fn",
     "build_critic",
-    "demo_stage",
 ]
 
 
@@ -459,31 +458,3 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
     result["wall_s"] = time.time() - t0
     return result
 
-
-# --------------------------------------------------------------------------- toy demo
-
-
-def demo_stage(run_dir: Path, sft_model: str, seed: int, quick: bool) -> dict:
-    """PPO from the SFT checkpoint on the toy task with the built-in `toy` reward.
-
-    Returns {"model_dir", "wall_s", "steps", "eval_reward", "eval_solved"} (the last two: greedy
-    answers on held-out prompts at the end of training, from the run's own evaluation)."""
-    from alignkit.toy import world
-
-    run_dir = Path(run_dir)
-    data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    train_p, eval_p = data_dir / "ppo_prompts.jsonl", data_dir / "ppo_eval_prompts.jsonl"
-    world.write_jsonl(world.prompt_rows(1024, seed=seed, split="train"), train_p)
-    world.write_jsonl(world.prompt_rows(64, seed=seed, split="eval"), eval_p)
-    out = run_dir / "ppo"
-    steps = 32 if quick else 64  # 16 prompts x 4 samples per rollout step
-    cfg = PPOConfig(model=str(sft_model), data=str(train_p), eval_data=str(eval_p), output_dir=str(out),
-                    reward="toy", max_steps=steps, batch_size=8, num_minibatches=2, num_generations=4,
-                    max_new_tokens=24, lr=5e-5, critic_lr=5e-4, kl_coef=0.02, ppo_epochs=2, warmup_steps=2,
-                    schedule="constant", temperature=1.0, seed=seed, overwrite=True, progress=False,
-                    log_every=4, eval_prompts=64, sample_every=0, save_critic=False)
-    t0 = time.time()
-    res = train_ppo(cfg)
-    return {"model_dir": str(out), "wall_s": time.time() - t0, "steps": steps,
-            "eval_reward": res.get("eval_reward"), "eval_solved": res.get("eval_solved")}

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -67,7 +65,7 @@ from alignkit.models.reward import (
 from alignkit.training.dist import init_distributed
 from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
 
-__all__ = ["RMConfig", "train_rm", "rm_loss_fn", "evaluate_pairs", "demo_stage"]
+__all__ = ["RMConfig", "train_rm", "rm_loss_fn", "evaluate_pairs"]
 
 REWARD_CONFIG_FILE = "reward_config.json"  # written next to an adapter (no config.json of its own)
 
@@ -383,64 +381,3 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
         _write_reward_config(Path(cfg.output_dir), spec)
     return result
 
-
-# ---------------------------------------------------------------------------------------- toy demo
-
-
-def demo_stage(run_dir: Path, base_model: str, seed: int, quick: bool) -> dict:
-    """Train both reward models on toy preference pairs; return their held-out metrics.
-
-    Pairs from `alignkit.toy.world.preference_rows`: the chosen answer has the right total in the
-    right format, the rejected one a plausible wrong total (off by a little, a dropped item, a
-    digit slip) or the right total in a wrong format. Held-out pairs come from the eval side of the
-    toy task stream (tasks never seen in training). Every training pair is fresh (steps x batch <
-    pairs): repeated pairs teach the tiny model their totals rather than arithmetic.
-
-    `base_model`: the toy base model (`alignkit.toy.toy_model()`) is enough; in a short comparison the
-    SFT model as the starting point was no better. On the default toy model the scalar model reached
-    0.93 held-out accuracy in the quick setting (600 steps, about 95 s of one CPU core), the
-    distributional one 0.89.
-
-    Returns {"rm_scalar": {...}, "rm_distributional": {...}}: the final held-out metrics
-    (eval_accuracy, eval_margin, eval_ece, and for the distributional model eval_entropy,
-    eval_temperature, eval_ece_calibrated, ...) plus wall_s, accuracy_by_mistake (held-out
-    accuracy per kind of rejected answer) and dir (the saved model)."""
-    from alignkit.toy import world
-
-    run_dir = Path(run_dir)
-    data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    n_train, n_eval, steps = (12000, 400, 600) if quick else (24000, 1000, 1200)
-    train_path = data_dir / "rm_train.jsonl"
-    eval_path = data_dir / "rm_eval.jsonl"
-    eval_rows = world.preference_rows(n_eval, seed=seed, split="eval")
-    world.write_jsonl(world.preference_rows(n_train, seed=seed, split="train"), train_path)
-    world.write_jsonl(eval_rows, eval_path)
-    results = {}
-    for kind in ("scalar", "distributional"):
-        out = run_dir / f"rm_{kind}"
-        cfg = RMConfig(model=str(base_model), data=str(train_path), eval_data=str(eval_path), output_dir=str(out),
-                       kind=kind, max_steps=steps, batch_size=16, lr=3e-4, warmup_steps=steps // 20, max_length=256,
-                       seed=seed, overwrite=True, log_every=50, tensorboard=False, progress=sys.stderr.isatty())
-        t = time.time()
-        res = train_rm(cfg)
-        res = {k: v for k, v in res.items() if isinstance(v, (int, float))}
-        res["wall_s"] = time.time() - t
-        res["accuracy_by_mistake"] = _accuracy_by_mistake(out, eval_rows)
-        res["dir"] = str(out)
-        results[f"rm_{kind}"] = res
-    return results
-
-
-def _accuracy_by_mistake(model_dir: Path, rows: list[dict]) -> dict:
-    """Held-out accuracy of a saved reward model per kind of rejected answer (toy rows' `mistake`)."""
-    from alignkit.models.reward import RewardModel
-
-    rm = RewardModel.from_pretrained(model_dir)
-    prompts = [r["prompt"] for r in rows]
-    r_w = rm.score(prompts, [r["chosen"] for r in rows])
-    r_l = rm.score(prompts, [r["rejected"] for r in rows])
-    won: dict[str, list[float]] = {}
-    for r, a, b in zip(rows, r_w, r_l):
-        won.setdefault(r["mistake"], []).append(1.0 if a > b else 0.5 if a == b else 0.0)
-    return {k: sum(v) / len(v) for k, v in sorted(won.items())}

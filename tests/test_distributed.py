@@ -27,9 +27,19 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
 COMMON = ["progress=false", "tensorboard=false", "plot=false", "log_every=1", "logits_chunk_size=16"]
 
 
-def torchrun(port: int, *args, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                          *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, cwd=str(ROOT))
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, check=True) -> subprocess.CompletedProcess:
+    # A fresh port per launch: a fixed one can still be held by the previous launch's store.
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300,
+                         cwd=str(ROOT))
     if check:
         assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -75,7 +85,7 @@ def test_sft_fsdp_equals_one_process_and_resumes_on_one(tiny_model_dir, sft_data
     sft = ["-m", "alignkit", "sft", f"model={tiny_model_dir}", f"data={sft_data}", "lr=3e-3", "warmup_steps=1",
            *COMMON]
     fsdp, one, resumed = tmp_path / "fsdp", tmp_path / "one", tmp_path / "resumed"
-    torchrun(29551, *sft, "max_steps=4", "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp", "save_every=2",
+    torchrun(*sft, "max_steps=4", "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp", "save_every=2",
              "gradient_checkpointing=true", "fsdp.consolidate_checkpoints=true")
     single(*sft, "max_steps=4", "batch_size=4", f"output_dir={one}")
     assert_same_run(fsdp, one)
@@ -115,12 +125,12 @@ def test_sharded_resume_on_two_ranks_and_refusal(tiny_model_dir, sft_data, tmp_p
            "schedule=constant", *COMMON]  # constant: the schedule does not depend on max_steps
     one, part = tmp_path / "one", tmp_path / "part"
     single(*sft, "max_steps=3", "batch_size=4", f"output_dir={one}")
-    torchrun(29552, *sft, "max_steps=2", "batch_size=2", f"output_dir={part}", "distributed=fsdp")
-    torchrun(29552, *sft, "max_steps=3", "batch_size=2", f"output_dir={part}", "distributed=fsdp", "resume=true")
+    torchrun(*sft, "max_steps=2", "batch_size=2", f"output_dir={part}", "distributed=fsdp")
+    torchrun(*sft, "max_steps=3", "batch_size=2", f"output_dir={part}", "distributed=fsdp", "resume=true")
     assert [r["step"] for r in train_metrics(part)] == [1, 2, 3]
     assert_same_run(part, one)
 
-    res = torchrun(29552, *sft, "max_steps=4", "batch_size=2", f"output_dir={tmp_path / 'x'}", "distributed=fsdp",
+    res = torchrun(*sft, "max_steps=4", "batch_size=2", f"output_dir={tmp_path / 'x'}", "distributed=fsdp",
                    f"resume={one / 'checkpoints' / 'step-0000003'}", check=False)
     assert res.returncode != 0 and "written without FSDP (distributed=none)" in res.stderr, res.stderr[-2000:]
     assert f'File "{ROOT / "src"}' not in res.stderr  # no traceback through alignkit (torchrun adds its own)
@@ -130,7 +140,7 @@ def test_lora_fsdp_equals_one_process(tiny_model_dir, sft_data, tmp_path):
     sft = ["-m", "alignkit", "sft", f"model={tiny_model_dir}", f"data={sft_data}", "max_steps=3", "lr=1e-2",
            "peft.method=lora", "peft.r=4", *COMMON]
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
-    torchrun(29553, *sft, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp")
+    torchrun(*sft, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp")
     single(*sft, "batch_size=4", f"output_dir={one}")
     assert_same_run_adapter(fsdp, one)
     from peft import PeftModel
@@ -158,7 +168,7 @@ def test_dpo_fsdp_equals_one_process(tiny_model_dir, tmp_path):
     dpo = ["-m", "alignkit", "dpo", f"model={tiny_model_dir}", f"data={data}", "max_steps=3", "lr=5e-3", "beta=0.5",
            *COMMON]
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
-    torchrun(29554, *dpo, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp")
+    torchrun(*dpo, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp")
     single(*dpo, "batch_size=4", f"output_dir={one}")
     # As for DDP (test_dpo.py): float rounding of tiny gradients, amplified by Adam, up to ~lr/50.
     assert_same_run(fsdp, one, keys=("loss", "grad_norm", "units", "rewards/margin"), rel=1e-4, atol=3e-4)
@@ -235,12 +245,53 @@ train_grpo(GRPOConfig(model=model_dir, data=prompts, eval_data=prompts, output_d
 """
 
 
+EMPTY_LOAD = r"""
+import sys, torch
+from safetensors.torch import load_file
+from alignkit.config import SFTConfig
+from alignkit.models import load_tokenizer
+from alignkit.models.peft import load_base_model, prepare_trainable
+from alignkit.training.dist import init_distributed
+from alignkit.training.trainer import Trainer
+
+model_dir, out, method = sys.argv[1], sys.argv[2], sys.argv[3]
+d = init_distributed()
+cfg = SFTConfig(model=model_dir, output_dir=out, distributed="fsdp", progress=False, tensorboard=False,
+                peft={"method": method})
+model = load_base_model(cfg)
+# Only rank 0 reads the weights; the other ranks shard an empty model that rank 0 fills.
+assert all(p.is_meta for p in model.parameters()) == (d.rank == 1)
+model = prepare_trainable(model, cfg)
+tr = Trainer(cfg, model, load_tokenizer(model_dir), recipe="t", total_steps=1, log=lambda s: None, dist_info=d)
+with tr.gathered():  # every rank now holds the weights on disk, buffers included
+    sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in tr.model.named_parameters()}
+    disk = load_file(f"{model_dir}/model.safetensors")
+    for k, v in disk.items():
+        assert torch.equal(sd[k], v), k
+    for name, b in tr.model.named_buffers():
+        assert torch.isfinite(b).all() and b.abs().sum() > 0, name
+    if method == "lora":  # the adapters too: rank 0's initialisation on every rank
+        lora = {k: v for k, v in sd.items() if "lora_A" in k}
+        got = [torch.zeros_like(v) for v in lora.values()]
+        for g, v in zip(got, lora.values()):
+            g.copy_(v); torch.distributed.broadcast(g, src=0); assert torch.equal(g, v)
+print("ok", d.rank)
+"""
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_only_rank0_reads_the_weights(tiny_model_dir, tmp_path, method):
+    script = tmp_path / "empty_load.py"
+    script.write_text(EMPTY_LOAD)
+    torchrun(script, tiny_model_dir, tmp_path / "r", method)
+
+
 def test_grpo_fsdp_gradients_equal_one_process(tiny_model_dir, tmp_path):
     """8 groups: 2 FSDP ranks x 4 groups (2 micro-batches each) == 1 process x 8 groups: same loss,
     same global gradient norm, same weights after one optimizer step."""
     script = tmp_path / "grpo_grads.py"
     script.write_text(GRPO_GRADS)
-    torchrun(29555, script, tiny_model_dir, tmp_path, "fsdp")
+    torchrun(script, tiny_model_dir, tmp_path, "fsdp")
     single(script, tiny_model_dir, tmp_path, "none")
     a, b = torch.load(tmp_path / "grpo-fsdp.pt"), torch.load(tmp_path / "grpo-none.pt")
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
@@ -256,8 +307,8 @@ def test_grpo_run_fsdp_equals_ddp(tiny_model_dir, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?"} for i in range(16)])
     script = tmp_path / "grpo_run.py"
     script.write_text(GRPO_RUN)
-    torchrun(29556, script, tiny_model_dir, prompts, tmp_path / "fsdp", "fsdp")
-    torchrun(29556, script, tiny_model_dir, prompts, tmp_path / "ddp", "ddp")
+    torchrun(script, tiny_model_dir, prompts, tmp_path / "fsdp", "fsdp")
+    torchrun(script, tiny_model_dir, prompts, tmp_path / "ddp", "ddp")
     assert_same_run(tmp_path / "fsdp", tmp_path / "ddp", keys=("loss", "grad_norm", "reward_mean", "kl",
                                                               "response_len"), atol=1e-5)
     ev = [[r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
@@ -289,7 +340,7 @@ def test_other_recipes_fsdp_equal_ddp(recipe, tiny_model_dir, tmp_path):
     args = ["-m", "alignkit", name, f"model={tiny_model_dir}", *data, "max_steps=2", "batch_size=2", "lr=3e-3",
             *COMMON, *extra]
     for mode in ("fsdp", "ddp"):
-        torchrun(29557, *args, f"output_dir={tmp_path / mode}", f"distributed={mode}")
+        torchrun(*args, f"output_dir={tmp_path / mode}", f"distributed={mode}")
     weights = "adapter_model.safetensors" if "peft.method=lora" in extra else "model.safetensors"
     ma, mb = train_metrics(tmp_path / "fsdp"), train_metrics(tmp_path / "ddp")
     assert len(ma) == len(mb) > 0

@@ -79,7 +79,10 @@ def load_base_model(cfg: TrainConfig, dtype: str = "float32"):
     from alignkit.models.load import load_model
 
     if cfg.peft.method != "qlora":
-        return load_model(cfg.model, dtype)
+        from alignkit.training.fsdp import empty_model_for_fsdp
+
+        # Under FSDP only rank 0 reads the weights; the others get an empty (meta) model to shard.
+        return empty_model_for_fsdp(cfg, dtype) or load_model(cfg.model, dtype)
     if getattr(cfg, "distributed", None) == "fsdp":  # say so before loading anything
         from alignkit.training.fsdp import check_fsdp_config
 

@@ -84,7 +84,13 @@ def load_reference(cfg: OnlineConfig, policy, device):
         return policy
     from alignkit.models import load_model
 
-    ref = load_model(cfg.ref_model or cfg.model, "float32", device)
+    ref = None
+    if torch.device(device).type == "meta":  # FSDP, rank > 0: shapes only, rank 0 fills the shards
+        from alignkit.training.fsdp import meta_model
+
+        ref = meta_model(cfg.ref_model or cfg.model)
+    if ref is None:
+        ref = load_model(cfg.ref_model or cfg.model, "float32", "cpu" if torch.device(device).type == "meta" else device)
     ref.eval().requires_grad_(False)
     return ref
 
@@ -252,9 +258,11 @@ class OnlineRun:
         self.trainer = Trainer(cfg, policy, self.tok, recipe=recipe, total_steps=steps * updates_per_step,
                                dist_info=self.dist)
         # need_reference: None = as β says (reference_policy); True / False = the recipe decides (online DPO)
-        # Under FSDP a separate reference is sharded like the policy: loaded on the CPU, its shards
-        # move to the device, and it is gathered only for the no-grad reference pass.
-        ref_device = torch.device("cpu") if self.trainer.fsdp is not None else self.dist.device
+        # Under FSDP a separate reference is sharded like the policy: read by rank 0 only (on the CPU),
+        # its shards moved to the device, and gathered only for the no-grad reference pass.
+        ref_device = self.dist.device
+        if self.trainer.fsdp is not None:
+            ref_device = torch.device("cpu" if self.dist.main else "meta")
         if need_reference is None:
             self.ref = reference_policy(cfg, self.trainer.model, ref_device)
         else:

@@ -54,6 +54,42 @@ def resolve_mode(cfg, world: int, model: torch.nn.Module) -> str:
     return mode
 
 
+def empty_model_for_fsdp(cfg, dtype: str = "float32") -> torch.nn.Module | None:
+    """On ranks other than 0 of a run that will use FSDP: the model built on the meta device (no
+    memory, no reading of the weights); `FSDPModel` fills its shards from rank 0. None otherwise
+    (load as usual). Each process would otherwise hold the whole float32 model in CPU memory before
+    sharding: 8 x 282 GB on a node for a 70B model."""
+    import os
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world <= 1 or rank == 0 or cfg.distributed not in ("fsdp", "auto"):
+        return None
+    model = meta_model(cfg.model, dtype)
+    if model is None or resolve_mode(cfg, world, model) != "fsdp":
+        return None
+    return model
+
+
+def meta_model(name_or_path: str, dtype: str = "float32") -> torch.nn.Module | None:
+    """The causal LM of `name_or_path`'s config on the meta device (shapes only), or None when it
+    cannot be built that way (the normal loading path then reports any problem)."""
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignkit.models.load import DTYPES
+
+    path = Path(os.path.expanduser(name_or_path))
+    if (path / "adapter_config.json").is_file():  # an adapter folder: peft loads it onto its base
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=DTYPES.get(dtype, torch.float32))
+    except Exception:
+        return None
+
+
 def check_fsdp_config(cfg) -> None:
     method = cfg.peft.method
     if method == "qlora":
@@ -97,15 +133,25 @@ class FSDPModel:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         if cpu_offload:
             kw["offload_policy"] = CPUOffloadPolicy()
+        # Ranks other than 0 may hold an empty (meta) model (`empty_model_for_fsdp`): rank 0's
+        # weights then fill every rank's shards.
+        empty = any(p.is_meta for p in model.parameters())
+        from_rank0 = bool(all_reduce_max(float(empty), device))
+        full = model.state_dict() if from_rank0 and torch.distributed.get_rank() == 0 else None
         self.blocks = _blocks(model)
         for b in self.blocks:
             fully_shard(b, reshard_after_forward=reshard_after_forward, **kw)
         fully_shard(model, **kw)
+        if empty:
+            model.to_empty(device=device)
         # The root group stays gathered through backward and between steps (see the module doc).
         model.set_reshard_after_backward(False, recurse=False)
         # FSDP2 picks the root as the first module whose forward runs; a recipe may start with a
         # block (through the decoder), so the root is initialised here, before any forward.
         model._get_fsdp_state()._lazy_init()
+        if from_rank0:
+            _fill_from_rank0(model, full or {})
+            del full
         # The sharded parameters are what the optimizer steps and the norm is taken over; once the
         # root group is gathered, model.parameters() yields its gathered copies instead.
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -130,6 +176,7 @@ class FSDPModel:
         """Every block's full weights on every process; no collective runs inside, so processes may
         do different amounts of work (sampling, evaluation on their share of rows)."""
         if self._depth == 0:
+            self.model.unshard()  # no-op unless something (a state dict) put the root back to shards
             for b in self.blocks:
                 b.unshard()
                 b.set_reshard_after_forward(False, recurse=False)
@@ -178,6 +225,22 @@ class FSDPModel:
         for name in self._tied_names:
             sd.pop(name, None)
         return sd
+
+
+def all_reduce_max(x: float, device: torch.device) -> float:
+    t = torch.tensor([x], dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t[0])
+
+
+def _fill_from_rank0(model: torch.nn.Module, full: dict) -> None:
+    """Every rank's shards (and buffers, e.g. rotary frequencies, which state dicts may omit) from
+    rank 0's full weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for b in model.buffers():
+        torch.distributed.broadcast(b, src=0)
 
 
 # Frozen weights (a LoRA base, layers left untrained) never change: the checkpoint holds the

@@ -241,6 +241,8 @@ class Trainer:
                 "check the data's answers and max_length"
             )
         scale = self.dist.world / global_units
+        if self.fsdp is not None:
+            self.fsdp.model.unshard()  # the root group is kept gathered (no-op when it is)
         sums: dict[str, float] = {}
         loss_total = torch.zeros((), dtype=torch.float64)
         self.train_model.train()

@@ -241,6 +241,14 @@ def _fill_from_rank0(model: torch.nn.Module, full: dict) -> None:
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for b in model.buffers():
         torch.distributed.broadcast(b, src=0)
+    # Every process seeded alike and would have drawn alike while loading from disk; building on
+    # the meta device must not leave them on different random streams (modules added later, such
+    # as PPO's critic adapter, are initialised from them on every process).
+    from alignkit.training import checkpoint as ckpt
+
+    box = [ckpt.rng_state() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    ckpt.set_rng_state(box[0])
 
 
 # Frozen weights (a LoRA base, layers left untrained) never change: the checkpoint holds the

@@ -40,8 +40,9 @@ def torchrun(*args, check=True) -> subprocess.CompletedProcess:
     res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(free_port()), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300,
                          cwd=str(ROOT))
-    if check:
-        assert res.returncode == 0, res.stderr[-4000:]
+    if check:  # the first error of the processes, not only torchrun's summary at the end
+        errors = [ln for ln in res.stderr.splitlines() if "Error" in ln or "error:" in ln][:8]
+        assert res.returncode == 0, "\n".join(errors) + "\n" + res.stderr[-3000:]
     return res
 
 
@@ -216,6 +217,9 @@ if tr.fsdp is not None:
 sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tr.model.state_dict().items()}
 if d.rank == 0:
     torch.save({"loss": m["loss"], "grad_norm": gn, "weights": sd}, out / f"grpo-{sys.argv[3]}.pt")
+del tr, model  # the FSDP state goes before the process group
+from alignkit.training.dist import shutdown
+shutdown()
 """
 
 GRPO_RUN = r"""
@@ -242,6 +246,8 @@ train_grpo(GRPOConfig(model=model_dir, data=prompts, eval_data=prompts, output_d
                       grad_accum=2, num_generations=4, max_new_tokens=8, lr=3e-3, kl_coef=0.05, iterations=2,
                       eval_prompts=3, progress=False, tensorboard=False, plot=False, log_every=1, seed=0,
                       logits_chunk_size=16, distributed=mode), reward_fn=digits)
+from alignkit.training.dist import shutdown
+shutdown()
 """
 
 
@@ -276,6 +282,9 @@ with tr.gathered():  # every rank now holds the weights on disk, buffers include
         for g, v in zip(got, lora.values()):
             g.copy_(v); torch.distributed.broadcast(g, src=0); assert torch.equal(g, v)
 print("ok", d.rank)
+del tr, model  # the FSDP state goes before the process group
+from alignkit.training.dist import shutdown
+shutdown()
 """
 
 

@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = build_config(cmd, rest)
         cmd.run(cfg)
+        from alignkit.training.dist import shutdown
+
+        shutdown()
         return 0
     except UserError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)

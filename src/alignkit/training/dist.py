@@ -59,3 +59,15 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shutdown() -> None:
+    """Tear the process group down after a finished run, once the models that used it are gone.
+    Left to interpreter exit, or with FSDP state still alive, gloo's threads can abort a process
+    ("terminate called without an active exception") after all the work is done."""
+    if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # FSDP state kept alive by reference cycles holds the group's pending work
+        dist.barrier()
+        dist.destroy_process_group()

@@ -141,7 +141,9 @@ def test_lora_fsdp_equals_one_process(tiny_model_dir, sft_data, tmp_path):
     sft = ["-m", "alignkit", "sft", f"model={tiny_model_dir}", f"data={sft_data}", "max_steps=3", "lr=1e-2",
            "peft.method=lora", "peft.r=4", *COMMON]
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
-    torchrun(*sft, "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp")
+    # distributed=auto with a threshold below the tiny model's size picks FSDP
+    res = torchrun(*sft, "batch_size=2", f"output_dir={fsdp}", "distributed=auto", "fsdp.auto_min_params=1000")
+    assert "distributed=auto: fsdp (32,288 parameters, fsdp from 1,000)" in res.stderr  # base + LoRA
     single(*sft, "batch_size=4", f"output_dir={one}")
     assert_same_run_adapter(fsdp, one)
     from peft import PeftModel

@@ -62,7 +62,7 @@ def empty_model_for_fsdp(cfg, dtype: str = "float32") -> torch.nn.Module | None:
     import os
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world <= 1 or rank == 0 or cfg.distributed not in ("fsdp", "auto"):
+    if world <= 1 or rank == 0 or getattr(cfg, "distributed", "none") not in ("fsdp", "auto"):
         return None
     model = meta_model(cfg.model, dtype)
     if model is None or resolve_mode(cfg, world, model) != "fsdp":

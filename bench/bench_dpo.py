@@ -20,7 +20,7 @@ final save are outside; the pre-pass is timed on its own and reported). Each sid
 non-padding tokens of every micro-batch it feeds the model and the wall time at the end of
 every optimizer step; pairs/s and tokens/s are over steps skip+1..N. "1-epoch pairs/s" adds the
 pre-pass cost per pair: 1 / (1 / pairs_per_s + prepass_s / pairs_in_data), the throughput of a
-one-epoch run. Peak RSS = the child's own ru_maxrss (whole process, imports included).
+one-epoch run. Peak RSS = the child's own VmHWM (whole process, imports included).
 
     python bench/bench_dpo.py                  # full + lora, 3 repeats each, prints the tables
     python bench/bench_dpo.py --write          # also replaces the "## DPO (CPU)" section of BENCHMARKS.md
@@ -381,7 +381,7 @@ Setup (`bench/bench_dpo.py`, helpers in `bench/common.py`):
   every step. Both sides end at the same loss, so they optimise the same objective.
 - Runs alternate between the sides, each in a fresh process. pairs/s and tokens/s (non-padding
   tokens fed to the model) over optimizer steps {args.skip_steps + 1}..{args.steps}, recorded inside each
-  training loop; peak RSS is the child's `ru_maxrss` (imports included); "RSS growth in training"
+  training loop; peak RSS is the child's `VmHWM` (imports included); "RSS growth in training"
   = peak RSS minus the RSS when the first step starts.
 """
 

@@ -534,7 +534,7 @@ Setup (`bench/bench_grpo.py`; model, prompts and stop set built by `bench/bench_
   policy's with grad for the loss, plus the reference / old-policy no-grad passes: alignkit `seq_logps`, TRL
   `_get_per_token_logps_and_entropies`); "rest" = everything else (backward, optimizer, tokenizing, scoring,
   batching, logging). Rollout tok/s = generated tokens / wall time inside the generation call. Peak RSS: the
-  child's `ru_maxrss` (whole process; RLOO's includes the reference model on both sides).
+  child's `VmHWM` (whole process; RLOO's includes the reference model on both sides).
 
 Settings, side by side (read from the installed TRL source: `GRPOConfig`/`RLOOConfig` and the trainers):
 

@@ -20,7 +20,7 @@ steps per rollout step; GRPO makes 2 (`iterations`); online DPO 1.
 
 Measured per configuration: seconds per rollout step after a warm-up step (median over the
 timed steps), its split (generate / score / no-grad passes / train), and the child's peak RSS
-(ru_maxrss: the whole process, Python and torch included). The RSS of a process that only
+(VmHWM: the whole process, Python and torch included). The RSS of a process that only
 imports torch + transformers and loads the model once is reported as the floor.
 
     python bench/bench_ppo.py                 # all configurations, one run each
@@ -275,7 +275,7 @@ def section_body(args, ws, table: str, when: str, cmd: str, load: list[float], r
   minibatches (4 optimizer steps); online DPO and GRPO 4 answers x {args.answers // 4} prompts (1 and 2 optimizer
   steps). Time per rollout step = median over {args.steps} step{'s' if args.steps != 1 else ''} after one warm-up step, split into generate /
   score / no-grad passes (old, reference, critic values, GAE) / train.
-- Peak RSS: the child process's ru_maxrss (Python, torch, data and everything); "floor" is a process that
+- Peak RSS: the child process's VmHWM (Python, torch, data and everything); "floor" is a process that
   imports the stack and loads the model once. LoRA: r = 16 on every linear layer. The separate critic is a full
   copy of the backbone trained with its own AdamW; the shared-base critic is a second adapter + value head.
 

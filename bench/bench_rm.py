@@ -27,7 +27,7 @@ outside). Each side records, inside its training loop, the real (non-padding) to
 full sequences of every pair it trains on, and the wall time at the end of every optimizer step;
 throughput = pairs (and pair tokens) of steps 2..N / (end of step N - end of step 1). The token
 count is the same quantity on both sides (2 x prompt + both responses per pair), whatever each
-side actually feeds its network. Peak RSS = the child's own ru_maxrss (whole process).
+side actually feeds its network. Peak RSS = the child's own VmHWM (whole process).
 
     python bench/bench_rm.py                  # both variants, 3 repeats, prints the table
     python bench/bench_rm.py --write          # also replaces "## Reward model (CPU)" in BENCHMARKS.md
@@ -447,7 +447,7 @@ Setup (`bench/bench_rm.py`, helpers in `bench/common.py`):
   `training_step` override and a `TrainerCallback`); model loading, tokenisation and the final save
   are not timed. "pair tokens" = the real tokens of both full sequences of each pair, the same count on
   every side whatever it feeds its network.
-- peak RSS: the child's `ru_maxrss` (whole process, imports included). "RSS growth in training" = peak
+- peak RSS: the child's `VmHWM` (whole process, imports included). "RSS growth in training" = peak
   RSS minus the RSS when the first step starts.
 """
 

@@ -488,7 +488,7 @@ Setup (`bench/bench_rollout.py`):
 - Timed: wall time of the generate call only; tokens = generated tokens up to and including the stop
   token. Each run is a fresh process (one untimed full-size warm-up call, then {args.calls} timed call(s) with
   other seeds, median reported); runs alternate alignkit, transformers, alignkit, ... ({args.repeats} each).
-  Peak RSS: the child's `ru_maxrss` (whole process).
+  Peak RSS: the child's `VmHWM` (whole process).
 """
 
 

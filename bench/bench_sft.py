@@ -11,7 +11,7 @@ What is timed: the optimizer steps only (model load, tokenisation and the final 
 outside). Each side records, inside its training loop, the non-padding tokens of every
 micro-batch it feeds the model and the wall time at the end of every optimizer step; tokens/s =
 tokens of steps 2..N / (end of step N - end of step 1), so step 1's one-off costs are left out on
-both sides. Peak RSS = the child's own ru_maxrss (whole process, imports included); the parent's
+both sides. Peak RSS = the child's own VmHWM (whole process, imports included); the parent's
 psutil polling (every 20 ms) is kept as a cross-check.
 
     python bench/bench_sft.py                 # padded + packed rows, 3 repeats each, prints the table
@@ -635,7 +635,7 @@ Setup (`bench/bench_sft.py`, helpers in `bench/common.py`):
   inside each training loop: alignkit via wrappers on `Trainer.accumulate`/`optimizer_step`,
   TRL via a `training_step` override and a `TrainerCallback`); model loading, tokenisation and the
   final save are not timed. "trained tok/s" counts only the tokens that carry loss.
-- peak RSS: the child's `ru_maxrss` (whole process, imports included). "RSS growth in training" =
+- peak RSS: the child's `VmHWM` (whole process, imports included). "RSS growth in training" =
   peak RSS minus the RSS when the first step starts (what training itself adds).
 - tokens/CPU-s: the same tokens per second of process CPU time (all threads) over the same steps;
   less sensitive than wall time to other load on the machine.

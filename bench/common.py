@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import re
-import resource
 import shlex
 import statistics
 import subprocess
@@ -285,7 +284,7 @@ def run_child(argv: list[str], env: dict, timeout: float = 1800, poll_s: float =
               cwd: str | os.PathLike | None = None) -> ChildResult:
     """Run `python argv...` in a fresh process. The child writes its JSON report to the file named
     by $BENCH_RESULT (see `child_finish`). The parent polls the RSS of the child and its
-    descendants every `poll_s` seconds (psutil) as a cross-check of the child's own ru_maxrss."""
+    descendants every `poll_s` seconds (psutil) as a cross-check of the child's own VmHWM."""
     import psutil
 
     with tempfile.TemporaryDirectory(prefix="bench-child-") as td:
@@ -322,8 +321,10 @@ def current_rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """This process's high-water RSS (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's high-water RSS (VmHWM on Linux: ru_maxrss would carry the parent's peak over exec)."""
+    from alignkit.training.trainer import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 class StepClock:

@@ -176,9 +176,13 @@ class Pipeline:
 
         path = self.run / "data" / "pairs_onpolicy.jsonl"
         if not path.exists():
+            t0 = time.time()
             prompts = [json.loads(ln) for ln in Path(self.data()["prompts"]).read_text(encoding="utf-8").splitlines()]
             rows = onpolicy_pairs(sft_dir, prompts, samples=1, temperature=1.0, seed=0,
                                   max_new_tokens=self.cfg.max_new_tokens)
+            # what building the pairs cost is charged to every method that trains on them
+            self.results["pairs_onpolicy"] = {"wall_s": time.time() - t0, "pairs": len(rows), "prompts": len(prompts)}
+            self._save()
             world.write_jsonl(rows, path)  # atomic
         return str(path)
 
@@ -299,6 +303,9 @@ class Pipeline:
                                     eval_every=max(1, args[m.steps_key] // 4))
                     rec = self.run_command(m.name, m.command, self.run / key, args)
                     rec.update(method=m.name, seed=seed, needs=m.needs)
+                    if m.data == "pairs_onpolicy" and "pairs_onpolicy" in self.results:
+                        rec["train_wall_s"] = rec["wall_s"]
+                        rec["wall_s"] += self.results["pairs_onpolicy"]["wall_s"]
                     if rec["returncode"] == 0:
                         rec["eval"] = self.evaluate(str(self.run / key), str(sft_dir))
                     self.record(key, rec)

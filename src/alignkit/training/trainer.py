@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,11 +41,25 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
-def peak_memory(device: torch.device) -> dict:
-    """Peak resident memory of this process so far (and peak CUDA memory on a GPU), in MiB."""
+def peak_rss_mb() -> float:
+    """This process's high-water resident memory in MiB. Linux: VmHWM, because ru_maxrss survives
+    fork+exec, so a process started by a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB elsewhere
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process so far (and peak CUDA memory on a GPU), in MiB."""
+    out = {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out

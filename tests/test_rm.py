@@ -423,6 +423,7 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
          "row 2: 'chosen' is empty"),
         ([{"prompt": "q", "answer": "a"}], "missing columns"),
         ([{"chosen": "x", "rejected": "y"}], "row 1"),
+        ([{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}], "'margin' must be a number"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, rows, needle):
@@ -474,3 +475,9 @@ def test_shared_prompt_pass_equals_full_sequences(tiny_model_dir, tok, tmp_path,
                  [1, 1, 1, 1, 0, 0],
                  [1, 1, 0, 0, 1, 0],
                  [0, 0, 0, 0, 0, 1]]
+
+
+def test_null_margin_means_no_margin(tok, tmp_path):
+    rows = [dict(r, margin=m) for r, m in zip(text_pairs(3, seed=1), (1.5, None, 0.0))]
+    pairs, _ = load_pairs(str(write_jsonl(tmp_path / "m.jsonl", rows)), "train", tok, 128)
+    assert [p.margin for p in pairs] == [1.5, None, 0.0]

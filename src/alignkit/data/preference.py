@@ -153,7 +153,7 @@ def load_pairs(path: str, split: str, tokenizer, max_length: int, truncation: st
             continue
         ce, re_, plen = fitted
         margin = None
-        if has_margin:
+        if has_margin and row["margin"] is not None:  # null: this pair has no margin (0 in the loss)
             try:
                 margin = float(row["margin"])
             except (TypeError, ValueError):

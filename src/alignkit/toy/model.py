@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when anything that changes the built model changes (data, tokenizer, architecture, training).
-BUILD_VERSION = 2
+BUILD_VERSION = 3  # 3: built with the fused AdamW step
 
 DONE_FILE = "toy_build.json"  # written last: its presence marks a complete build
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")

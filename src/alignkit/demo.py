@@ -74,7 +74,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         # pairs: the SFT model's own wrong answers (one sample per training prompt) vs the reference
-        # answers, about 3 of 4 prompts give one; one epoch; the NLL term (sft_weight) keeps the
+        # answers, about 7 of 10 prompts give one; about one epoch; the NLL term (sft_weight) keeps the
         # chosen answers' likelihood from falling with the rejected ones'
         Method("dpo", "dpo", "prompts + reference answers", "pairs_onpolicy",
                dict(max_steps=PROMPTS // 32 * 3 // 4, batch_size=32, lr=1e-4, beta=0.1, sft_weight=1.0,

@@ -96,7 +96,8 @@ METHODS: dict[str, Method] = {
                dict(_RL, max_steps=PROMPTS // 16, batch_size=8, num_generations=4, lr=1e-5, critic_lr=5e-4,
                     kl_coef=0.02, ppo_epochs=2, num_minibatches=2)),
         Method("online_dpo", "online-dpo", "prompts + reward", "prompts",
-               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, beta=0.1)),
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, beta=0.1,
+                    sft_weight=1.0)),
     ]
 }
 

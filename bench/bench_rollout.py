@@ -420,29 +420,18 @@ def analysis(args, runs: list[dict], micro: dict) -> str:
             f"bookkeeping {m('hf', v, 'other_cpu'):.2f} vs {m('alignkit', v, 'other_cpu'):.2f}. "
             + ("Both gains (prefill once, finished samples out) apply: "
                f"{ratio:.1f}x the tokens per CPU-second, the 2x target met." if v == "eos" else
-               "Nothing finishes early, so the decode work is the same on both sides and the prefill is "
-               f"alignkit's only gain: {ratio:.1f}x, short of 2x. Per row-step the two decode forwards cost "
-               "the same, and so does sampling."))
+               "Nothing finishes early, so the decode work is the same on both sides; prefilling once and "
+               f"the cheaper sampling are alignkit's gains: {ratio:.1f}x" + (", short of 2x." if ratio < 2 else ".")))
     if micro:
-        steps = args.max_new_tokens
-        saved_s = steps * (micro["multinomial_ms"] - micro["inverse_cdf_ms"]) / 1000  # fixed variant, full batch
-        lines += ["", f"After the model forwards, sampling is alignkit's largest cost, and the one it can cut. Both "
-                  f"sides draw the next token with `torch.multinomial`, which on CPU draws exponential noise for "
-                  f"every entry of the (rows x vocab) probability matrix: {micro['multinomial_ms']:.1f} ms CPU per "
-                  f"decode step at {micro['rows']} x {micro['vocab']} (about "
-                  f"{steps * micro['multinomial_ms'] / 1000:.2f} CPU-s over {steps} full-batch steps), against "
-                  f"{micro['inverse_cdf_ms']:.1f} ms for inverse-CDF sampling (`cumsum`, one uniform per row, "
-                  f"`searchsorted`: the same distribution). The engine's extra log-softmax for the returned "
-                  f"log-probs costs {micro['log_softmax_ms']:.1f} ms per step. Proposed change in "
-                  "`src/alignkit/rollout/engine.py` (`sample_tokens`): draw with `torch.searchsorted(probs.cumsum(-1), "
-                  "torch.rand(B, 1, generator=gen) * probs.sum(-1, keepdim=True))` (clamped to vocab - 1) instead "
-                  "of `torch.multinomial`, skip the division when temperature is 1, and take `probs = logp.exp()` "
-                  "when no top-k/top-p truncation applies instead of a second softmax. That takes most of the "
-                  "\"sampling + rest\" column away, which in the fixed variant would lift alignkit to about "
-                  f"{m('hf', 'fixed', 'call_cpu') / max(1e-9, m('alignkit', 'fixed', 'call_cpu') - saved_s):.1f}x "
-                  "(estimate from the columns above). Next after that: `DynamicCache` grows every layer's keys and "
-                  "values with `torch.cat` at each step (a copy of the whole cache per token); a cache "
-                  "preallocated to prompt + max_new_tokens and written in place would remove that copy."]
+        lines += ["", f"Sampling: transformers draws the next token with `torch.multinomial`, which on CPU draws "
+                  f"exponential noise for every entry of the (rows x vocab) probability matrix: "
+                  f"{micro['multinomial_ms']:.1f} ms CPU per decode step at {micro['rows']} x {micro['vocab']}; "
+                  f"alignkit's engine samples by inverse CDF (`cumsum`, one uniform per row, `searchsorted`: the "
+                  f"same distribution), {micro['inverse_cdf_ms']:.1f} ms, plus {micro['log_softmax_ms']:.1f} ms for "
+                  "the log-probs it returns. What is left in the fixed variant is the decode forwards, which cost "
+                  "the same on both sides. Next: `DynamicCache` grows every layer's keys and values with "
+                  "`torch.cat` at each step (a copy of the whole cache per token); a cache preallocated to prompt + "
+                  "max_new_tokens and written in place would remove that copy."]
     return "\n".join(lines)
 
 

@@ -75,7 +75,7 @@ def test_naive_per_microbatch_mean_would_differ(tiny_model_dir):
     full = pad_collate(rows, tok.pad_token_id)
     lp = causal_lm_token_logps(model, full["input_ids"], full["attention_mask"], full["position_ids"], full["targets"])
     m = full["targets"] != IGNORE
-    token_mean = float(-(lp * m).sum() / m.sum())
+    token_mean = float(-(lp * m).sum().detach() / m.sum())
     per_mb = []
     for k in range(0, 8, 2):
         b = pad_collate(rows[k:k + 2], tok.pad_token_id)

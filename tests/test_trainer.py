@@ -81,7 +81,7 @@ def test_naive_per_microbatch_mean_would_differ(tiny_model_dir):
         b = pad_collate(rows[k:k + 2], tok.pad_token_id)
         l2 = causal_lm_token_logps(model, b["input_ids"], b["attention_mask"], b["position_ids"], b["targets"])
         mm = b["targets"] != IGNORE
-        per_mb.append(float(-(l2 * mm).sum() / mm.sum()))
+        per_mb.append(float(-(l2 * mm).sum().detach() / mm.sum()))
     assert abs(sum(per_mb) / 4 - token_mean) > 1e-3
 
 

@@ -392,8 +392,8 @@ def from_json(args) -> int:
     a = argparse.Namespace(**{**vars(args), **saved["args"], "write": args.write, "from_json": args.from_json,
                               "note": args.note or saved["args"].get("note", "")})
     runs = saved["runs"]
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    variants = common.choices(a.variants)
+    sides = common.choices(a.sides)
     tables = report(a, runs, variants, sides, a.pairs)
     print(tables)
     if args.write:
@@ -414,11 +414,8 @@ def main() -> int:
     if args.child:
         run_one_child(args)
         return 0
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"--variants: unknown {v!r}; use {', '.join(VARIANTS)}")
+    variants = common.choices(args.variants, VARIANTS, "--variants")
+    sides = common.choices(args.sides, None, "--sides")
     cmd = common.command_line()
     if args.from_json:
         return from_json(args)

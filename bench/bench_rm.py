@@ -457,14 +457,8 @@ def main() -> int:
     if args.child:
         run_one_child(args)
         return 0
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"--variants: unknown {v!r}; use {', '.join(VARIANTS)}")
-    for s in sides:
-        if s not in SIDES:
-            raise SystemExit(f"--sides: unknown {s!r}; use {', '.join(SIDES)}")
+    variants = common.choices(args.variants, VARIANTS, "--variants")
+    sides = common.choices(args.sides, SIDES, "--sides")
     cmd = common.command_line()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())

@@ -501,14 +501,8 @@ def main() -> int:
         common.child_finish(child_micro(args) if args.child == "micro" else child_run(args))
         return 0
     saved = load_saved(args)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"--variants: unknown {v!r}; use {', '.join(VARIANTS)}")
-    for s in sides:
-        if s not in SIDES:
-            raise SystemExit(f"--sides: unknown {s!r}; use {', '.join(SIDES)}")
+    variants = common.choices(args.variants, VARIANTS, "--variants")
+    sides = common.choices(args.sides, SIDES, "--sides")
     cmd = saved.get("cmd", common.command_line()) if saved else common.command_line()
     tmp = None
     if args.workdir is None:

@@ -734,14 +734,8 @@ def main() -> int:
     if args.child:
         run_one_child(args)
         return 0
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"--variants: unknown {v!r}; use {', '.join(VARIANTS)}")
-    for s in sides:
-        if s not in SIDES:
-            raise SystemExit(f"--sides: unknown {s!r}; use {', '.join(SIDES)}")
+    variants = common.choices(args.variants, VARIANTS, "--variants")
+    sides = common.choices(args.sides, SIDES, "--sides")
     if args.max_tokens > args.max_length:
         raise SystemExit("--max-tokens must be <= --max-length (the packed TRL row runs with max_length=None)")
     cmd = common.command_line()
@@ -752,8 +746,8 @@ def main() -> int:
             if k not in ("write", "json", "render_json", "workdir"):
                 setattr(args, k, val)
         args.write = write
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+        variants = common.choices(args.variants)
+        sides = common.choices(args.sides)
         cmd, when_saved = saved.get("cmd", cmd), saved.get("when")
     tmp = None
     if args.workdir is None:

@@ -444,6 +444,16 @@ def versions(*names: str) -> str:
     return ", ".join(out)
 
 
+def choices(text: str, allowed=None, flag: str = "") -> list[str]:
+    """A comma-separated option value as a list; with `allowed`, an unknown entry stops the run
+    naming the flag and the valid values."""
+    picked = [x.strip() for x in str(text).split(",") if x.strip()]
+    for x in picked:
+        if allowed is not None and x not in allowed:
+            raise SystemExit(f"{flag}: unknown {x!r}; use {', '.join(allowed)}")
+    return picked
+
+
 def command_line() -> str:
     """The invocation, as a command a reader can paste (relative to the repository root)."""
     script = Path(sys.argv[0]).resolve()

@@ -178,7 +178,7 @@ class Pipeline:
         path = self.run / "data" / "pairs_onpolicy.jsonl"
         if not path.exists():
             t0 = time.time()
-            prompts = [json.loads(ln) for ln in Path(self.data()["prompts"]).read_text(encoding="utf-8").splitlines()]
+            prompts = world.read_jsonl(self.data()["prompts"])
             rows = onpolicy_pairs(sft_dir, prompts, samples=1, temperature=1.0, seed=0,
                                   max_new_tokens=self.cfg.max_new_tokens)
             # what building the pairs cost is charged to every method that trains on them
@@ -335,8 +335,9 @@ def _run_stats(out: Path) -> dict:
     path = out / "metrics.jsonl"
     if not path.exists():
         return {}
-    recs = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    train = [r for r in recs if r.get("kind") == "train"]
+    from alignkit.toy import world
+
+    train = [r for r in world.read_jsonl(path) if r.get("kind") == "train"]
     stats: dict = {"steps": train[-1]["step"] if train else 0}
     peaks = [r["peak_rss_mb"] for r in train if "peak_rss_mb" in r]
     if peaks:
@@ -354,8 +355,9 @@ def _run_stats(out: Path) -> dict:
 def _accuracy_by_mistake(model_dir: Path, pairs_path: str) -> dict:
     """Held-out accuracy of a saved reward model per kind of rejected answer (toy rows' `mistake`)."""
     from alignkit.models.reward import RewardModel
+    from alignkit.toy import world
 
-    rows = [json.loads(ln) for ln in Path(pairs_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rows = world.read_jsonl(pairs_path)
     rm = RewardModel.from_pretrained(model_dir)
     prompts = [r["prompt"] for r in rows]
     r_w = rm.score(prompts, [r["chosen"] for r in rows])
@@ -370,8 +372,9 @@ def _last_eval(out: Path) -> dict:
     path = out / "metrics.jsonl"
     if not path.exists():
         return {}
-    evals = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()
-             if ln.strip() and json.loads(ln).get("kind") == "eval"]
+    from alignkit.toy import world
+
+    evals = [r for r in world.read_jsonl(path) if r.get("kind") == "eval"]
     return {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "kind", "time")}
 
 

@@ -57,6 +57,14 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB elsewhere
 
 
+def fused_adamw_ok(params) -> bool:
+    """Whether AdamW's fused kernel takes these parameters: plain floating-point tensors on CPU or
+    CUDA. It makes one pass over each tensor instead of a dozen elementwise ops (measured 7-8x
+    faster per step than the foreach path on CPU, torch 2.13)."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and type(p.data) is torch.Tensor
+               for p in params)
+
+
 def peak_memory(device: torch.device) -> dict:
     """Peak resident memory of this process so far (and peak CUDA memory on a GPU), in MiB."""
     out = {"peak_rss_mb": peak_rss_mb()}
@@ -213,13 +221,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _fused_adamw(self, params) -> bool:
-        """The fused AdamW kernel: one pass over each tensor instead of a dozen elementwise ops
-        (measured 7-8x faster per step than the foreach path on CPU, torch 2.13). Not with FSDP on
-        CPU (sharded DTensor params there go through the foreach path) or CPU offload."""
+        """Not with FSDP on CPU (sharded DTensor params there go through the foreach path) or with
+        CPU offload; otherwise whenever the kernel takes the parameters."""
         if self.fsdp:
             return self.device.type == "cuda" and not self.cfg.fsdp.cpu_offload
-        floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-        return self.device.type in ("cuda", "cpu") and all(p.dtype in floats for p in params)
+        return fused_adamw_ok(params)
 
     def _trainable(self) -> list[torch.Tensor]:
         if self.fsdp is not None:

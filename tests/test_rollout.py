@@ -92,6 +92,52 @@ def test_stop_reasons(mt):
     assert s.finish_reason == "stop" and stop not in s.text and text.startswith(s.text)
 
 
+def test_preallocated_cache_matches_growing_cache(mt, monkeypatch):
+    """Decoding into preallocated buffers gives the samples and log-probs of a cache that grows by
+    concatenation, with finished samples leaving the batch along the way."""
+    from alignkit.rollout import engine as eng_mod
+
+    model, tok = mt
+    eng = RolloutEngine(tok)
+    p = SamplingParams(n=5, temperature=1.3, max_new_tokens=14, seed=2)
+    fast = eng.generate(model, PROMPTS, p)
+
+    def grow_only(cache, n, capacity):
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+
+    monkeypatch.setattr(eng_mod, "_preallocate", grow_only)
+    slow = eng.generate(model, PROMPTS, p)
+    assert any(s.finish_reason == "eos" for s in slow.samples)  # rows did leave the batch
+    assert [s.completion_ids for s in fast.samples] == [s.completion_ids for s in slow.samples]
+    for a, b in zip(fast.samples, slow.samples):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+
+
+def test_preallocated_layer_against_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from alignkit.rollout.engine import _preallocated_layer_class
+
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    ref = DynamicLayer()
+    ref.update(k0, v0)
+    ref.batch_repeat_interleave(3)
+    fast = _preallocated_layer_class()(k0, v0, n=3, capacity=6)  # room for 2 more tokens, then it must grow
+    for step in range(4):
+        k, v = torch.randn(6 if step < 2 else 4, 3, 1, 5, generator=g), torch.randn(6 if step < 2 else 4, 3, 1, 5,
+                                                                                     generator=g)
+        if step == 2:
+            keep = torch.tensor([0, 2, 3, 5])
+            ref.batch_select_indices(keep)
+            fast.batch_select_indices(keep)
+        rk, rv = ref.update(k, v)
+        fk, fv = fast.update(k, v)
+        assert torch.equal(rk, fk) and torch.equal(rv, fv)
+        assert fast.get_seq_length() == ref.get_seq_length() == 5 + step
+
+
 def test_sampler_matches_the_distribution():
     """Inverse-CDF sampling draws from softmax(logits / T) after top-k / top-p truncation."""
     from alignkit.rollout.engine import sample_tokens

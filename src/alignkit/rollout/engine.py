@@ -6,7 +6,9 @@ One call samples `n` completions for each of a list of prompts:
    logits are computed. The prefilled cache is then repeated `n` times along the batch, so the
    `n` samples of a prompt share its prefill instead of recomputing it (as
    `generate(num_return_sequences=n)` does on an expanded batch).
-2. Each decode step feeds one token per live sample. A sample stops at an end-of-turn/eos token,
+2. Each layer's keys and values go into buffers sized for prompt + max_new_tokens, written in
+   place at each step (a growing cache would copy itself at every token).
+   Each decode step feeds one token per live sample. A sample stops at an end-of-turn/eos token,
    at a stop string, or at `max_new_tokens`; finished samples are dropped from the batch and
    from the cache, so they stop costing compute.
 3. For every generated token the engine returns the log-probability under the distribution it
@@ -19,6 +21,7 @@ Randomness comes from one `torch.Generator` seeded per call, so a seed gives the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -173,8 +176,10 @@ class RolloutEngine:
         stats["prefill_tokens"] += int(attn.sum())
         cache = out.past_key_values
         logits = out.logits[:, -1]
-        if n > 1:  # share the prefill: repeat the cache, not the computation
-            cache.batch_repeat_interleave(n)
+        # share the prefill (repeat the cache, not the computation) and give each layer room for every
+        # token still to come, so decoding writes in place instead of re-concatenating the cache
+        _preallocate(cache, n, Tp + p.max_new_tokens)
+        if n > 1:
             logits = logits.repeat_interleave(n, 0)
             attn = attn.repeat_interleave(n, 0)
             pos = pos.repeat_interleave(n, 0)
@@ -259,6 +264,93 @@ class RolloutEngine:
             reason = "eos" if comp and comp[-1] in self.stop_ids else "length"
             out.append(self._finish(offset + b // p.n, chunk[b // p.n], comp, lps, reason, p))
         return out
+
+
+@functools.cache
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A cache layer whose keys and values live in buffers sized for prompt + max_new_tokens.
+
+        DynamicLayer grows with torch.cat, a copy of the whole layer cache at every decoded token;
+        here a token is one in-place write, and `keys`/`values` are views of the filled part."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, n: int, capacity: int):
+            super().__init__()
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self._k, self._v = _repeat_into(keys, n, capacity), _repeat_into(values, n, capacity)
+            self._len = keys.shape[-2]
+            self._views()
+
+        def _views(self) -> None:
+            self.keys = self._k[:, :, : self._len]
+            self.values = self._v[:, :, : self._len]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self._len + key_states.shape[-2]
+            if end > self._k.shape[-2]:  # more tokens than planned: grow
+                extra = end - self._k.shape[-2]
+                self._k = torch.cat([self._k, self._k.new_empty(self._k.shape[:2] + (extra,) + self._k.shape[3:])], -2)
+                self._v = torch.cat([self._v, self._v.new_empty(self._v.shape[:2] + (extra,) + self._v.shape[3:])], -2)
+            self._k[:, :, self._len:end].copy_(key_states)
+            self._v[:, :, self._len:end].copy_(value_states)
+            self._len = end
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._len
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative number of tokens to remove")
+            self._len = max(0, self._len + tokens_to_remove)
+            self._views()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            # copies only the filled part of the kept rows
+            k = self._k.new_empty((len(indices),) + self._k.shape[1:])
+            v = self._v.new_empty((len(indices),) + self._v.shape[1:])
+            k[:, :, : self._len] = self.keys[indices]
+            v[:, :, : self._len] = self.values[indices]
+            self._k, self._v = k, v
+            self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._k = self._k.repeat_interleave(repeats, 0)
+            self._v = self._v.repeat_interleave(repeats, 0)
+            self._views()
+
+        def reset(self) -> None:
+            self._len = 0
+            self._views()
+
+    return PreallocatedLayer
+
+
+def _repeat_into(x: torch.Tensor, n: int, capacity: int) -> torch.Tensor:
+    """(B, H, T, D) -> a (B*n, H, capacity, D) buffer whose first T positions hold each row n times."""
+    B, H, T, D = x.shape
+    buf = x.new_empty((B, n, H, max(capacity, T), D))
+    buf[:, :, :, :T] = x[:, None]
+    return buf.view(B * n, H, -1, D)
+
+
+def _preallocate(cache, n: int, capacity: int) -> None:
+    """Repeat each prompt's prefilled cache n times into preallocated layers. Only plain dynamic
+    layers are converted; others (sliding windows, quantized, ...) keep their own update rules."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    for i, layer in enumerate(layers or []):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+            layers[i] = _preallocated_layer_class()(layer.keys, layer.values, n, capacity)
+        elif n > 1:
+            layer.batch_repeat_interleave(n)
+    if layers is None and n > 1:
+        cache.batch_repeat_interleave(n)
 
 
 def _is_ids(p) -> bool:

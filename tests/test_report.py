@@ -62,7 +62,7 @@ def test_demo_folder_aggregates_seeds(tmp_path):
         d = _run(demo / f"grpo-s{s}", [1.0, 0.5], [0.2, 0.4])
         runs[f"grpo-s{s}"] = {"method": "grpo", "seed": s, "dir": str(d), "returncode": 0, "wall_s": 10.0 + s,
                               "needs": "prompts + reward",
-                              "eval": {"accuracy": acc, "format_rate": 1.0, "reward": acc, "kl_token": 0.01,
+                              "eval": {"accuracy": acc, "accuracy_t1": acc / 2, "format_rate": 1.0, "reward": acc, "kl_token": 0.01,
                                        "samples": ["Итого: 5 рублей."]}}
     runs["ppo-s0"] = {"method": "ppo", "seed": 0, "dir": str(demo / "ppo-s0"), "returncode": 3, "diverged": True,
                       "error": "loss is nan", "needs": "prompts + reward"}
@@ -70,6 +70,8 @@ def test_demo_folder_aggregates_seeds(tmp_path):
     res = build_report([demo], demo)
     by = {r["method"]: r for r in res["rows"]}
     assert by["grpo"]["accuracy"] == pytest.approx(0.5) and by["grpo"]["spread"] == pytest.approx(0.1)
+    assert by["grpo"]["accuracy_t1"] == pytest.approx(0.25) and by["grpo"]["spread_t1"] == pytest.approx(0.05)
+    assert "exact accuracy (samples, T=1)" in res["table_text"]
     assert by["grpo"]["wall_s"] == pytest.approx(11.0)
     assert by["ppo"]["status"] == "failed" and by["ppo"]["diverged"] == 1
 

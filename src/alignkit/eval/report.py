@@ -26,11 +26,13 @@ COLUMNS = [  # key, header, format
     ("wall_s", "wall time (s)", "{:.0f}"),
     ("generated_tokens", "tokens generated", "{:,}"),
     ("peak_rss_mb", "peak memory (MiB)", "{:.0f}"),
-    ("accuracy", "exact accuracy", "{:.3f}"),
+    ("accuracy", "exact accuracy (greedy)", "{:.3f}"),
+    ("accuracy_t1", "exact accuracy (samples, T=1)", "{:.3f}"),
     ("format_rate", "format rate", "{:.3f}"),
     ("reward", "mean reward", "{:.3f}"),
     ("kl_token", "KL to SFT (per token)", "{:.4f}"),
-    ("spread", "accuracy spread (std over seeds)", "{:.3f}"),
+    ("spread", "greedy accuracy spread (std over seeds)", "{:.3f}"),
+    ("spread_t1", "T=1 accuracy spread", "{:.3f}"),
     ("diverged", "diverged runs", "{}"),
     ("status", "status", "{}"),
 ]
@@ -137,13 +139,12 @@ def _demo_rows(results: dict) -> tuple[list[dict], list[dict], dict]:
             vals = [r[k] for r in ok if _is_finite(r.get(k))]
             if vals:
                 row[k] = sum(vals) / len(vals)
-        for k in ("accuracy", "format_rate", "reward", "kl_token"):
+        for k in ("accuracy", "accuracy_t1", "format_rate", "reward", "kl_token"):
             vals = [r["eval"][k] for r in ok if _is_finite(r["eval"].get(k))]
             if vals:
                 row[k] = sum(vals) / len(vals)
-        accs = [r["eval"]["accuracy"] for r in ok if _is_finite(r["eval"].get("accuracy"))]
-        if len(accs) > 1:
-            row["spread"] = statistics.stdev(accs)
+            if len(vals) > 1 and k.startswith("accuracy"):
+                row["spread" + k[len("accuracy"):]] = statistics.stdev(vals)
         row["samples"] = ok[0]["eval"].get("samples", []) if ok else []
         row["dirs"] = [r.get("dir") for r in recs]
         rows.append(row)

@@ -420,18 +420,21 @@ def analysis(args, runs: list[dict], micro: dict) -> str:
             f"bookkeeping {m('hf', v, 'other_cpu'):.2f} vs {m('alignkit', v, 'other_cpu'):.2f}. "
             + ("Both gains (prefill once, finished samples out) apply: "
                f"{ratio:.1f}x the tokens per CPU-second, the 2x target met." if v == "eos" else
-               "Nothing finishes early, so the decode work is the same on both sides; prefilling once and "
-               f"the cheaper sampling are alignkit's gains: {ratio:.1f}x" + (", short of 2x." if ratio < 2 else ".")))
+               "Nothing finishes early, so both sides decode the same row-steps; prefilling once, the cheaper "
+               "sampling and the cache written in place (decode forwards above) are alignkit's gains: "
+               f"{ratio:.1f}x" + (", short of 2x." if ratio < 2 else ".")))
     if micro:
         lines += ["", f"Sampling: transformers draws the next token with `torch.multinomial`, which on CPU draws "
                   f"exponential noise for every entry of the (rows x vocab) probability matrix: "
                   f"{micro['multinomial_ms']:.1f} ms CPU per decode step at {micro['rows']} x {micro['vocab']}; "
                   f"alignkit's engine samples by inverse CDF (`cumsum`, one uniform per row, `searchsorted`: the "
                   f"same distribution), {micro['inverse_cdf_ms']:.1f} ms, plus {micro['log_softmax_ms']:.1f} ms for "
-                  "the log-probs it returns. What is left in the fixed variant is the decode forwards, which cost "
-                  "the same on both sides. Next: `DynamicCache` grows every layer's keys and values with "
-                  "`torch.cat` at each step (a copy of the whole cache per token); a cache preallocated to prompt + "
-                  "max_new_tokens and written in place would remove that copy."]
+                  "the log-probs it returns.", "",
+                  "KV cache: transformers' `DynamicCache` grows every layer's keys and values with `torch.cat` at "
+                  "each step, a copy of the whole cache per token; alignkit's engine moves the prefilled cache into "
+                  "buffers sized for prompt + max_new_tokens and writes each token in place. When samples finish, "
+                  "the last live rows move into the freed slots (a copy of as many rows as finished) instead of "
+                  "every row being gathered into a new cache."]
     return "\n".join(lines)
 
 
@@ -455,8 +458,9 @@ Command: `{cmd}`
 
 Setup (`bench/bench_rollout.py`):
 
-- Model: random-init {shape.describe(ws.n_params)}, float32, SDPA attention, KV cache
-  (`DynamicCache`) on both sides, built offline with the byte-level BPE tokenizer of `bench/common.py`.
+- Model: random-init {shape.describe(ws.n_params)}, float32, SDPA attention, KV cache on both
+  sides (transformers: `DynamicCache`; alignkit: preallocated buffers), built offline with the byte-level BPE
+  tokenizer of `bench/common.py`.
 - Prompts: {args.prompts} chat prompts (optional system turn + one user turn, ChatML with the generation
   prompt), {lo}-{hi} tokens (mean {mean:.0f}), given to both sides as the same token ids;
   G = {args.group} samples each ({args.prompts * args.group} sequences per call),

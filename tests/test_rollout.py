@@ -117,21 +117,24 @@ def test_preallocated_cache_matches_growing_cache(mt, monkeypatch):
 def test_preallocated_layer_against_dynamic_layer():
     from transformers.cache_utils import DynamicLayer
 
-    from alignkit.rollout.engine import _preallocated_layer_class
+    from alignkit.rollout.engine import _fill_holes, _preallocated_layer_class
 
+    assert _fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3]  # row 1 finished: the last live row takes its place
     g = torch.Generator().manual_seed(0)
     k0, v0 = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
     ref = DynamicLayer()
     ref.update(k0, v0)
     ref.batch_repeat_interleave(3)
-    fast = _preallocated_layer_class()(k0, v0, n=3, capacity=6)  # room for 2 more tokens, then it must grow
-    for step in range(4):
-        k, v = torch.randn(6 if step < 2 else 4, 3, 1, 5, generator=g), torch.randn(6 if step < 2 else 4, 3, 1, 5,
-                                                                                     generator=g)
-        if step == 2:
-            keep = torch.tensor([0, 2, 3, 5])
+    fast = _preallocated_layer_class()(k0, v0, n=3, capacity=7)  # room for 3 more tokens, then it must grow
+    selects = {2: [0, 2, 3, 5], 3: _fill_holes([0, 2, 3]), 4: [2, 0]}  # any order; fill the holes; any order
+    rows = 6
+    for step in range(5):
+        if step in selects:
+            keep = torch.tensor(selects[step])
             ref.batch_select_indices(keep)
             fast.batch_select_indices(keep)
+            rows = len(keep)
+        k, v = torch.randn(rows, 3, 1, 5, generator=g), torch.randn(rows, 3, 1, 5, generator=g)
         rk, rv = ref.update(k, v)
         fk, fv = fast.update(k, v)
         assert torch.equal(rk, fk) and torch.equal(rv, fv)

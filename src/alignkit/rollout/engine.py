@@ -211,7 +211,7 @@ class RolloutEngine:
             if not keep:
                 break
             if len(keep) < len(live_l):  # finished samples leave the batch and the cache
-                k = torch.tensor(keep, device=device)
+                k = torch.tensor(_fill_holes(keep), device=device)
                 cache.batch_select_indices(k)
                 live, tok, attn, next_pos = live[k], tok[k], attn[k], next_pos[k]
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
@@ -310,7 +310,17 @@ def _preallocated_layer_class():
             self._views()
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            # copies only the filled part of the kept rows
+            n = len(indices)
+            idx = indices.to(self._k.device)
+            moved = (idx != torch.arange(n, device=idx.device)).nonzero()[:, 0]
+            if bool((idx[moved] >= n).all()):  # rows from beyond the new size fill the holes: copy just those
+                if len(moved):
+                    self._k[moved, :, : self._len] = self._k[idx[moved], :, : self._len]
+                    self._v[moved, :, : self._len] = self._v[idx[moved], :, : self._len]
+                self._k, self._v = self._k[:n], self._v[:n]
+                self._views()
+                return
+            # any other order: a new buffer with the filled part of the kept rows
             k = self._k.new_empty((len(indices),) + self._k.shape[1:])
             v = self._v.new_empty((len(indices),) + self._v.shape[1:])
             k[:, :, : self._len] = self.keys[indices]
@@ -328,6 +338,18 @@ def _preallocated_layer_class():
             self._views()
 
     return PreallocatedLayer
+
+
+def _fill_holes(keep: list[int]) -> list[int]:
+    """The new row order when only the rows `keep` (ascending) stay: a kept row below the new size
+    stays where it is, and each freed row there takes a kept row from beyond it. A cache then
+    compacts by copying a few rows (as many as finished) instead of shifting every row after the
+    first finished one."""
+    n, kept = len(keep), set(keep)
+    order = list(range(n))
+    for hole, row in zip((i for i in range(n) if i not in kept), (i for i in keep if i >= n)):
+        order[hole] = row
+    return order
 
 
 def _repeat_into(x: torch.Tensor, n: int, capacity: int) -> torch.Tensor:

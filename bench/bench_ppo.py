@@ -263,10 +263,15 @@ def section_body(args, ws, table: str, when: str, cmd: str, load: list[float], r
     p = ws.prompt_len
     load_txt = (f"load average during the runs {min(load):.1f}-{max(load):.1f}" if load else
                 "load average not recorded")
+    busy = bool(load) and max(load) > args.threads * 1.2
+    load_txt += (" (the machine was shared with other jobs: times are indicative only, memory is not affected)"
+                 if busy else " (the machine was otherwise idle)")
+    times = ("the times of this shared machine vary by 2x from run to run, so compare memory, not seconds, across "
+             "rows." if busy else "times are medians of a few steps on an idle machine: differences under about 10% "
+             "are noise.")
     return f"""Measured {when} by `bench/bench_ppo.py`: `{cmd}`
 
-- Machine: {common.machine()}; {args.threads} threads per run; {load_txt} (the machine is shared
-  with other jobs: times are indicative only, memory is not affected).
+- Machine: {common.machine()}; {args.threads} threads per run; {load_txt}.
 - Versions: {common.versions('torch', 'transformers', 'peft')}
 - Model: {ws.shape.describe(ws.n_params)}, float32, random init. Prompts: chat-templated, {p[0]}-{p[2]} tokens
   (mean {p[1]:.0f}); answers: {args.max_new_tokens} new tokens (a random model rarely ends a turn); reward: a
@@ -288,7 +293,7 @@ shared base needed {_gap(runs, "ppo_lora_separate", "ppo_lora_shared")} MiB less
 separate critic and {_gap(runs, "ppo_full_separate", "ppo_lora_shared")} MiB less than full fine-tuning with a
 separate critic (one copy of this model is {ws.n_params * 4 / 2**20:.0f} MiB in float32). PPO's extra work per
 rollout step is the critic's no-grad pass, its forward/backward and twice as many optimizer steps as GRPO here;
-the times of this shared machine vary by 2x from run to run, so compare memory, not seconds, across rows.
+{times}
 """
 
 

@@ -282,8 +282,8 @@ def breakdown(args, ws: common.Workspace) -> tuple[str, dict]:
     Pieces: the decoder forward+backward; the LM head + loss forward+backward on the decoder's
     output (alignkit: `ops.logprobs._chunked` over the trained rows in chunks of
     `logits_chunk_size` under checkpointing; TRL: its fused LM head, `ChunkedLogProbFunction`,
-    which on CPU scores every position); gradient clipping + AdamW (alignkit: foreach AdamW;
-    TRL: fused AdamW); the whole step as each trainer computes it; the collator."""
+    which on CPU scores every position); gradient clipping + AdamW (both
+    fused); the whole step as each trainer computes it; the collator."""
     import copy
     import statistics as st
 
@@ -335,7 +335,10 @@ def breakdown(args, ws: common.Workspace) -> tuple[str, dict]:
         return [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": 0.0},
                 {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}]
 
-    opt_a = torch.optim.AdamW(groups(m_a), lr=args.lr, betas=(0.9, 0.999), fused=False)
+    from alignkit.training.trainer import fused_adamw_ok
+
+    opt_a = torch.optim.AdamW(groups(m_a), lr=args.lr, betas=(0.9, 0.999),
+                              fused=fused_adamw_ok(params(m_a)))  # as alignkit's trainer builds it
     opt_t = torch.optim.AdamW(groups(m_t), lr=args.lr, betas=(0.9, 0.999), fused=True)
 
     # --- the pieces -----------------------------------------------------------------------
@@ -399,13 +402,6 @@ def breakdown(args, ws: common.Workspace) -> tuple[str, dict]:
         torch.nn.utils.clip_grad_norm_(params(m_t), 1.0)
         opt_t.step()
 
-    opt_f = torch.optim.AdamW(groups(m_a), lr=args.lr, betas=(0.9, 0.999), fused=True)
-
-    def a_optim_fused(k):
-        fill_grads(m_a)
-        torch.nn.utils.clip_grad_norm_(params(m_a), 1.0)
-        opt_f.step()
-
     def a_step(k):
         mb = a_mbs[k]
         n = int((mb["targets"] != IGNORE).sum())
@@ -467,7 +463,6 @@ def breakdown(args, ws: common.Workspace) -> tuple[str, dict]:
         ("clip + AdamW step", a_optim, t_optim),
         ("whole fwd+bwd (model + loss)", a_step, t_step),
         ("collate", a_collate, t_collate),
-        ("what-if: alignkit AdamW fused=True", a_optim_fused, t_optim),
         ("what-if: alignkit head chunk 4096", lambda k: a_head(k, 4096), t_head if ChunkedLogProbFunction else None),
         ("what-if: decoder on the rows packed, attention per document", v_decoder if varlen_ok else None, t_decoder),
     ]
@@ -620,9 +615,9 @@ Setup (`bench/bench_sft.py`, helpers in `bench/common.py`):
   max length {args.max_length}, AdamW lr {args.lr:g} (betas 0.9/0.999, no weight decay), cosine to 0, no
   warmup, clip 1.0, no gradient checkpointing, float32, seed 0. Loss on the assistant tokens only:
   alignkit by default; TRL with `assistant_only_loss=True` (the same token set, checked by
-  decoding both masks; the "trained share" column shows the same fraction on both sides). Each side
-  uses its own AdamW implementation (alignkit: `torch.optim.AdamW` with torch's CPU default, the
-  single-tensor loop; TRL: the transformers default `adamw_torch_fused`).
+  decoding both masks; the "trained share" column shows the same fraction on both sides). Both
+  sides step with torch's fused AdamW kernel (alignkit: `torch.optim.AdamW(fused=True)` where the
+  kernel exists, CPU included; TRL: the transformers default `adamw_torch_fused`).
 - padded: right-padded micro-batches (alignkit `packing=false`; TRL `packing=False,
   padding_free=False`). packed: the {args.batch_size} rows of a micro-batch concatenated into one
   sequence, positions restarting per document, no padding (alignkit `packing=true`; TRL
@@ -686,13 +681,6 @@ def breakdown_reading(all_stats: list[dict]) -> str:
                          f"{pk['decoder fwd+bwd'][0] / pk[key][0]:.2f}x less than packed today and "
                          f"{pa['decoder fwd+bwd'][0] / pk[key][0]:.2f}x less than padded.")
             out.append(line)
-    for v, s in by.items():
-        P = s["pieces"]
-        if "clip + AdamW step" in P and "what-if: alignkit AdamW fused=True" in P:
-            out.append(f"- AdamW ({v}): alignkit's optimizer is `torch.optim.AdamW` with torch's CPU default (the "
-                       f"single-tensor for-loop): {P['clip + AdamW step'][0]:.0f} ms per step vs "
-                       f"{P['what-if: alignkit AdamW fused=True'][0]:.0f} ms with `fused=True` (what TRL uses).")
-            break
     return "Reading:\n\n" + "\n".join(out) if out else ""
 
 

@@ -31,6 +31,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignkit.config import Section
+from alignkit.toy import world
 
 QUICK_MINUTES = 15
 
@@ -109,8 +110,6 @@ def _say(msg: str) -> None:
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
-    from alignkit.toy import world
-
     world.write_jsonl(rows, path)
     return path
 
@@ -145,8 +144,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def data(self) -> dict:
-        from alignkit.toy import world
-
         d = self.run / "data"
         d.mkdir(exist_ok=True)
         c = self.cfg
@@ -175,7 +172,6 @@ class Pipeline:
         made-up mistakes (`world.preference_rows`) lowered the SFT model's accuracy in our runs: the
         mistakes it is pushed away from are not the ones it makes."""
         from alignkit.recipes.dpo import onpolicy_pairs
-        from alignkit.toy import world
 
         path = self.run / "data" / "pairs_onpolicy.jsonl"
         if not path.exists():
@@ -220,11 +216,11 @@ class Pipeline:
         data = self.data()
         common = dict(model=model_dir, prompts=data["eval"], reward="toy", task="toy",
                       max_new_tokens=self.cfg.max_new_tokens, batch_size=64, num_show=4, seed=0)
-        greedy = evaluate(EvalConfig(**common, temperature=0.0, output_dir=str(Path(model_dir) / "eval_greedy")),
-                          verbose=False)["modes"]["zero_shot"]
+        res = evaluate(EvalConfig(**common, temperature=0.0, output_dir=str(Path(model_dir) / "eval_greedy")),
+                       verbose=False)
+        greedy = res["modes"]["zero_shot"]
         out = {"accuracy": greedy["accuracy"], "format_rate": greedy["format_rate"], "reward": greedy["reward"]}
-        out["samples"] = [s["completion"] for s in
-                          json.loads((Path(model_dir) / "eval_greedy" / "eval.json").read_text())["samples"]["zero_shot"]]
+        out["samples"] = [s["completion"] for s in res["samples"]["zero_shot"]]  # what eval.json holds
         with_ref = ref is not None and Path(ref).resolve() != Path(model_dir).resolve()
         sampled = evaluate(EvalConfig(**common, ref_model=ref if with_ref else None, temperature=1.0,
                                       n_samples=SAMPLES_T1, output_dir=str(Path(model_dir) / "eval_sampled")),
@@ -338,8 +334,6 @@ def _run_stats(out: Path) -> dict:
     path = out / "metrics.jsonl"
     if not path.exists():
         return {}
-    from alignkit.toy import world
-
     train = [r for r in world.read_jsonl(path) if r.get("kind") == "train"]
     stats: dict = {"steps": train[-1]["step"] if train else 0}
     peaks = [r["peak_rss_mb"] for r in train if "peak_rss_mb" in r]
@@ -358,7 +352,6 @@ def _run_stats(out: Path) -> dict:
 def _accuracy_by_mistake(model_dir: Path, pairs_path: str) -> dict:
     """Held-out accuracy of a saved reward model per kind of rejected answer (toy rows' `mistake`)."""
     from alignkit.models.reward import RewardModel
-    from alignkit.toy import world
 
     rows = world.read_jsonl(pairs_path)
     rm = RewardModel.from_pretrained(model_dir)
@@ -375,8 +368,6 @@ def _last_eval(out: Path) -> dict:
     path = out / "metrics.jsonl"
     if not path.exists():
         return {}
-    from alignkit.toy import world
-
     evals = [r for r in world.read_jsonl(path) if r.get("kind") == "eval"]
     return {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "kind", "time")}
 

@@ -8,6 +8,8 @@ Everything here runs without gradient: advantages are targets, not functions of 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -167,26 +169,27 @@ def gae(
 
 
 @torch.no_grad()
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           reduce=None) -> torch.Tensor:
     """Standardise x over its (masked) entries:
 
         y = (x - mean) / sqrt(var + eps)          (+ mean back when shift_mean=False)
 
     mean and var (unbiased, n - 1; population variance when n = 1) are taken over entries where
-    mask is true (all entries when mask is None). Masked-out entries of the result are 0.
+    mask is true (all entries when mask is None), in float64. `reduce` (a float64 tensor -> its
+    sum over processes, e.g. an all-reduce) makes them the moments of every process's entries.
+    Masked-out entries of the result are 0; all 0 when nothing is masked in.
     """
-    if mask is None:
-        m = torch.ones_like(x, dtype=torch.bool)
-    else:
-        m = mask.bool() if mask.dtype != torch.bool else mask
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    n = m.sum()
-    if int(n) == 0:
+    m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
+    reduce = reduce or (lambda t: t)
+    xd = x.double()
+    n, total = reduce(torch.tensor([float(m.sum()), float(xd[m].sum())], dtype=torch.float64)).tolist()
+    if n == 0:
         return torch.zeros_like(x)
-    mean = torch.where(m, x, zero).sum() / n
-    sq = torch.where(m, (x - mean) ** 2, zero).sum()
-    var = sq / (n - 1) if int(n) > 1 else sq / n
-    y = (x - mean) * torch.rsqrt(var + eps)
+    mean = total / n
+    sq = float(reduce(torch.tensor([float(((xd[m] - mean) ** 2).sum())], dtype=torch.float64))[0])
+    var = sq / (n - 1) if n > 1 else sq / n
+    y = (x - mean) / math.sqrt(var + eps)
     if not shift_mean:
         y = y + mean
-    return torch.where(m, y, zero)
+    return torch.where(m, y, torch.zeros((), dtype=x.dtype, device=x.device))

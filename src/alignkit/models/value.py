@@ -16,16 +16,15 @@ Two layouts (config key `critic`):
   own frozen base, plus the head. Policy (adapter "default"), reference (adapters off) and critic
   (adapter "critic") then share one copy of the base weights.
 
-`CriticOptimizer` is the critic's own AdamW with the trainer's schedule shape, global
-normalisation over micro-batches and processes, gradient clipping, and a state dict (weights
-included) that the PPO recipe registers with the trainer's checkpoints.
+The PPO recipe trains a critic through a second `alignkit.training.trainer.Trainer` (same
+accumulation, clipping, precision and divergence stop as the policy); `weights()` /
+`load_weights()` carry it in the policy trainer's checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -39,7 +38,6 @@ __all__ = [
     "ValueHead",
     "ValueModel",
     "AdapterValueModel",
-    "CriticOptimizer",
     "CRITIC_ADAPTER",
     "is_reward_model_folder",
     "load_value_model",
@@ -103,9 +101,11 @@ class ValueModel(torch.nn.Module):
         """Context for a forward + backward of the critic (nothing to switch for a separate model)."""
         return contextlib.nullcontext()
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Activation checkpointing in the backbone's blocks (non-reentrant by default)."""
         if hasattr(self.backbone, "gradient_checkpointing_enable"):
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
 
     def weights(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
@@ -278,90 +278,3 @@ def load_critic_weights(path: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(path) / HEAD_FILE))
-
-
-# --------------------------------------------------------------------------- the critic's optimizer
-
-
-class CriticOptimizer:
-    """AdamW for the critic's parameters with the trainer's LR schedule shape (lr_lambda), global
-    normalisation and gradient clipping.
-
-    `accumulate(mbs, loss_fn, units)` mirrors `Trainer.accumulate`: each micro-batch backpropagates
-    loss_sum / global_units, where global_units is summed over all micro-batches and processes, and
-    gradients are then summed across processes (all-reduce), so the update is the same for any
-    split of the global batch. `step()` clips, steps and advances the schedule."""
-
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float, betas, max_grad_norm,
-                 lr_lambda: Callable[[int], float], dist, autocast=None, weights: Callable[[], dict] | None = None,
-                 load_weights: Callable[[dict], None] | None = None):
-        self.params = list(params)
-        if not self.params:
-            raise UserError("the critic has no trainable parameters")
-        from alignkit.training.trainer import fused_adamw_ok
-
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=tuple(betas), fused=fused_adamw_ok(self.params))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
-        self.max_grad_norm = max_grad_norm
-        self.dist = dist
-        self.autocast = autocast or contextlib.nullcontext
-        self._weights, self._load_weights = weights, load_weights
-
-    def accumulate(self, micro_batches: list[dict], loss_fn, units: Callable[[dict], float], device,
-                   context: Callable = contextlib.nullcontext) -> dict:
-        from alignkit.training.dist import all_reduce_sum
-
-        global_units = float(all_reduce_sum(float(sum(units(mb) for mb in micro_batches)), self.dist))
-        if global_units <= 0:
-            raise UserError("critic: nothing to train on in this batch (every response token is masked)")
-        sums: dict[str, float] = {}
-        loss_total = 0.0
-        with context():
-            for mb in micro_batches:
-                mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
-                with self.autocast():
-                    loss_sum, msums = loss_fn(mb)
-                (loss_sum.float() / global_units).backward()
-                loss_total += float(loss_sum.detach())
-                for k, v in msums.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        keys = sorted(sums)
-        red = all_reduce_sum(torch.tensor([loss_total] + [sums[k] for k in keys], dtype=torch.float64), self.dist)
-        if self.dist.enabled:
-            for p in self.params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-        out = {"value_loss": float(red[0]) / global_units}
-        out.update({k: float(red[i + 1]) / global_units for i, k in enumerate(keys)})
-        return out
-
-    def step(self) -> dict:
-        max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(gnorm):
-            from alignkit.training.trainer import TrainingDiverged
-
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"critic: gradient norm is {gnorm}; lower critic_lr or normalise the rewards "
-                            "(reward_norm=running)")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        return {"value_grad_norm": gnorm, "critic_lr": lr}
-
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self._weights is not None:
-            state["weights"] = self._weights()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if self._load_weights is not None and "weights" in state:
-            self._load_weights(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])

@@ -49,7 +49,8 @@ from alignkit.models import load_tokenizer
 from alignkit.models.peft import is_peft_model, load_base_model, prepare_trainable, reference_logps_context
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
-from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
+from alignkit.training.loop import run_offline, steps_for
+from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = [
     "DPOConfig",
@@ -367,10 +368,6 @@ def _check(cfg: DPOConfig) -> None:
                         "simpo, or set label_smoothing=0")
 
 
-def batch_tokens(mb: dict) -> int:
-    return int(mb["attention_mask"].sum())
-
-
 def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
     """Run DPO (or a variant) as configured; returns the final evaluation metrics (empty without
     eval_data). `model` / `tokenizer` may be passed in already loaded."""
@@ -396,28 +393,28 @@ def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
     extra = f", simpo_gamma={cfg.simpo_gamma}" if cfg.loss == "simpo" else ""
     trainer.info(f"dpo: loss={cfg.loss}, beta={cfg.beta}{extra}, label_smoothing={cfg.label_smoothing}, "
                  f"sft_weight={cfg.sft_weight}, reference={reference}")
-    resume = trainer.prepare_run_dir()
     pad = tok.pad_token_id
-    ref = eval_ref = None
-    if reference == "precompute":
+    cache: dict = {"train": None, "eval": None}
+
+    def prepare():
         # Before any checkpoint is loaded: the model is still the starting point, i.e. the reference.
-        ref = cached_reference_logps(trainer, cfg, pairs, cfg.data, cfg.data_split, "train", pad)
-        if eval_pairs is not None:
-            eval_ref = cached_reference_logps(trainer, cfg, eval_pairs, cfg.eval_data, cfg.eval_split, "eval", pad)
-    if resume is not None:
-        trainer.load_checkpoint(resume)
+        if reference == "precompute":
+            cache["train"] = cached_reference_logps(trainer, cfg, pairs, cfg.data, cfg.data_split, "train", pad)
+            if eval_pairs is not None:
+                cache["eval"] = cached_reference_logps(trainer, cfg, eval_pairs, cfg.eval_data, cfg.eval_split,
+                                                       "eval", pad)
 
     def make_batch(idx):
-        return _pairs_batch(pairs, idx, pad, ref)
+        return _pairs_batch(pairs, idx, pad, cache["train"])
 
     eval_fn = None
     if eval_pairs is not None:
         def eval_fn():
-            return evaluate_pairs(trainer.model, eval_pairs, cfg, reference, pad, eval_ref, dist, trainer.autocast,
-                                  trainer.device)
+            return evaluate_pairs(trainer.model, eval_pairs, cfg, reference, pad, cache["eval"], dist,
+                                  trainer.autocast, trainer.device)
 
     return run_offline(trainer, len(pairs), make_batch, dpo_loss_fn(cfg, reference), lambda mb: mb["n_pairs"],
-                       eval_fn=eval_fn, tokens=batch_tokens)
+                       eval_fn=eval_fn, prepare=prepare)
 
 
 # ---------------------------------------------------------------------------------------------- toy pairs

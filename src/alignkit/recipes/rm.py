@@ -63,7 +63,8 @@ from alignkit.models.reward import (
     score_entropy,
 )
 from alignkit.training.dist import init_distributed
-from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
+from alignkit.training.loop import run_offline, steps_for
+from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = ["RMConfig", "train_rm", "rm_loss_fn", "evaluate_pairs"]
 
@@ -339,10 +340,6 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
                  f"(no LM head); held-out: {held_from if held else 'none'}")
     if cfg.kind == "distributional" and any(p.margin is not None for p in pairs):
         trainer.info("note: the 'margin' column only applies to kind=scalar; ignored")
-    resume = trainer.prepare_run_dir()
-    if resume is not None:
-        trainer.load_checkpoint(resume)
-
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     share = cfg.share_prompt
     if share:
@@ -375,8 +372,7 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
             return metrics
 
     result = run_offline(trainer, len(pairs), make_batch, rm_loss_fn(spec, cfg.center_coef),
-                         units=lambda mb: mb["n_pairs"], eval_fn=eval_fn,
-                         tokens=batch_tokens)
+                         units=lambda mb: mb["n_pairs"], eval_fn=eval_fn)
     if dist.main and is_adapter_model(trainer.model):
         _write_reward_config(Path(cfg.output_dir), spec)
     return result

@@ -22,7 +22,8 @@ from alignkit.models import load_tokenizer
 from alignkit.models.peft import load_base_model, prepare_trainable
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.training.dist import all_reduce_sum, init_distributed
-from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
+from alignkit.training.loop import run_offline, steps_for
+from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = ["SFTConfig", "train_sft", "sft_loss_fn"]
 
@@ -37,12 +38,6 @@ def sft_loss_fn(chunk_size: int):
         return -(logps * mask).sum(), {}
 
     return loss_fn
-
-
-def batch_tokens(mb: dict) -> int:
-    if mb["attention_mask"] is None:
-        return int(mb["input_ids"].numel())
-    return int(mb["attention_mask"].sum())
 
 
 @torch.no_grad()
@@ -86,10 +81,6 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
     total_steps = steps_for(cfg, len(rows), dist.world)
     trainer = Trainer(cfg, model, tok, recipe="sft", total_steps=total_steps, dist_info=dist)
     trainer.info(f"data: {cfg.data}: {stats.summary()}")
-    resume = trainer.prepare_run_dir()
-    if resume is not None:
-        trainer.load_checkpoint(resume)
-
     def make_batch(idx, source=rows):
         picked = [source[i] for i in idx]
         return pack_collate(picked) if cfg.packing else pad_collate(picked, tok.pad_token_id)
@@ -101,4 +92,4 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
                             cfg.logits_chunk_size, dist, trainer.autocast)
 
     return run_offline(trainer, len(rows), make_batch, sft_loss_fn(cfg.logits_chunk_size), n_trained,
-                       eval_fn=eval_fn, tokens=batch_tokens)
+                       eval_fn=eval_fn)

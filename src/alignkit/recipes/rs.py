@@ -8,7 +8,8 @@
 
 The kept answers are trained as the exact tokens that were sampled (no re-tokenisation), up to
 and including their end-of-turn token. Each round's kept set is written to
-`round-K/best-rank<r>.jsonl` (reused on resume inside the round). The policy's log-probs in the
+`round-K/best-rank<r>.jsonl`, its rollout metrics to `round-K/stats-rank<r>.json` (both reused
+on resume inside the round; that round's samples are not written again to samples.jsonl). The policy's log-probs in the
 SFT loss and the reference's in the KL term are both taken at temperature 1 (plain SFT), whatever
 the sampling temperature. A round whose samples all miss the threshold makes `sft_steps` skipped
 steps (logged, no update). `max_steps` is unused: a run is `rounds` rollout steps of `sft_steps`
@@ -88,9 +89,12 @@ def train_rs(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
 
     def step(rnd: int, clock: StepClock) -> StepResult:
         path = run.run_dir / f"round-{rnd + 1}" / f"best-rank{run.dist.rank}.jsonl"
-        rollout, info = None, {}
-        if path.exists():  # resumed inside the round: its best-of-N set was drawn before the stop
+        stats_path = path.with_name(f"stats-rank{run.dist.rank}.json")
+        rollout = None
+        if path.exists() and stats_path.exists():  # resumed inside the round: its best-of-N set was drawn
             rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()]
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+            info, generated = stats["info"], stats["generated_tokens"]
         else:
             # best of N per prompt
             rollout = run.collect(rnd, *run.prompts_for(rnd), clock)
@@ -98,10 +102,10 @@ def train_rs(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
             rows = _kept_rows(rollout, kept)
             info = {**ol.rollout_metrics(rollout), "kept_frac": len(kept) / max(rollout.n_groups, 1),
                     "best_reward": sum(r for _, r in kept) / max(len(kept), 1)}
+            generated = rollout.generated_tokens
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-            tmp.replace(path)
+            _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            _write_atomic(stats_path, json.dumps({"info": info, "generated_tokens": generated}))
         encs = [Encoded(r["prompt_ids"] + r["completion_ids"],
                         [IGNORE] * len(r["prompt_ids"]) + r["completion_ids"]) for r in rows]
         if not encs:
@@ -122,9 +126,15 @@ def train_rs(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
             metrics = tr.accumulate(mbs, loss_fn, n_trained)
             metrics.update(info)
             updates.append(tr.optimizer_step(metrics))
-        return StepResult(updates, rollout, rollout.generated_tokens if rollout is not None else 0)
+        return StepResult(updates, rollout, generated)
 
     return run.loop(step)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _per_rank(cfg: RSConfig) -> int:

@@ -13,9 +13,10 @@ Offline recipes (SFT, reward models, DPO) make one optimizer step per loop step:
 accumulate, update (`run_offline`). Online recipes make one *rollout step* per loop step:
 collect a rollout, score it, compute advantages, then one or more optimizer steps on it
 (`updates_per_step`: GRPO's μ, PPO's epochs x minibatches, rejection sampling's SFT steps).
-`max_steps`, `save_every`, `eval_every` and `sample_every` count loop steps; metrics.jsonl
-records carry the optimizer step as `step` and, for online recipes, the rollout step as
-`rollout_step` (see docs/methods.md).
+`max_steps`, `save_every`, `eval_every` and `sample_every` count loop steps. In metrics.jsonl,
+`step` is the loop step too: the optimizer step offline, the rollout step online, where each
+record (one per optimizer step) also carries `optimizer_step`, so the records of one rollout
+share their `step` (see docs/methods.md).
 
 Rates, measured over the wall time of the loop steps since the last record written:
 `tokens_per_s` = non-padding tokens through the trained model's forward and backward passes
@@ -121,7 +122,10 @@ def run_loop(trainer, step_fn: Callable[[int, StepClock], StepResult], *, update
     def evaluate() -> dict:
         with trainer.gathered(), trainer.autocast():
             out = eval_fn()
-        trainer.log_eval(out)
+        if online:  # filed under the rollout step, with the optimizer step for resume's truncation
+            trainer.log_eval({**out, "optimizer_step": trainer.step}, record_step=trainer.step // updates_per_step)
+        else:
+            trainer.log_eval(out)
         return out
 
     last_eval: dict = {}
@@ -146,7 +150,7 @@ def run_loop(trainer, step_fn: Callable[[int, StepClock], StepResult], *, update
             for i, m in enumerate(result.updates):
                 step = first + i + 1
                 if online:
-                    m["rollout_step"] = done
+                    m["optimizer_step"] = step
                     m["generated_tokens"] = counters["generated_tokens"]
                 if online and i == len(result.updates) - 1:
                     m.update(clock.metrics())
@@ -159,7 +163,7 @@ def run_loop(trainer, step_fn: Callable[[int, StepClock], StepResult], *, update
                             logged["generated_tokens_per_s"] = since["generated"] / dt
                         since.update(trained=0.0, generated=0.0, t=time.time())
                     m.update(logged)
-                trainer.log_step(m, step)
+                trainer.log_step(m, step, record_step=done if online else step)
             if trainer.dist.main and sample_every and result.rollout is not None and done % sample_every == 0:
                 write_samples(trainer.run_dir / "samples.jsonl", done, result.rollout)
             if cfg.save_every and done % cfg.save_every == 0 and trainer.step < trainer.total_steps:

@@ -586,9 +586,10 @@ class Trainer:
         """Whether optimizer step `step` gets a metrics record (every `log_every`, and the last)."""
         return step % self.cfg.log_every == 0 or step == self.total_steps
 
-    def log_step(self, metrics: dict, step: int | None = None) -> None:
+    def log_step(self, metrics: dict, step: int | None = None, record_step: int | None = None) -> None:
         """Advance the progress bar by one optimizer step; write `metrics` as the record of
-        optimizer step `step` (default: the current one) when `wants_log(step)`."""
+        optimizer step `step` (default: the current one) when `wants_log(step)`, filed under
+        `record_step` (default `step`; the loop passes the rollout step for online recipes)."""
         step = self.step if step is None else step
         if self._bar is not None:
             self._bar.update(1)
@@ -596,18 +597,21 @@ class Trainer:
             return
         metrics["elapsed_s"] = time.time() - self._t0
         metrics.update(peak_memory(self.device))
-        self.metrics.write(step, metrics)
+        self.metrics.write(step if record_step is None else record_step, metrics)
         if self._bar is not None:
             show = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s") if k in metrics}
             self._bar.set_postfix({k: (f"{v:.3g}" if k != "lr" else f"{v:.2e}") for k, v in show.items()})
         elif self.dist.main and self.cfg.progress is False and os.environ.get("ALIGNKIT_LOG_STEPS"):
-            self._print(f"step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                         if isinstance(v, float)))
+            self._print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                    if isinstance(v, float)))
 
-    def log_eval(self, metrics: dict) -> None:
-        self.metrics.write(self.step, metrics, kind="eval")
-        self.info(f"eval @ step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                           if isinstance(v, (int, float))))
+    def log_eval(self, metrics: dict, record_step: int | None = None) -> None:
+        """Write an evaluation record (kind "eval") at `record_step` (default the optimizer step)
+        and print it."""
+        step = self.step if record_step is None else record_step
+        self.metrics.write(step, metrics, kind="eval")
+        self.info(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                      if isinstance(v, (int, float))))
 
     def close(self) -> None:
         if self._bar is not None:

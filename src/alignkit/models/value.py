@@ -64,6 +64,7 @@ class ValueHead(torch.nn.Module):
             self.linear.bias.fill_(float(bias))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, H) -> values (B, T) float32."""
         with torch.autocast(hidden.device.type, enabled=False):  # float32 even under bf16 autocast
             return self.linear(hidden.float()).squeeze(-1)
 
@@ -92,9 +93,11 @@ class ValueModel(torch.nn.Module):
         self.source = source
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """(B, T) token ids -> V (B, T) float32, entry t = value of the state predicting token t + 1."""
         return self.head(_last_hidden(self.backbone, input_ids, attention_mask, position_ids))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter that requires grad (the whole backbone and the head)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def active(self):
@@ -108,9 +111,11 @@ class ValueModel(torch.nn.Module):
                 gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
 
     def weights(self) -> dict:
+        """CPU copy of the state dict (for the trainer's checkpoints)."""
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
 
     def load_weights(self, sd: dict) -> None:
+        """Load what `weights` returned."""
         self.load_state_dict(sd)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -158,6 +163,7 @@ class AdapterValueModel(torch.nn.Module):
         self._rx = re.compile(rf"\.{re.escape(CRITIC_ADAPTER)}(\.|$)")
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """(B, T) token ids -> V (B, T) float32 through the base with adapter "critic" active."""
         with use_adapter(self._policy, CRITIC_ADAPTER):
             return self.head(_last_hidden(self._decoder, input_ids, attention_mask, position_ids))
 
@@ -168,17 +174,21 @@ class AdapterValueModel(torch.nn.Module):
         return use_adapter(self._policy, CRITIC_ADAPTER)
 
     def adapter_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the critic adapter's weights inside the policy."""
         return [(n, p) for n, p in self._policy.named_parameters() if self._rx.search(n)]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The critic adapter's weights and the head's (not module parameters of this object)."""
         return [p for _, p in self.adapter_parameters()] + list(self.head.parameters())
 
     def weights(self) -> dict:
+        """CPU copies of the adapter weights (adapter.*) and the head (head.*)."""
         sd = {f"adapter.{n}": p.detach().cpu() for n, p in self.adapter_parameters()}
         sd.update({f"head.{k}": v.detach().cpu() for k, v in self.head.state_dict().items()})
         return sd
 
     def load_weights(self, sd: dict) -> None:
+        """Load what `weights` returned; UserError when the adapter layout differs."""
         params = dict(self.adapter_parameters())
         with torch.no_grad():
             for k, v in sd.items():

@@ -166,6 +166,8 @@ def pair_loss(model, mb: dict, cfg: DPOConfig, reference: str) -> tuple[torch.Te
 
 
 def dpo_loss_fn(cfg: DPOConfig, reference: str):
+    """loss_fn(model, mb) -> (summed pair losses of the micro-batch, metrics) for `cfg.loss`; loss
+    units: pairs. Reference log-probs come from the batch (cached) or from `reference`."""
     def loss_fn(model, mb: dict):
         return pair_loss(model, mb, cfg, reference)
 

@@ -154,11 +154,11 @@ def evaluate_greedy(model, engine: RolloutEngine, reward_fn, prompts: PromptSet,
     mine = list(range(dist.rank, n, dist.world))
     if not mine:
         return {}
-    ps, cols = prompts.take(mine)
-    r = collect(engine, model, ps, cols, sampling_params(cfg, 0, 0, n=1, greedy=True), reward_fn).rewards
-    red = all_reduce_sum(torch.tensor([float(r.sum()), float((r >= 1.0).sum()), float(len(r))],
+    prompt_list, columns = prompts.take(mine)
+    r = collect(engine, model, prompt_list, columns, sampling_params(cfg, 0, 0, n=1, greedy=True), reward_fn).rewards
+    sums = all_reduce_sum(torch.tensor([float(r.sum()), float((r >= 1.0).sum()), float(len(r))],
                                       dtype=torch.float64), dist)
-    return {"eval_reward": float(red[0] / red[2]), "eval_solved": float(red[1] / red[2])}
+    return {"eval_reward": float(sums[0] / sums[2]), "eval_solved": float(sums[1] / sums[2])}
 
 
 # --------------------------------------------------------------------------- the run

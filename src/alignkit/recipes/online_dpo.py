@@ -122,9 +122,10 @@ def train_online_dpo(cfg: OnlineDPOConfig, model=None, tokenizer=None, reward_fn
         # 2. best vs worst per prompt; ties skipped and counted
         pairs, ties = build_pairs(scores, G, cfg.min_score_gap)
         gap = sum(float(scores[c] - scores[r]) for c, r in pairs)
-        tot = all_reduce_sum(torch.tensor([len(pairs), ties, gap], dtype=torch.float64), dist).tolist()
-        info.update(pairs=tot[0], tied_groups=tot[1], score_gap=tot[2] / max(tot[0], 1.0))
-        if tot[0] == 0:  # every group tied, on every process: nothing to learn from
+        n_pairs, n_tied, gap = all_reduce_sum(torch.tensor([len(pairs), ties, gap], dtype=torch.float64),
+                                              dist).tolist()
+        info.update(pairs=n_pairs, tied_groups=n_tied, score_gap=gap / max(n_pairs, 1.0))
+        if n_pairs == 0:  # every group tied, on every process: nothing to learn from
             return StepResult([tr.skip_update(info)], rollout, rollout.generated_tokens)
         weights = [1.0] * len(pairs)
         if not pairs:  # none here but some elsewhere: a zero-weight filler keeps the processes in step

@@ -84,6 +84,7 @@ class KLController:
         self.updates = 0
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        """Adapt β to the last rollout's KL (summed per response, averaged) over n_steps responses; returns β."""
         if self.adaptive:
             err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + err * n_steps / self.horizon
@@ -91,9 +92,11 @@ class KLController:
         return self.value
 
     def state_dict(self) -> dict:
+        """β and the update count, for checkpoints."""
         return {"value": self.value, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
         self.value = float(state["value"])
         self.updates = int(state.get("updates", 0))
 
@@ -106,6 +109,7 @@ class RunningMoments:
         self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
 
     def update(self, n: float, total: float, total_sq: float) -> None:
+        """Merge a batch given by its count, sum and sum of squares."""
         if n <= 0:
             return
         mean_b = total / n
@@ -118,12 +122,15 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
+        """Sample standard deviation (n − 1) of every score seen; 0 before two."""
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
 
     def state_dict(self) -> dict:
+        """Count, mean and M2, for checkpoints."""
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
     def load_state_dict(self, s: dict) -> None:
+        """Restore what `state_dict` returned."""
         self.count, self.mean, self.m2 = float(s["count"]), float(s["mean"]), float(s["m2"])
 
 
@@ -176,11 +183,11 @@ def ppo_policy_loss_fn(cfg: PPOConfig):
         m = mb["completion_mask"]
         terms = policy_loss_terms(lp, mb["old_logps"], mb["advantages"], m, cfg.clip_low, cfg.clip_high,
                                   "token_mean", dual_clip=cfg.dual_clip)
-        st, n = terms.stats, terms.stats["tokens"]
-        metrics = {"clip_frac": (st["clipped"], n), "ratio_mean": (st["ratio_sum"], n),
-                   "approx_kl": (st["approx_kl_sum"], n)}
-        if "dual_clipped" in st:
-            metrics["dual_clip_frac"] = (st["dual_clipped"], n)
+        stats, n = terms.stats, terms.stats["tokens"]
+        metrics = {"clip_frac": (stats["clipped"], n), "ratio_mean": (stats["ratio_sum"], n),
+                   "approx_kl": (stats["approx_kl_sum"], n)}
+        if "dual_clipped" in stats:
+            metrics["dual_clip_frac"] = (stats["dual_clipped"], n)
         if ent is not None:
             metrics["entropy"] = ((ent.detach() * m).sum(), m.sum())
         return terms.loss_sum, metrics
@@ -194,10 +201,10 @@ def ppo_value_loss_fn(cfg: PPOConfig):
 
     def loss_fn(critic, mb: dict):
         values = critic(mb["input_ids"], mb["attention_mask"], mb["position_ids"])
-        t = value_loss_terms(values, mb["old_values"], mb["returns"], mb["completion_mask"], cfg.value_clip)
-        st = t.stats
-        return t.loss_sum, {"value_clip_frac": st["clipped"], "value_mean": st["value_sum"],
-                            "value_mse": st["sq_error_sum"]}
+        terms = value_loss_terms(values, mb["old_values"], mb["returns"], mb["completion_mask"], cfg.value_clip)
+        stats = terms.stats
+        return terms.loss_sum, {"value_clip_frac": stats["clipped"], "value_mean": stats["value_sum"],
+                                "value_mse": stats["sq_error_sum"]}
 
     return loss_fn
 
@@ -345,16 +352,15 @@ def rollout_diagnostics(full: dict, kl, values, returns, dist: DistInfo) -> dict
     """Global means of a prepared rollout: returns, values, KL per token and per response, the
     explained variance and the sampler/trainer log-prob gap."""
     mask = full["completion_mask"]
-    red = all_reduce_sum(torch.tensor([
-        float(mask.shape[0]), float(mask.sum()), float(kl.sum()) if kl is not None else 0.0,
-        *ol.mismatch(full["sampler_logps"], full["old_logps"], mask), float(returns.sum()), float(values.sum()),
-    ], dtype=torch.float64), dist).tolist()
-    n_samples, n_tok = red[0], red[1]
-    out = {"returns_mean": red[5] / n_tok, "values_mean": red[6] / n_tok,
+    gap_sum, gap_count = ol.mismatch(full["sampler_logps"], full["old_logps"], mask)
+    n_samples, n_tok, kl_sum, gap_sum, gap_count, returns_sum, values_sum = all_reduce_sum(torch.tensor([
+        float(mask.shape[0]), float(mask.sum()), float(kl.sum()) if kl is not None else 0.0, gap_sum, gap_count,
+        float(returns.sum()), float(values.sum())], dtype=torch.float64), dist).tolist()
+    out = {"returns_mean": returns_sum / n_tok, "values_mean": values_sum / n_tok,
            "explained_variance": explained_variance(values, returns, mask, dist),
-           "logprob_mismatch": red[3] / max(red[4], 1.0)}
+           "logprob_mismatch": gap_sum / max(gap_count, 1.0)}
     if kl is not None:
-        out.update(kl=red[2] / n_tok, kl_seq=red[2] / n_samples, kl_per_response=red[2] / n_samples)
+        out.update(kl=kl_sum / n_tok, kl_seq=kl_sum / n_samples, kl_per_response=kl_sum / n_samples)
     return out
 
 
@@ -411,7 +417,9 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
         if cfg.whiten_advantages:
             adv = global_whiten(adv, mask, dist)
         full.update(advantages=adv, returns=returns, old_values=values)
-        info.update(rollout_diagnostics(full, kl, values, returns, dist), kl_coef=kl_ctl.value,
+        diagnostics = rollout_diagnostics(full, kl, values, returns, dist)
+        kl_per_response = diagnostics.pop("kl_per_response", None)
+        info.update(diagnostics, kl_coef=kl_ctl.value,
                     score_mean=float(all_reduce_sum(float(scores.sum()), dist)) / float(
                         all_reduce_sum(float(scores.numel()), dist)))
         clock.lap("prepare")
@@ -434,7 +442,7 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
                 updates.append(metrics)
         # 6. adaptive β from this rollout's KL per response
         if kl is not None:
-            kl_ctl.update(info.pop("kl_per_response"), int(all_reduce_sum(B, dist)))
+            kl_ctl.update(kl_per_response, int(all_reduce_sum(B, dist)))
         return StepResult(updates, rollout, rollout.generated_tokens)
 
     t0 = time.time()

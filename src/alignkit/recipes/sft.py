@@ -29,6 +29,8 @@ __all__ = ["SFTConfig", "train_sft", "sft_loss_fn"]
 
 
 def sft_loss_fn(chunk_size: int):
+    """loss_fn(model, mb) -> (summed NLL of the trained tokens (targets != -100), {}); loss units:
+    trained tokens. Log-probs in chunks of `chunk_size` positions."""
     def loss_fn(model, mb: dict):
         logps = causal_lm_token_logps(
             model, mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],

@@ -43,14 +43,17 @@ class Rollout:
 
     @property
     def n_groups(self) -> int:
+        """Number of prompts (groups)."""
         return len(self.samples) // self.group_size
 
     @property
     def texts(self) -> list[str]:
+        """Decoded completions, one per sample."""
         return [s.text for s in self.samples]
 
     @property
     def finish_reasons(self) -> list[str]:
+        """"eos" | "stop" | "length" per sample."""
         return [s.finish_reason for s in self.samples]
 
     @property
@@ -60,6 +63,7 @@ class Rollout:
 
     @property
     def generated_tokens(self) -> int:
+        """Tokens sampled to build this rollout (dropped draws included)."""
         return int(self.stats.get("generated_tokens", 0))
 
     def prompt_of(self, i: int):

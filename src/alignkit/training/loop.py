@@ -58,6 +58,7 @@ class StepClock:
         self._last = time.time()
 
     def lap(self, name: str) -> None:
+        """Add the time since the previous lap (or the clock's start) to phase `name`."""
         now = time.time()
         self.t[name] = self.t.get(name, 0.0) + now - self._last
         self._last = now
@@ -68,6 +69,7 @@ class StepClock:
         self._last = time.time()
 
     def metrics(self) -> dict:
+        """{'time_<phase>_s': seconds} of every phase so far."""
         return {f"time_{k}_s": v for k, v in self.t.items()}
 
 

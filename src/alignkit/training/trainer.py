@@ -76,12 +76,14 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (DESIGN rule 7)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; peft's own count for adapters (packed 4-bit at real size)."""
     if hasattr(model, "get_nb_trainable_parameters"):  # peft: counts packed 4-bit weights at their real size
         return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -90,6 +92,7 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `dtype` on `device`: auto = bf16 on a bf16-capable GPU, else none (float32)."""
     if cfg_dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -215,6 +218,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def info(self, msg: str) -> None:
+        """Print `msg` on the main process (above the progress bar when one is shown)."""
         if self.dist.main:
             if self._bar_active():
                 self._bar.write(msg, file=sys.stderr)
@@ -238,6 +242,7 @@ class Trainer:
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
 
     def autocast(self):
+        """Context for forward passes: torch.autocast at the run's dtype, or nothing in float32."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -576,6 +581,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ progress + logging
     def start_progress(self) -> None:
+        """Show the progress bar (main process, progress=true), counting optimizer steps."""
         if self.dist.main and self.cfg.progress:
             from tqdm.auto import tqdm
 
@@ -614,6 +620,7 @@ class Trainer:
                                                       if isinstance(v, (int, float))))
 
     def close(self) -> None:
+        """Close the progress bar and the metrics log (TensorBoard writer)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -131,6 +131,7 @@ def run_loop(trainer, step_fn: Callable[[int, StepClock], StepResult], *, update
         return out
 
     last_eval: dict = {}
+    made = {"updates": 0, "skipped": 0}
     since = {"trained": 0.0, "generated": 0.0, "t": time.time()}
     trainer.start_progress()
     try:
@@ -148,6 +149,8 @@ def run_loop(trainer, step_fn: Callable[[int, StepClock], StepResult], *, update
             counters["generated_tokens"] += generated
             since["generated"] += generated
             since["trained"] += sum(u.pop("trained_tokens", 0.0) for u in result.updates)
+            made["updates"] += len(result.updates)
+            made["skipped"] += sum(int(u.get("skipped_steps", 0)) for u in result.updates)
             logged = {}
             for i, m in enumerate(result.updates):
                 step = first + i + 1
@@ -172,6 +175,10 @@ def run_loop(trainer, step_fn: Callable[[int, StepClock], StepResult], *, update
                 trainer.save_checkpoint()
             if eval_fn and cfg.eval_every and done % cfg.eval_every == 0 and trainer.step < trainer.total_steps:
                 last_eval = evaluate()
+        if made["updates"] and made["skipped"] == made["updates"]:
+            raise UserError(f"{trainer.recipe}: none of the {made['updates']} optimizer steps had anything to train on "
+                            "(every loss token masked, every group tied or no sample kept); check the data's answers "
+                            "and max_length, or max_new_tokens, truncated, threshold and the reward")
         if eval_fn:
             last_eval = evaluate()
         trainer.save_checkpoint()
@@ -209,6 +216,10 @@ def run_offline(trainer, n_rows: int, make_batch: Callable[[list[int]], dict], l
             f"(batch_size x grad_accum x processes); lower batch_size/grad_accum or add rows"
         )
     order = epoch_order(n_rows, global_batch, cfg.seed)
+    left_out = n_rows % global_batch
+    if left_out:
+        trainer.info(f"data order: {steps_per_epoch} steps of {global_batch} rows per epoch; {left_out} of the "
+                     f"{n_rows} rows are left out of each epoch (a new permutation each epoch, so not the same rows)")
 
     def step(index: int, clock: StepClock) -> StepResult:
         mine = order(index)[d.rank * per_rank:(d.rank + 1) * per_rank]

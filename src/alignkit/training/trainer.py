@@ -322,14 +322,12 @@ class Trainer:
         reported as the ratio of their global sums (e.g. a token-mean under a sequence-mean loss).
         Returns the metrics of the global batch, with `loss` (loss_sum / global units), `units`
         (the global count) and `trained_tokens` (non-padding input tokens of every micro-batch of
-        every process). Raises UserError when the global batch holds no unit."""
+        every process). A global batch with no unit (every label masked, every sample cut under
+        truncated=mask) runs no pass and returns units 0; `optimizer_step` then skips the update."""
         local_units = float(sum(units(mb) for mb in micro_batches))
         global_units = float(all_reduce_sum(local_units, self.dist))
-        if global_units <= 0:
-            raise UserError(
-                f"step {self.step + 1}: nothing to train on in this batch (every label is masked); "
-                "check the data's answers and max_length"
-            )
+        if global_units <= 0:  # the same on every process, so no collective is left waiting
+            return {"loss": 0.0, "units": 0.0, "trained_tokens": 0.0}
         scale = self.dist.world / global_units
         if self.fsdp is not None:
             self.fsdp.model.unshard()  # the root group is kept gathered (no-op when it is)
@@ -379,7 +377,10 @@ class Trainer:
 
     def optimizer_step(self, metrics: dict) -> dict:
         """Clip, step, schedule. A non-finite loss or gradient stops the run before the update,
-        after saving the (still good) state as a checkpoint."""
+        after saving the (still good) state as a checkpoint. Metrics of a batch with nothing to
+        train on (units 0) make a skipped step instead (`skip_update`)."""
+        if metrics.get("units", 1.0) <= 0:
+            return self.skip_update(metrics)
         params = self._trainable()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

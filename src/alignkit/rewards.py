@@ -37,7 +37,7 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from alignkit.data.prompts import columns_of, load_prompt_set  # noqa: F401  (moved to data/; re-exported)
 from alignkit.errors import UserError

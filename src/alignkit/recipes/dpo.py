@@ -49,7 +49,7 @@ from alignkit.models import load_tokenizer
 from alignkit.models.peft import is_peft_model, load_base_model, prepare_trainable, reference_logps_context
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
-from alignkit.training.loop import run_offline, steps_for
+from alignkit.training.loop import run_offline, steps_for, to_device
 from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = [
@@ -183,10 +183,6 @@ def _pairs_batch(pairs: list[Pair], idx: list[int], pad_id: int, ref: tuple | No
     return mb
 
 
-def _to(mb: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
-
-
 # ----------------------------------------------------------------------------------------------
 # Reference log-probs: computed once, cached in the run folder
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +209,7 @@ def compute_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: i
         with ctx:
             for s in range(0, len(mine), batch_size):
                 idx = mine[s:s + batch_size]
-                mb = _to(pair_collate([pairs[i] for i in idx], pad_id), device)
+                mb = to_device(pair_collate([pairs[i] for i in idx], pad_id), device)
                 with (autocast() if autocast else contextlib.nullcontext()):
                     lp, _ = sequence_logps(model, mb, chunk_size)
                 lp = lp.double().cpu()
@@ -340,7 +336,7 @@ def evaluate_pairs(model, pairs: list[Pair], cfg: DPOConfig, reference: str, pad
     mine = list(range(dist.rank, len(pairs), dist.world))
     try:
         for s in range(0, len(mine), cfg.batch_size):
-            mb = _to(_pairs_batch(pairs, mine[s:s + cfg.batch_size], pad_id, ref), device)
+            mb = to_device(_pairs_batch(pairs, mine[s:s + cfg.batch_size], pad_id, ref), device)
             with (autocast() if autocast else contextlib.nullcontext()):
                 loss_sum, m = pair_loss(model, mb, cfg, reference)
             sums["loss"] += float(loss_sum)

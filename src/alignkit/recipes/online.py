@@ -282,9 +282,11 @@ class OnlineRun:
         """Run the recipe's step function in `alignkit.training.loop.run_loop`; returns the last
         evaluation's metrics (empty without eval_data)."""
         cfg = self.cfg
-        describe = (f"prompts: {len(self.prompts)}; {self.rollout_steps} rollout steps of "
-                    f"{self.per_rank * self.dist.world} prompts x {cfg.num_generations} samples, "
-                    f"{self.updates_per_step} optimizer step(s) each")
+        per_step = self.per_rank * self.dist.world
+        left_out = len(self.prompts) % per_step
+        describe = (f"prompts: {len(self.prompts)}; {self.rollout_steps} rollout steps of {per_step} prompts x "
+                    f"{cfg.num_generations} samples, {self.updates_per_step} optimizer step(s) each"
+                    + (f"; {left_out} prompts are left out of each pass over the prompt set" if left_out else ""))
         return run_loop(self.trainer, step_fn, updates_per_step=self.updates_per_step,
                         eval_fn=self.evaluate if self.eval_prompts else None, sample_every=cfg.sample_every,
                         online=True, describe=describe)

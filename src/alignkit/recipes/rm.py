@@ -63,7 +63,8 @@ from alignkit.models.reward import (
     score_entropy,
 )
 from alignkit.training.dist import init_distributed
-from alignkit.training.loop import run_offline, steps_for
+from alignkit.data.order import seeded_permutation
+from alignkit.training.loop import run_offline, steps_for, to_device
 from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = ["RMConfig", "train_rm", "rm_loss_fn", "evaluate_pairs"]
@@ -112,7 +113,7 @@ def pair_logits(model, pairs, batch_size: int, collate, dist, autocast, k: int) 
     for s in range(0, len(mine), batch_size):
         chunk = mine[s:s + batch_size]
         mb = collate([pairs[i] for i in chunk])
-        mb = {k: (v.to(dist.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        mb = to_device(mb, dist.device)
         with autocast():
             logits = pair_batch_logits(model, mb).float().cpu()
         idx += chunk
@@ -241,10 +242,8 @@ def shared_prompt_agrees(model, pairs: list, pad_id: int, tol: float = 1e-3) -> 
     model.eval()
     device = next(model.parameters()).device
     try:
-        a = pair_batch_logits(model, {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                      for k, v in pair_collate(sample, pad_id).items()})
-        b = pair_batch_logits(model, {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                      for k, v in shared.items()})
+        a = pair_batch_logits(model, to_device(pair_collate(sample, pad_id), device))
+        b = pair_batch_logits(model, to_device(shared, device))
     except Exception:  # a model whose forward refuses the cache arguments
         return False, float("inf")
     finally:
@@ -258,8 +257,7 @@ def split_holdout(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
     n_eval = int(round(len(pairs) * fraction))
     if n_eval == 0:
         return pairs, []
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
-    perm = torch.randperm(len(pairs), generator=g).tolist()
+    perm = seeded_permutation(len(pairs), seed, 17)
     held = set(perm[:n_eval])
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 

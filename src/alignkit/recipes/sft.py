@@ -22,7 +22,7 @@ from alignkit.models import load_tokenizer
 from alignkit.models.peft import load_base_model, prepare_trainable
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.training.dist import all_reduce_sum, init_distributed
-from alignkit.training.loop import run_offline, steps_for
+from alignkit.training.loop import run_offline, steps_for, to_device
 from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = ["SFTConfig", "train_sft", "sft_loss_fn"]
@@ -50,7 +50,7 @@ def eval_nll(model, rows, make_batch, batch_size: int, chunk_size: int, dist, au
     mine = list(range(dist.rank, len(rows), dist.world))
     for i in range(0, len(mine), batch_size):
         mb = make_batch(mine[i:i + batch_size])
-        mb = {k: (v.to(dist.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        mb = to_device(mb, dist.device)
         with autocast():
             lp = causal_lm_token_logps(model, mb["input_ids"], attention_mask=mb["attention_mask"],
                                        position_ids=mb["position_ids"], targets=mb["targets"], chunk_size=chunk_size)

@@ -74,7 +74,9 @@ def _last_hidden(decoder, input_ids, attention_mask, position_ids) -> torch.Tens
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _hidden_size(module) -> int:
+def hidden_size_of(module) -> int:
+    """The hidden size of a transformers model (its text config's hidden_size / n_embd / d_model);
+    UserError when it has none."""
     config = getattr(module, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     size = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", None)
@@ -257,7 +259,7 @@ def load_value_model(source: str, path: str, tokenizer=None, log: Callable[[str]
                             "cannot read the policy's tokens; use critic_init=policy")
         rm = RewardModel.from_pretrained(path)
         backbone, score = reward_parts(rm.model)
-        H = _hidden_size(rm.model)
+        H = hidden_size_of(rm.model)
         w = score.weight.detach() if rm.spec.kind == "scalar" and score.weight.shape[0] == 1 else None
         b = float(score.bias.detach()[0]) if w is not None and getattr(score, "bias", None) is not None else 0.0
         if w is None:
@@ -280,7 +282,7 @@ def load_value_model(source: str, path: str, tokenizer=None, log: Callable[[str]
     backbone.config = getattr(backbone, "config", lm.config)
     for p in backbone.parameters():
         p.requires_grad_(True)
-    return ValueModel(backbone, ValueHead(_hidden_size(lm)), source=f"policy:{path}")
+    return ValueModel(backbone, ValueHead(hidden_size_of(lm)), source=f"policy:{path}")
 
 
 def load_critic_weights(path: str | os.PathLike) -> dict:

@@ -259,8 +259,8 @@ def check_config(cfg: PPOConfig) -> None:
 def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
     """The critic of `cfg.critic` / `cfg.critic_init`, on the trainer's device (see models/value.py)."""
     from alignkit.models.peft import is_peft_model
-    from alignkit.models.value import (CRITIC_ADAPTER, AdapterValueModel, ValueHead, is_reward_model_folder,
-                                       load_value_model)
+    from alignkit.models.value import (CRITIC_ADAPTER, AdapterValueModel, ValueHead, hidden_size_of,
+                                       is_reward_model_folder, load_value_model)
 
     tr = run.trainer
     if cfg.critic == "shared_base":
@@ -282,9 +282,7 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
             return save_all(save_directory, **kwargs)
 
         policy.save_pretrained = save_policy_adapter
-        from alignkit.models.value import _hidden_size
-
-        critic = AdapterValueModel(policy, ValueHead(_hidden_size(policy.get_base_model())))
+        critic = AdapterValueModel(policy, ValueHead(hidden_size_of(policy.get_base_model())))
         critic.head.to(tr.device)
         tr.info("critic: adapter 'critic' + value head on the policy's base (one copy of the base weights)")
         return critic

@@ -35,10 +35,10 @@ def sequence_pg_loss_fn(cfg, kl_in_loss: bool):
         out = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
         logps, entropy = out if cfg.compute_entropy else (out, None)
         m = mb["completion_mask"]
-        seq_logps = (logps * m).sum(-1)
-        loss = -(mb["advantages"] * seq_logps).sum()
+        sequence_logps = (logps * m).sum(-1)
+        loss = -(mb["advantages"] * sequence_logps).sum()
         metrics = {"logprob_mismatch": ((mb["sampler_logps"] - logps.detach()).abs()[m].sum(), m.sum()),
-                   "seq_logp": seq_logps.detach().sum()}
+                   "seq_logp": sequence_logps.detach().sum()}
         if "ref_logps" in mb:
             kl = kl_estimate(logps, mb["ref_logps"], cfg.kl_estimator) * m
             if kl_in_loss and cfg.kl_coef:

@@ -360,3 +360,27 @@ def test_cli_ppo_bad_input_exit_2(tiny_model_dir, prompt_file, tmp_path, capsys,
     assert code == 2, err
     assert needle in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_critic_divergence_stops_with_a_checkpoint(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """The critic trains through a Trainer: a non-finite value loss stops the run before the update
+    (exit code 3) after saving the run's checkpoint, critic state included."""
+    import alignkit.recipes.ppo as ppo_mod
+    from alignkit.training.trainer import TrainingDiverged
+
+    real = ppo_mod.value_loss_terms
+
+    def nan_terms(*a, **k):
+        t = real(*a, **k)
+        return t._replace(loss_sum=t.loss_sum * float("nan"))
+
+    monkeypatch.setattr(ppo_mod, "value_loss_terms", nan_terms)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="loss is nan"):
+        train_ppo(PPOConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), max_steps=2,
+                            batch_size=2, num_generations=2, max_new_tokens=4, progress=False, seed=0),
+                  reward_fn=digits)
+    ckpts = list((out / "checkpoints").iterdir())
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0] / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 0 and "weights" in state["extra"]["critic"]

@@ -514,6 +514,19 @@ class OnlineConfig(TrainConfig):
     eval_prompts: int = Field(64, ge=0, description="Held-out prompts scored greedily at each evaluation")
     sample_every: int = Field(10, ge=0, description="Write a few sample completions to samples.jsonl every N steps")
     compute_entropy: bool = Field(True, description="Log the policy's token entropy (costs a little compute)")
+    tools: list[str] | None = Field(None, description="Tools the model may call, as module:function (comma-separated); "
+                                    "schemas from type hints + docstrings; makes rollouts multi-turn (docs/agents.md)")
+    env: str | None = Field(None, description="Environment class module:Class with reset(row) and step(message) "
+                            "(docs/agents.md); makes rollouts multi-turn")
+    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most")
+    tool_timeout: float = Field(5.0, gt=0, description="Multi-turn: seconds a tool call may run")
+    tool_parser: str = Field("hermes", description="Tool-call format: hermes (<tool_call>{json}</tool_call>) or a "
+                             "regex with named groups name and arguments")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _split_tools(cls, v):
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
 
 class GRPOConfig(OnlineConfig):

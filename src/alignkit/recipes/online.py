@@ -23,6 +23,8 @@ from alignkit.data.order import seeded_generator, stream_seed
 from alignkit.data.prompts import PromptSet, load_prompts, prompt_order
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
+from alignkit.agents import build_agent, resolve_chat_template
+from alignkit.rollout import multiturn
 from alignkit.rollout.rollout import Rollout, collect, score
 from alignkit.training.dist import DistInfo, all_reduce_sum
 from alignkit.training.loop import StepClock, StepResult, run_loop, to_device
@@ -126,17 +128,22 @@ def split_groups(rollout, per_mb: int, n_mb: int, pad_id: int, extra: dict[str, 
 
 def rollout_metrics(rollout: Rollout) -> dict:
     """reward_mean / reward_std (of `rollout.rewards`), response_len (mean tokens), truncated_frac
-    and reward_missing of this process's samples."""
+    and reward_missing of this process's samples; of multi-turn rollouts also turns, tool_calls,
+    tool_errors and malformed_calls per episode (response_len counts the model's tokens only)."""
     r = rollout.rewards
-    lens = [len(s.completion_ids) for s in rollout.samples]
+    lens = [sum(s.trained) if hasattr(s, "trained") else len(s.completion_ids) for s in rollout.samples]
     n = max(len(lens), 1)
-    return {
+    out = {
         "reward_mean": float(r.mean()),
         "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
         "response_len": sum(lens) / n,
         "truncated_frac": float(rollout.truncated.sum()) / n,
         "reward_missing": int(rollout.stats.get("reward_missing", 0)),
     }
+    for k in ("turns", "tool_calls", "tool_errors", "malformed_calls"):
+        if k in rollout.stats:
+            out[k] = rollout.stats[k] / n
+    return out
 
 
 def mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -147,15 +154,26 @@ def mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: tor
 
 @torch.no_grad()
 def evaluate_greedy(model, engine: RolloutEngine, reward_fn, prompts: PromptSet, cfg: OnlineConfig,
-                    dist: DistInfo) -> dict:
+                    dist: DistInfo, agent=None) -> dict:
     """Greedy answers to the first `eval_prompts` held-out prompts, split across processes:
-    eval_reward (mean reward) and eval_solved (fraction reaching reward 1)."""
+    eval_reward (mean reward) and eval_solved (fraction reaching reward 1); with an `agent`
+    (multi-turn), also eval_tool_calls, eval_tool_errors and eval_malformed_calls per episode."""
     n = min(cfg.eval_prompts, len(prompts))
     mine = list(range(dist.rank, n, dist.world))
     if not mine:
         return {}
     prompt_list, columns = prompts.take(mine)
-    r = collect(engine, model, prompt_list, columns, sampling_params(cfg, 0, 0, n=1, greedy=True), reward_fn).rewards
+    params = sampling_params(cfg, 0, 0, n=1, greedy=True)
+    if agent is not None:
+        ro = multiturn.collect(engine, model, prompt_list, columns, params, reward_fn, agent)
+        r, st = ro.rewards, ro.stats
+        sums = all_reduce_sum(torch.tensor([float(r.sum()), float((r >= 1.0).sum()), float(len(r)),
+                                            st["tool_calls"], st["tool_errors"], st["malformed_calls"]],
+                                           dtype=torch.float64), dist)
+        return {"eval_reward": float(sums[0] / sums[2]), "eval_solved": float(sums[1] / sums[2]),
+                "eval_tool_calls": float(sums[3] / sums[2]), "eval_tool_errors": float(sums[4] / sums[2]),
+                "eval_malformed_calls": float(sums[5] / sums[2])}
+    r = collect(engine, model, prompt_list, columns, params, reward_fn).rewards
     sums = all_reduce_sum(torch.tensor([float(r.sum()), float((r >= 1.0).sum()), float(len(r))],
                                       dtype=torch.float64), dist)
     return {"eval_reward": float(sums[0] / sums[2]), "eval_solved": float(sums[1] / sums[2])}
@@ -188,7 +206,8 @@ class OnlineRun:
         self.dist = init_distributed()
         seed_everything(cfg.seed)
         self.tok = tokenizer or load_tokenizer(cfg.model)
-        setup_chat_template(self.tok, cfg.chat_template)
+        setup_chat_template(self.tok, resolve_chat_template(cfg.chat_template))
+        self.agent = build_agent(cfg, self.tok)  # None: single-turn; else tools / environment episodes
         self.prompts = load_prompts(cfg.data, cfg.data_split, cfg.prompt_column, cfg.chat_prompts)
         self.eval_prompts = (load_prompts(cfg.eval_data, cfg.eval_split, cfg.prompt_column, cfg.chat_prompts,
                                           "eval_data") if cfg.eval_data else None)
@@ -245,6 +264,12 @@ class OnlineRun:
         stream = self.dist.rank if stream is None else stream
         params = sampling_params(self.cfg, rstep, stream, n=n)
         t0 = time.time()
+        if self.agent is not None:  # episodes: generation, tool calls and scoring interleave
+            with self.trainer.gathered(), self.trainer.autocast():
+                rollout = multiturn.collect(self.engine, self.trainer.model, prompts, columns, params, self.reward_fn,
+                                            self.agent)
+            clock.add("generate", time.time() - t0)
+            return rollout
         with self.trainer.gathered(), self.trainer.autocast():
             batch = self.engine.generate(self.trainer.model, prompts, params)
         t1 = time.time()
@@ -294,4 +319,4 @@ class OnlineRun:
     def evaluate(self) -> dict:
         """`evaluate_greedy` on the eval prompts (the loop enters gathering and autocast)."""
         return evaluate_greedy(self.trainer.model, self.engine, self.reward_fn, self.eval_prompts, self.cfg,
-                               self.dist)
+                               self.dist, self.agent)

@@ -35,6 +35,10 @@ CHATML_TOOLS = TOOLS_BLOCK + (
     "{%- for m in messages %}"
     "{%- if m.role == 'tool' %}"
     "{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' + m.content }}"
+    "{%- for c in m.tool_calls or [] %}"
+    "{{- '<tool_call>' + ({'name': c.function.name, 'arguments': c.function.arguments} | tojson) + '</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
@@ -322,3 +326,24 @@ def test_environment_rewards_sum_over_turns_and_real_engine_ids_are_kept(tmp_pat
     assert sorted(map(tuple, calls)) == sorted(tuple(e.completion_ids[a:b]) for e in ro.samples for a, b in e.spans)
     for e, r in zip(ro.samples, ro.rewards.tolist()):
         assert r == sum(x for x in e.env_rewards if x is not None)
+
+
+def test_sft_on_tool_transcripts_trains_only_assistant_turns_with_their_calls(tmp_path):
+    from alignkit.data.sft import load_sft_data
+
+    tok = build_tokenizer("chatml")
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"key": "a"}}}
+    rows = [{"messages": [{"role": "user", "content": "What is a?"},
+                          {"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "tool", "name": "lookup", "content": "got-a"},
+                          {"role": "assistant", "content": "It is got-a."}],
+             "tools": json.dumps([make_tool(lookup).schema])}] * 2
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encs, _ = load_sft_data(str(path), "train", tok, 512)
+    e = encs[0]
+    trained = tok.decode([t for t, l in zip(e.input_ids, e.labels) if l != -100])
+    assert trained == ('<tool_call>{"name": "lookup", "arguments": {"key": "a"}}</tool_call><|im_end|>'
+                       "It is got-a.<|im_end|>")
+    full = tok.decode(e.input_ids)
+    assert "<tools>" in full and "<tool_response>\ngot-a" in full  # tools listed, result given as context

@@ -37,7 +37,8 @@ from typing import Any, Callable
 from alignkit.errors import UserError
 
 __all__ = ["Tool", "ToolCall", "ToolEnv", "Agent", "load_object", "load_tools", "load_env", "parse_tool_calls",
-           "run_tool", "template_supports_tools", "build_agent", "TOY_TOOLS_TEMPLATE", "resolve_chat_template"]
+           "run_tool", "template_supports_tools", "build_agent", "TOY_TOOLS_TEMPLATE", "resolve_chat_template",
+           "with_tools"]
 
 HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
@@ -323,3 +324,39 @@ def build_agent(cfg, tokenizer) -> Agent | None:
     if env_spec:
         make_env()  # fail now, not in the middle of a run
     return Agent(make_env, schemas, cfg.max_turns)
+
+
+class _ToolsTokenizer:
+    """A tokenizer whose chat template always receives `tools` (SFT rows with a `tools` column)."""
+
+    def __init__(self, tokenizer, tools: list[dict]):
+        self._tok, self._tools = tokenizer, tools
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def apply_chat_template(self, messages, **kwargs):
+        kwargs.setdefault("tools", self._tools)
+        return self._tok.apply_chat_template(messages, **kwargs)
+
+
+def with_tools(tokenizer, tools, where: str = "row"):
+    """`tokenizer` rendering every conversation with `tools` (a list of JSON schemas, or its JSON
+    text, as in a `tools` column); the tokenizer itself when `tools` is empty. UserError for a value
+    that is not a list of schemas, or a template without tool support."""
+    if tools is None or tools == "" or tools == []:
+        return tokenizer
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: 'tools' is not JSON ({e.msg}); give a list of tool schemas") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise UserError(f"{where}: 'tools' must be a list of tool schemas (JSON objects)")
+    if not template_supports_tools(tokenizer):
+        raise UserError(f"{where}: the row has 'tools' but the chat template has no tool support; set "
+                        "chat_template= to a tool-calling template (chat_template=toy-tools for the toy model)")
+    return _ToolsTokenizer(tokenizer, tools)

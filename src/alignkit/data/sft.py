@@ -33,6 +33,10 @@ class EncodeStats:
 
 
 def encode_row(tokenizer, row: dict, fmt: str, where: str, train_on_prompt: bool = False) -> Encoded:
+    if row.get("tools"):  # tool-use transcripts: the template lists the row's tools
+        from alignkit.agents import with_tools
+
+        tokenizer = with_tools(tokenizer, row["tools"], where)
     if fmt == "messages":
         return encode_messages(tokenizer, check_messages(row["messages"], where), train_on_prompt=train_on_prompt)
     if fmt == "prompt_completion":

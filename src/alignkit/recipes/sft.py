@@ -69,7 +69,9 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
     dist = init_distributed()
     seed_everything(cfg.seed)
     tok = tokenizer or load_tokenizer(cfg.model)
-    setup_chat_template(tok, cfg.chat_template)
+    from alignkit.agents import resolve_chat_template
+
+    setup_chat_template(tok, resolve_chat_template(cfg.chat_template))
     rows, stats = load_sft_data(cfg.data, cfg.data_split, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt)
     eval_rows = None
     if cfg.eval_data:

@@ -322,7 +322,7 @@ def test_environment_rewards_sum_over_turns_and_real_engine_ids_are_kept(tmp_pat
     eng.generate = spy
     agent = Agent(Quiz, None, 4)
     ro = collect(eng, model, [PROMPT, PROMPT], {}, SamplingParams(n=2, max_new_tokens=6, seed=3), None, agent)
-    assert len(ro) == 4 and all(e.turns == 2 or e.finish_reason == "length" for e in ro.samples)
+    assert len(ro) == 4 and all(e.turns == 2 for e in ro.samples)
     assert sorted(map(tuple, calls)) == sorted(tuple(e.completion_ids[a:b]) for e in ro.samples for a, b in e.spans)
     for e, r in zip(ro.samples, ro.rewards.tolist()):
         assert r == sum(x for x in e.env_rewards if x is not None)
@@ -347,3 +347,84 @@ def test_sft_on_tool_transcripts_trains_only_assistant_turns_with_their_calls(tm
                        "It is got-a.<|im_end|>")
     full = tok.decode(e.input_ids)
     assert "<tools>" in full and "<tool_response>\ngot-a" in full  # tools listed, result given as context
+
+
+# --------------------------------------------------------------------------- recipes on episodes
+
+ENV_SRC = '''
+class Quiz:
+    """Two turns; each turn's reward is half its share of digits (per-turn rewards)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def reset(self, row):
+        return list(row["prompt"])
+
+    def step(self, message):
+        self.n += 1
+        t = message["content"]
+        return [{"role": "user", "content": "Again?"}], sum(c.isdigit() for c in t) / max(len(t), 1) / 2, self.n >= 2
+'''
+
+
+@pytest.fixture(scope="module")
+def env_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("env") / "quiz_env.py"
+    p.write_text(ENV_SRC)
+    return p
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    from conftest import write_jsonl
+
+    d = tmp_path_factory.mktemp("agent_prompts")
+    return write_jsonl(d / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?"} for i in range(16)])
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce", "rs", "ppo"])
+def test_recipes_train_on_episodes(name, tiny_model_dir, prompts, env_file, tmp_path, monkeypatch):
+    import test_resume
+    from alignkit.recipes import online as ol
+
+    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
+    seen = []
+    real = ol.OnlineRun.collect
+
+    def spy(self, *a, **k):
+        ro = real(self, *a, **k)
+        seen.append(ro)
+        return ro
+
+    monkeypatch.setattr(ol.OnlineRun, "collect", spy)
+    train, Config, kw, _ = test_resume.recipe(name)
+    out = tmp_path / name
+    train(Config(model=str(tiny_model_dir), data=str(prompts), output_dir=str(out), max_new_tokens=5, lr=1e-3,
+                 progress=False, tensorboard=False, log_every=1, seed=0, env=f"{env_file}:Quiz", max_turns=3,
+                 **{**kw, "save_every": 0}))
+    assert seen and all(len(ro) for ro in seen)
+    for ro in seen:
+        for e, r in zip(ro.samples, ro.rewards.tolist()):
+            assert e.turns == 2 and len(e.spans) == 2
+            assert not all(e.trained)  # the user's 'Again?' turn sits between the model's turns, untrained
+            assert abs(r - sum(x for x in e.env_rewards if x is not None)) < 1e-6
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("turns" in r for r in recs)
+
+
+def test_grpo_on_episodes_resumes_bitwise(tiny_model_dir, env_file, tmp_path, monkeypatch):
+    import test_resume
+
+    real = test_resume.recipe
+
+    def with_env(name):
+        train, Config, kw, kill = real(name)
+        return train, Config, {**kw, "env": f"{env_file}:Quiz", "max_turns": 2}, kill
+
+    monkeypatch.setattr(test_resume, "recipe", with_env)
+    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
+    from conftest import write_jsonl
+
+    pf = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?"} for i in range(32)])
+    test_resume.check_resume_equals_uninterrupted("grpo", tiny_model_dir, pf, tmp_path, monkeypatch)

@@ -149,7 +149,7 @@ def collect_episodes(engine: RolloutEngine, model, prompts: list, columns: dict[
             for k in ("tool_calls", "tool_errors", "malformed_calls"):
                 setattr(e, k, getattr(e, k) + int(after.get(k, 0)) - int(before.get(k, 0)))
             e.env_rewards.append(reward)
-            if done or s.finish_reason == "length" or not new:
+            if done or not new:  # a turn cut at max_new_tokens goes on: the environment judges it
                 continue
             new = [dict(m) for m in new]
             e.messages += new

@@ -482,3 +482,17 @@ def test_bad_agent_input_is_one_line_exit_2_nothing_written(extra, message, tiny
     assert code == 2, err
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
     assert not out.exists()
+
+
+def test_eval_reports_multi_turn_accuracy_and_tool_use(tiny_model_dir, env_file, tmp_path):
+    from alignkit.config import EvalConfig
+    from alignkit.eval.run import evaluate
+    from conftest import write_jsonl
+
+    pf = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i} + {i}?", "total": 2 * i} for i in range(4)])
+    res = evaluate(EvalConfig(model=str(tiny_model_dir), prompts=str(pf), env=f"{env_file}:Quiz", max_turns=3,
+                              max_new_tokens=4, temperature=1.0, ref_model=str(tiny_model_dir),
+                              output_dir=str(tmp_path / "e")), verbose=False)
+    row = res["modes"]["zero_shot"]
+    assert row["turns"] == 2 and row["tool_calls"] == 0 and "accuracy" in row
+    assert abs(row["kl_seq"]) < 1e-5  # the same weights: the per-turn segments line up with the sampled ids

@@ -643,6 +643,18 @@ class EvalConfig(Section):
     logits_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when computing log-probs")
     chat_template: str | None = Field(None, description="Jinja chat template (text or path) overriding the "
                                                         "tokenizer's")
+    tools: list[str] | None = Field(None, description="Tools the model may call (module:function, comma-separated): "
+                                    "multi-turn episodes, reported with tool_calls / tool_errors (docs/agents.md)")
+    env: str | None = Field(None, description="Environment class module:Class (docs/agents.md)")
+    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most")
+    tool_timeout: float = Field(5.0, gt=0, description="Multi-turn: seconds a tool call may run")
+    tool_parser: str = Field("hermes", description="Tool-call format: hermes or a regex with named groups name "
+                             "and arguments")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _split_tools(cls, v):
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
 
 class RMConfig(TrainConfig):

@@ -496,3 +496,18 @@ def test_eval_reports_multi_turn_accuracy_and_tool_use(tiny_model_dir, env_file,
     row = res["modes"]["zero_shot"]
     assert row["turns"] == 2 and row["tool_calls"] == 0 and "accuracy" in row
     assert abs(row["kl_seq"]) < 1e-5  # the same weights: the per-turn segments line up with the sampled ids
+
+
+def test_grpo_on_episodes_learns_the_per_turn_reward(tiny_model_dir, prompts, env_file, tmp_path, monkeypatch):
+    from alignkit.config import GRPOConfig
+    from alignkit.recipes.grpo import train_grpo
+
+    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
+    out = tmp_path / "g"
+    train_grpo(GRPOConfig(model=str(tiny_model_dir), data=str(prompts), output_dir=str(out), max_steps=24, iterations=2,
+                          batch_size=4, num_generations=8, max_new_tokens=8, lr=3e-3, progress=False, tensorboard=False,
+                          log_every=1, seed=0, env=f"{env_file}:Quiz", max_turns=2))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    first = sum(r["reward_mean"] for r in recs[:4]) / 4
+    last = sum(r["reward_mean"] for r in recs[-4:]) / 4
+    assert last > first + 0.03, (first, last)

@@ -253,8 +253,10 @@ def test_merged_model_lists_end_of_turn_and_eos(styles, tmp_path):
     base = styles["llama3base"]
     tok = load_tokenizer(str(base))
     adapter = tmp_path / "adapter"
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():  # peft's own call of a deprecated transformers name
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     pm.save_pretrained(adapter)
     tok.save_pretrained(adapter)
     out = merge_adapter(MergeConfig(adapter=str(adapter), output=str(tmp_path / "merged"), base=str(base)),
@@ -356,6 +358,7 @@ def test_stop_string_of_many_tokens_cuts_where_it_appears(tiny_model_dir, stop):
 
 
 def test_generation_and_checkpointing_emit_no_future_warning(tiny_model_dir):
+    from alignkit.eval.generate import generate_texts
     from alignkit.models import load_model
     from alignkit.models.generation import enable_activation_checkpointing
     from alignkit.rollout.engine import RolloutEngine, SamplingParams
@@ -365,6 +368,7 @@ def test_generation_and_checkpointing_emit_no_future_warning(tiny_model_dir):
         warnings.simplefilter("always")
         RolloutEngine(tok).generate(model, [[{"role": "user", "content": "2"}], "The quick"],
                                     SamplingParams(n=2, max_new_tokens=6))
+        generate_texts(model, tok, [[{"role": "user", "content": "2"}]], max_new_tokens=6)
         enable_activation_checkpointing(model)
     bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not bad, bad

@@ -184,7 +184,7 @@ def _sft(model_dir: Path, rows: list[dict], out: Path, steps: int = 40) -> Path:
     return out
 
 
-def test_base_model_given_chat_rows_learns_to_stop(styles, tmp_path):
+def test_base_model_given_chat_rows_learns_to_stop(styles, tmp_path, capsys):
     """No chat template: the built-in template ends each assistant turn with the tokenizer's eos, so
     a model overfit on one answer stops after it (the rollout engine and plain generate agree)."""
     from transformers import AutoModelForCausalLM
@@ -200,6 +200,7 @@ def test_base_model_given_chat_rows_learns_to_stop(styles, tmp_path):
     assert tok.decode(trained_ids(enc)) == "Paris.</s>"
 
     out = _sft(styles["base"], [{"messages": msgs}] * 8, tmp_path / "base_sft")
+    assert "built-in ChatML-style template, assistant turns end with '</s>'" in capsys.readouterr().err
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = load_tokenizer(str(out))
     prompt = msgs[:1]

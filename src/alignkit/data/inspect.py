@@ -32,7 +32,9 @@ def inspect_data(cfg: InspectConfig, out=None) -> None:
 
     out = out or sys.stdout
     tok = load_tokenizer(cfg.model)
-    setup_chat_template(tok, cfg.chat_template)
+    note = setup_chat_template(tok, cfg.chat_template)
+    if note:
+        print(note, file=out)
     ds = load_rows(cfg.data, cfg.data_split)
     fmt = require_format(ds, cfg.data, SFT_FORMATS)
     color = out.isatty() if cfg.color is None else cfg.color

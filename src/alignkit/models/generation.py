@@ -48,6 +48,9 @@ def write_generation_config(out_dir: str | Path, tokenizer, model=None) -> list[
     else:
         gc = GenerationConfig()
     gc.eos_token_id = ids if len(ids) > 1 else ids[0]
+    # A config marked as derived from the model config may be rebuilt from it at generate time,
+    # which would drop the end-of-turn id; this file is the authority now.
+    gc._from_model_config = False
     if gc.pad_token_id is None and tokenizer.pad_token_id is not None:
         gc.pad_token_id = int(tokenizer.pad_token_id)
     if gc.bos_token_id is None and tokenizer.bos_token_id is not None:

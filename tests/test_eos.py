@@ -374,3 +374,49 @@ def test_generation_and_checkpointing_emit_no_future_warning(tiny_model_dir):
     bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not bad, bad
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_every_save_writes_stop_ids_for_generators_only(styles, tmp_path):
+    """alignkit.models.save_pretrained (the path every recipe's checkpoints and final model take):
+    a causal LM, bare or under a LoRA adapter, gets the stop list; a reward model (no generation) none."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alignkit.models import save_pretrained
+
+    src = styles["llama3base"]
+    tok = load_tokenizer(str(src))
+    want = [tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id]
+    lm = AutoModelForCausalLM.from_pretrained(src)
+    save_pretrained(lm, tok, tmp_path / "lm")
+    assert json.loads((tmp_path / "lm" / "generation_config.json").read_text())["eos_token_id"][:2] == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    save_pretrained(pm, tok, tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "generation_config.json").read_text())["eos_token_id"][:2] == want
+    rm = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1)
+    save_pretrained(rm, tok, tmp_path / "rm")
+    assert not (tmp_path / "rm" / "generation_config.json").exists()
+
+
+def test_stop_strings_apply_under_prompt_learning_adapters(tiny_model_dir):
+    """Prompt/prefix tuning generate through peft's generate; stop strings cut there too."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from alignkit.models import load_model
+    from alignkit.rollout.engine import RolloutEngine, SamplingParams
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(load_model(str(tiny_model_dir)),
+                               PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    eng = RolloutEngine(tok)
+    prompt = [[{"role": "user", "content": "The quick brown fox"}]]
+    full = eng.generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=16)).samples[0]
+    assert full.finish_reason == "length" and len(full.text) > 6, full
+    stop = full.text[3:6]
+    s = eng.generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=16, stop=(stop,))).samples[0]
+    assert s.finish_reason == "stop" and s.text == full.text[: full.text.find(stop)]
+    assert len(s.completion_ids) == len(s.logprobs) < len(full.completion_ids)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -266,15 +267,23 @@ class RolloutEngine:
                   return_dict_in_generate=True)
         if p.temperature > 0:
             kw.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0)
-        res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
+        with warnings.catch_warnings():
+            # peft's generate passes position ids it then ignores (virtual tokens shift them): not the user's concern
+            warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
+            res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
         seqs = res.sequences[:, Tp:]
         out = []
         for b in range(seqs.shape[0]):
             row = seqs[b].tolist()
             cut = next((k + 1 for k, t in enumerate(row) if t in self.stop_ids), len(row))
             comp = row[:cut]
-            lps = [float(torch.log_softmax(res.scores[k][b].float(), -1)[t]) for k, t in enumerate(comp)]
             reason = "eos" if comp and comp[-1] in self.stop_ids else "length"
+            if p.stop and reason != "eos":  # stop strings, as the engine applies them token by token
+                max_stop = max(len(s) for s in p.stop)
+                end = next((k for k in range(1, len(comp) + 1) if self._hit_stop(comp[:k], p.stop, max_stop)), None)
+                if end is not None:
+                    comp, reason = comp[:end], "stop"
+            lps = [float(torch.log_softmax(res.scores[k][b].float(), -1)[t]) for k, t in enumerate(comp)]
             out.append(self._finish(offset + b // p.n, chunk[b // p.n], comp, lps, reason, p))
         return out
 

@@ -232,14 +232,14 @@ def test_saved_sft_model_stops_under_plain_generate(styles, tmp_path):
     out = _sft(styles["llama3base"], [{"messages": msgs}] * 8, tmp_path / "l3_sft")
     tok = AutoTokenizer.from_pretrained(out)
     eot, eos = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
-    gc = json.loads((out / "generation_config.json").read_text())
-    assert gc["eos_token_id"][:2] == [eot, eos]
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tok.apply_chat_template(msgs[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     gen = model.generate(**ids, do_sample=False, max_new_tokens=30)
     new = gen[0, ids["input_ids"].shape[1]:].tolist()
     assert len(new) < 30 and new[-1] == eot, tok.convert_ids_to_tokens(new)
     assert tok.decode(new, skip_special_tokens=True) == "Paris."
+    gc = json.loads((out / "generation_config.json").read_text())
+    assert gc["eos_token_id"][:2] == [eot, eos]
     # every checkpoint is a saved model too
     for ck in (out / "checkpoints").glob("step-*"):
         assert json.loads((ck / "generation_config.json").read_text())["eos_token_id"][:2] == [eot, eos]

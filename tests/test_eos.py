@@ -420,3 +420,22 @@ def test_stop_strings_apply_under_prompt_learning_adapters(tiny_model_dir):
     s = eng.generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=16, stop=(stop,))).samples[0]
     assert s.finish_reason == "stop" and s.text == full.text[: full.text.find(stop)]
     assert len(s.completion_ids) == len(s.logprobs) < len(full.completion_ids)
+
+
+def test_template_whose_turn_end_is_not_a_token_is_reported(styles, tmp_path):
+    """A ChatML template on a base tokenizer (no <|im_end|> token): the answers would train the marker
+    as characters and never the stop token; the data summary says so."""
+    from alignkit.data.sft import load_sft_data
+
+    tok = load_tokenizer(str(styles["base"]))
+    setup_chat_template(tok, "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                             "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                             "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}] * 3)
+    _, stats = load_sft_data(str(path), "train", tok, 128)
+    assert stats.no_stop == 3 and "3 rows train no end-of-turn/eos token" in stats.summary()
+    tok.chat_template = None
+    setup_chat_template(tok, None)  # the built-in template ends turns with eos: nothing to report
+    _, stats = load_sft_data(str(path), "train", tok, 128)
+    assert stats.no_stop == 0 and "WARNING" not in stats.summary()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignkit.data.chat import Encoded, encode_conversation, encode_prompt_completion, encode_text
+from alignkit.data.chat import Encoded, encode_conversation, encode_prompt_completion, encode_text, end_of_turn_ids
 from alignkit.data.loading import check_messages, load_rows, require_format
 from alignkit.errors import UserError
 
@@ -22,6 +22,7 @@ class EncodeStats:
     tokens: int = 0
     split_rows: int = 0  # conversations trained one assistant turn per row (reasoning templates)
     training_rows: int = 0  # rows handed to training (more than `kept` when conversations were split)
+    no_stop: int = 0  # rows whose trained answer holds no token generation stops on
 
     def summary(self) -> str:
         s = f"{self.kept}/{self.rows} rows, {self.tokens} tokens ({self.trained_tokens} trained)"
@@ -34,6 +35,10 @@ class EncodeStats:
         if self.split_rows:
             s += (f"; {self.split_rows} conversations trained one assistant turn per row, as the chat template "
                   f"re-renders earlier turns ({self.training_rows} training rows)")
+        if self.no_stop:
+            s += (f"; WARNING: {self.no_stop} rows train no end-of-turn/eos token, so the model will not learn to "
+                  "stop (the chat template's end-of-turn text is not a single token of this tokenizer): add it as a "
+                  "special token or use a template that ends assistant turns with the eos token")
         return s
 
 
@@ -96,9 +101,12 @@ def load_sft_data(path: str, split: str, tokenizer, max_length: int, truncation:
     fmt = require_format(ds, path, SFT_FORMATS)
     stats = EncodeStats()
     out: list[Encoded] = []
+    stops = end_of_turn_ids(tokenizer)
     for i, row in enumerate(ds):
         stats.rows += 1
         parts = encode_row_parts(tokenizer, row, fmt, f"{path} row {i + 1}", train_on_prompt)
+        if stops and fmt != "text" and not any(lab in stops for p in parts for lab in p.labels):
+            stats.no_stop += 1
         if len(parts) > 1:
             stats.split_rows += 1
         kept = False

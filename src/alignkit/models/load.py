@@ -75,6 +75,9 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, state_dict: dict | No
     model.save_pretrained(out_dir, safe_serialization=True, **kw)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+        from alignkit.models.generation import write_generation_config
+
+        write_generation_config(out_dir, tokenizer, model)  # stop at the end of a turn, not only at eos
 
 
 def _first_line(e: Exception) -> str:

@@ -486,6 +486,9 @@ def merge_adapter(cfg: MergeConfig, log=None) -> Path:
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        from alignkit.models.generation import write_generation_config
+
+        write_generation_config(tmp, tok, merged)  # stop at the end of a turn, not only at eos
 
     if out.exists() and not out.is_dir():
         out.unlink()  # overwrite=true of a plain file

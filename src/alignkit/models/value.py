@@ -104,8 +104,9 @@ class ValueModel(torch.nn.Module):
         return contextlib.nullcontext()
 
     def gradient_checkpointing_enable(self) -> None:
-        if hasattr(self.backbone, "gradient_checkpointing_enable"):
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from alignkit.models.generation import enable_activation_checkpointing
+
+        enable_activation_checkpointing(self.backbone)
 
     def weights(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}

@@ -72,7 +72,7 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
     dist = init_distributed()
     seed_everything(cfg.seed)
     tok = tokenizer or load_tokenizer(cfg.model)
-    setup_chat_template(tok, cfg.chat_template)
+    template_note = setup_chat_template(tok, cfg.chat_template)
     rows, stats = load_sft_data(cfg.data, cfg.data_split, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt)
     eval_rows = None
     if cfg.eval_data:
@@ -85,6 +85,8 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
         model.config.use_cache = False
     total_steps = steps_for(cfg, len(rows), dist.world)
     trainer = Trainer(cfg, model, tok, recipe="sft", total_steps=total_steps, dist_info=dist)
+    if template_note:
+        trainer.info(template_note)
     trainer.info(f"data: {cfg.data}: {stats.summary()}")
     resume = trainer.prepare_run_dir()
     if resume is not None:

@@ -22,6 +22,8 @@ Randomness comes from one `torch.Generator` seeded per call, so a seed gives the
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -171,10 +173,11 @@ class RolloutEngine:
         input_ids, attn = input_ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=getattr(model, "config", None))
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        cache_kw = _cache_kwarg(model)
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **{cache_kw: cache})
         stats["prefill_tokens"] += int(attn.sum())
-        cache = out.past_key_values
+        cache = _out_cache(out)
         logits = out.logits[:, -1]
         # share the prefill (repeat the cache, not the computation) and give each layer room for every
         # token still to come, so decoding writes in place instead of re-concatenating the cache
@@ -190,7 +193,7 @@ class RolloutEngine:
         lps: list[list[float]] = [[] for _ in range(B)]
         reason: list[str | None] = [None] * B
         stop_ids = torch.tensor(sorted(self.stop_ids), device=device)
-        max_stop = max((len(s) for s in p.stop), default=0)
+        max_stop = max((len(s) for s in p.stop), default=0)  # characters
         for step in range(p.max_new_tokens):
             tok, lp = sample_tokens(logits, p, gen)
             stats["decode_tokens"] += int(tok.numel())
@@ -216,17 +219,28 @@ class RolloutEngine:
                 live, tok, attn, next_pos = live[k], tok[k], attn[k], next_pos[k]
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True)
+                        use_cache=True, **{cache_kw: cache})
             stats["decode_steps"] += 1
-            cache = out.past_key_values
+            cache = _out_cache(out)
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
         return [self._finish(offset + b // n, chunk[b // n], comp[b], lps[b], reason[b] or "length", p)
                 for b in range(B)]
 
     def _hit_stop(self, comp: list[int], stops, max_stop: int) -> bool:
-        tail = self.tok.decode(comp[-(max_stop + 8):], skip_special_tokens=False)
-        return any(s in tail for s in stops)
+        """Whether a stop string appears in the decoded completion. Only its end can be new, so
+        only a tail is decoded: a window of tokens grown until its text holds the longest stop
+        string plus a guard of characters. A token can carry a fraction of a character (byte-level
+        tokenizers split CJK and emoji into up to 4 byte tokens), so the window is counted in
+        decoded characters, never assumed from the stop string's length; the guard covers the
+        partial character a window can start inside."""
+        need = max_stop + _WINDOW_GUARD_CHARS
+        w = 4 * max_stop + 8  # enough tokens for most tokenizers at once
+        while True:
+            tail = self.tok.decode(comp[-w:], skip_special_tokens=False)
+            if w >= len(comp) or len(tail) >= need:
+                return any(s in tail for s in stops)
+            w *= 2
 
     def _finish(self, pi: int, prompt: list[int], comp: list[int], lps: list[float], reason: str,
                 p: SamplingParams) -> Sample:
@@ -253,17 +267,60 @@ class RolloutEngine:
                   return_dict_in_generate=True)
         if p.temperature > 0:
             kw.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0)
-        res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
+        with warnings.catch_warnings():
+            # peft's generate passes position ids it then ignores (virtual tokens shift them): not the user's concern
+            warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
+            res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
         seqs = res.sequences[:, Tp:]
         out = []
         for b in range(seqs.shape[0]):
             row = seqs[b].tolist()
             cut = next((k + 1 for k, t in enumerate(row) if t in self.stop_ids), len(row))
             comp = row[:cut]
-            lps = [float(torch.log_softmax(res.scores[k][b].float(), -1)[t]) for k, t in enumerate(comp)]
             reason = "eos" if comp and comp[-1] in self.stop_ids else "length"
+            if p.stop and reason != "eos":  # stop strings, as the engine applies them token by token
+                max_stop = max(len(s) for s in p.stop)
+                end = next((k for k in range(1, len(comp) + 1) if self._hit_stop(comp[:k], p.stop, max_stop)), None)
+                if end is not None:
+                    comp, reason = comp[:end], "stop"
+            lps = [float(torch.log_softmax(res.scores[k][b].float(), -1)[t]) for k, t in enumerate(comp)]
             out.append(self._finish(offset + b // p.n, chunk[b // p.n], comp, lps, reason, p))
         return out
+
+
+# Characters of decoded text ahead of the longest stop string in the window `_hit_stop` decodes:
+# the window's first token may start inside a character and decode to replacement characters.
+_WINDOW_GUARD_CHARS = 4
+
+
+@functools.cache
+def _cache_renamed() -> bool:
+    """Whether this transformers names the KV cache `cache` (its forward and outputs), as
+    transformers 5.x does, where `past_key_values` still works but emits a FutureWarning."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+
+
+def _cache_kwarg(model) -> str:
+    """The forward keyword that takes the KV cache for this model: the name its own forward
+    declares (a model from the hub may predate the rename), else this transformers' name."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    return "cache" if _cache_renamed() else "past_key_values"
+
+
+def _out_cache(out):
+    """The KV cache a forward returned, under either name, without touching a deprecated one."""
+    cache = getattr(out, "cache", None) if _cache_renamed() else None
+    return cache if cache is not None else out.past_key_values
 
 
 @functools.cache

@@ -138,7 +138,9 @@ class Trainer:
             raise UserError("the model has 0 trainable parameters; check the PEFT / freezing settings")
         self.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from alignkit.models.generation import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
             if hasattr(model, "config"):
                 model.config.use_cache = False
         from alignkit.training import fsdp as fsdp_lib

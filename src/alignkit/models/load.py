@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
+from alignkit.models.arch import quiet_peft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,9 +50,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
         if (Path(path) / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
 
-            from alignkit.models.peft import _quiet_peft
-
-            with _quiet_peft():
+            with quiet_peft():
                 model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)

@@ -54,18 +54,3 @@ def pack_collate(rows: list) -> dict:
 def n_trained(batch: dict) -> int:
     return int((batch["targets"] != IGNORE).sum())
 
-
-def pack_groups(lengths: list[int], budget: int) -> list[list[int]]:
-    """Greedy first-fit grouping of row indices (in the given order) under a token budget."""
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups

@@ -56,6 +56,11 @@ def end_of_turn_ids(tokenizer) -> set[int]:
 
 @dataclass
 class Encoded:
+    """One tokenised row: `input_ids` (T,) and `labels` (T,), where labels[t] = input_ids[t] for a
+    trained token and -100 otherwise (prompt, system and user turns, template markup). Labels are
+    not shifted: the collators (`data.collate`) shift them into next-token targets per document.
+    `extra`: the row's other columns, carried along for rewards and logging."""
+
     input_ids: list[int]
     labels: list[int]  # labels[t] = input_ids[t] when token t is trained, else -100
     extra: dict = field(default_factory=dict)
@@ -65,6 +70,7 @@ class Encoded:
 
     @property
     def n_trained(self) -> int:
+        """Number of tokens that carry loss once shifted into targets (labels[1:] != -100)."""
         # position 0 is never a target: nothing precedes it
         return sum(1 for x in self.labels[1:] if x != -100)
 
@@ -155,6 +161,8 @@ def encode_prompt_completion(tokenizer, prompt, completion, train_on_prompt: boo
 
 
 def encode_text(tokenizer, text: str) -> Encoded:
+    """Plain `text` row: bos (when the tokenizer has one) + text + eos (when it has one); every
+    token is trained (continued pretraining). No chat template is applied."""
     ids = bos_ids(tokenizer) + _tok(tokenizer, text)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)

@@ -24,6 +24,9 @@ def _check_source(name_or_path: str) -> None:
 
 
 def load_tokenizer(name_or_path: str):
+    """The tokenizer of a hub id or local folder, with a pad token set (eos, else unk, when it has
+    none: padding is always masked, so any id serves). Raises UserError for a folder that holds
+    no model or a tokenizer that cannot be loaded."""
     from transformers import AutoTokenizer
 
     _check_source(name_or_path)

@@ -250,6 +250,8 @@ def _last_layers_regex(model, targets, k: int) -> str:
 
 
 def ia3_default_ff(model) -> list[str]:
+    """peft's default IA3 feed-forward module names for `model`'s architecture ([] when peft
+    has none for its model_type). IA3: Liu et al. 2022, arXiv:2205.05638."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as ff_default
 
     return list(ff_default.get(getattr(model.config, "model_type", ""), []))

@@ -99,10 +99,13 @@ class RewardSpec:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     def to_dict(self) -> dict:
+        """The spec as the plain dict stored under config.json's `alignkit_reward`."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardSpec":
+        """The spec of a saved config dict; unknown keys (from newer versions) are ignored.
+        Raises ValueError for inconsistent values (see __post_init__)."""
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -193,6 +196,8 @@ def _merged_adapter_copy(path: str) -> str:
 
 
 def is_adapter_model(model) -> bool:
+    """True when `model` (possibly DDP-wrapped) is a peft.PeftModel, i.e. a reward model trained
+    as an adapter on a frozen backbone."""
     model = getattr(model, "module", model)  # DDP
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
@@ -494,6 +499,7 @@ class RewardModel(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the backbone's parameters (where `score` puts its batches)."""
         return next(self.model.parameters()).device
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -505,6 +511,9 @@ class RewardModel(torch.nn.Module):
         return rewards_from_logits(self.forward(input_ids, attention_mask, position_ids), self.spec)
 
     def encode(self, prompt, response) -> list[int]:
+        """Token ids of prompt + response as the reward model was trained on them
+        (`data.chat.encode_prompt_completion`), cut to the spec's max_length by the rule that cuts
+        training pairs (the prompt's start first, then the response's end)."""
         if isinstance(prompt, list) and isinstance(response, str):
             response = [{"role": "assistant", "content": response}]
         enc = encode_prompt_completion(self.tokenizer, prompt, response)

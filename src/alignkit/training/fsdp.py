@@ -153,6 +153,7 @@ class FSDPModel:
         self.model.unshard()
 
     def load(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+        """Collective: read a sharded checkpoint written by `save` (any number of processes)."""
         self.model.reshard()
         load_sharded(self.model, optimizer, path)
         self.model.unshard()
@@ -170,6 +171,7 @@ class FSDPModel:
 
 
 def all_reduce_max(x: float, device: torch.device) -> float:
+    """Collective: the largest `x` over all processes."""
     t = torch.tensor([x], dtype=torch.float32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t[0])
@@ -200,6 +202,8 @@ def _options():
 
 
 def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Collective: write the trainable weights and the optimizer state to the folder `path` with
+    torch.distributed.checkpoint, each process its own shards (frozen weights are left out)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

@@ -498,9 +498,7 @@ def main() -> int:
         outs = [breakdown(args, v)[0] for v in variants]
         print("\n\n".join(outs))
         return 0
-    def launch(cell, s, rep):
-        v = cell["variant"]
-        return child_argv(args, s, v, str(Path(args.workdir) / f"run-{v}-{s}-{rep}")), env
+    launch = common.run_dir_launch(args.workdir, lambda s, v, run_dir: child_argv(args, s, v, run_dir), env)
 
     def summary(rec):
         return (f"{rec['trained_tokens_per_s']:6.2f} pairs/s {rec['tokens_per_s']:8,.0f} tok/s  "

@@ -352,6 +352,17 @@ def alternate_sides(cells: list[dict], sides: list[str], repeats: int,
     return runs, failed
 
 
+def run_dir_launch(workdir: str | os.PathLike, argv_of: Callable[[str, str, str], list[str]],
+                   env: dict) -> Callable[[dict, str, int], tuple[list[str], dict]]:
+    """A `launch` for `alternate_sides` whose child gets its own run folder,
+    `workdir/run-<variant>-<side>-<repeat>`: argv_of(side, variant, run_dir) gives its argv."""
+    def launch(cell: dict, side: str, rep: int) -> tuple[list[str], dict]:
+        v = cell["variant"]
+        return argv_of(side, v, str(Path(workdir) / f"run-{v}-{side}-{rep}")), env
+
+    return launch
+
+
 def current_rss_mib() -> float:
     import psutil
 

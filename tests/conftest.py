@@ -140,3 +140,16 @@ def metrics(run_dir, kind: str = "train") -> list[dict]:
     """The records of one kind (train, eval, ...) from a run folder's metrics.jsonl."""
     rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
     return [r for r in rows if r["kind"] == kind]
+
+
+# ----------------------------------------------------------------------------- source checks
+
+
+def assert_only_allowed(found: list[tuple[object, str]], allowed: set, title: str) -> None:
+    """`found`: (key, message) per violation of a source check. Fails listing the messages of the
+    violations whose key is not in `allowed`, and fails when `allowed` names a key that no
+    longer occurs (so allow-lists of known violations shrink as the code is fixed)."""
+    bad = [msg for key, msg in found if key not in allowed]
+    assert not bad, f"{title}:\n" + "\n".join(bad)
+    stale = allowed - {key for key, _ in found}
+    assert not stale, f"the allow-list names violations that no longer occur; remove them: {sorted(stale, key=str)}"

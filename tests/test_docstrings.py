@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from conftest import assert_only_allowed
+
 PKG = Path(__file__).resolve().parents[1] / "src" / "alignkit"
 
 COVERED = ["losses.py", "advantages.py", "rewards.py", "errors.py", "io.py", "ops", "data", "models", "rollout",
@@ -90,18 +92,12 @@ def undocumented(source: str) -> list[tuple[str, int]]:
 
 
 def test_public_definitions_have_docstrings():
-    bad, seen = [], set()
+    found = []
     for f in files():
         rel = f.relative_to(PKG).as_posix()
-        for name, line in undocumented(f.read_text(encoding="utf-8")):
-            key = f"{rel}:{name}"
-            if key in ALLOWED:
-                seen.add(key)
-                continue
-            bad.append(f"src/alignkit/{rel}:{line}: {name}")
-    assert not bad, "public definitions without a docstring:\n" + "\n".join(bad)
-    stale = ALLOWED - seen
-    assert not stale, f"ALLOWED names definitions that now have a docstring or are gone; remove: {sorted(stale)}"
+        found += [(f"{rel}:{name}", f"src/alignkit/{rel}:{line}: {name}")
+                  for name, line in undocumented(f.read_text(encoding="utf-8"))]
+    assert_only_allowed(found, ALLOWED, "public definitions without a docstring")
 
 
 def test_the_checker_finds_functions_classes_and_methods():

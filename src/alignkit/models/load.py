@@ -41,7 +41,11 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu", **kwargs):
-    """A causal LM in `dtype` on `device`. Weights of an adapter folder are loaded onto their base."""
+    """A causal LM in `dtype` ("float32", "bfloat16", "float16"; anything else is float32) on
+    `device`, from a hub id or a local folder through the same path. An adapter folder
+    (adapter_config.json) is loaded onto its recorded base as a peft model. `kwargs` go to
+    `from_pretrained` (e.g. quantization_config). Raises UserError, one line, when nothing is
+    named, the folder holds no model, or transformers / peft cannot load it."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

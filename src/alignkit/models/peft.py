@@ -152,7 +152,16 @@ def _mark_adapter_trainable(model) -> int:
 
 
 def build_peft_config(pc: PeftConfig, model, cfg: TrainConfig | None = None):
-    """The `peft` config object for `pc` (task CAUSAL_LM)."""
+    """The `peft` config object for `pc` (task CAUSAL_LM).
+
+    Methods and their papers: lora (Hu et al. 2021, arXiv:2106.09685; `rslora` scaling,
+    Kalajdzievski 2023, arXiv:2312.03732), dora (Liu et al. 2024, arXiv:2402.09353), qlora
+    (Dettmers et al. 2023, arXiv:2305.14314: LoRA on a 4-bit base), oft (Qiu et al. 2023,
+    arXiv:2306.07280), boft (Liu et al. 2023, arXiv:2311.06243), ia3 (Liu et al. 2022,
+    arXiv:2205.05638), prefix (Li & Liang 2021, arXiv:2101.00190), prompt (Lester et al. 2021,
+    arXiv:2104.08691). `cfg.train_last_layers` restricts the target modules to the last k
+    blocks. Raises UserError when train_last_layers cannot apply (prompt methods, a regex
+    target, more layers than the model has), ValueError for an unknown method."""
     import peft
 
     method = pc.method
@@ -391,7 +400,12 @@ class MergeConfig(Section):
 
 
 def merge_adapter(cfg: MergeConfig, log=None) -> Path:
-    """Merge `cfg.adapter` into its base; returns the output folder."""
+    """Merge `cfg.adapter` into its base (W + the adapter's update, peft's `merge_and_unload`)
+    and write a plain transformers model with the adapter's (or the base's) tokenizer to
+    `cfg.output`, atomically; returns the output folder. Raises UserError, one line, for a
+    missing adapter / output, an unreadable adapter_config.json, prompt-learning adapters
+    (nothing to merge), a non-empty output without overwrite=true, no recorded base, or an
+    adapter that does not load onto the base."""
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not cfg.adapter:
         raise UserError("no adapter given; pass adapter=DIR (a folder with adapter_config.json)")

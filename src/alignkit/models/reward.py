@@ -77,7 +77,12 @@ CONFIG_KEY = "alignkit_reward"
 
 @dataclass
 class RewardSpec:
-    """What the head means; stored as `alignkit_reward` in config.json."""
+    """What the head means; stored as `alignkit_reward` in config.json.
+
+    kind "scalar": one output, the Bradley-Terry reward (Bradley & Terry 1952; Ouyang et al.
+    2022, arXiv:2203.02155); kind "distributional": `num_scores` = K >= 2 outputs, a
+    distribution over scores 1..K read out by `reward_stat` at `temperature` (see the module
+    docstring). Raises ValueError for an inconsistent combination."""
 
     kind: str = "scalar"
     num_scores: int = 1  # outputs of the head: 1 for scalar, K for distributional

@@ -35,6 +35,9 @@ class MovingAverageBaseline:
     to 1 the early baselines lean towards init. alpha = 0 is the batch mean; alpha = 1 is the
     constant init.
 
+    Source: the reinforcement-comparison baseline of REINFORCE (Williams 1992, Machine Learning
+    8). Raises ValueError for alpha outside [0, 1], and from `update` for empty rewards.
+
     Kept as a Python float (float64) so `state_dict()` / `load_state_dict()` resume exactly.
     Under data parallelism pass the global batch mean as `update(rewards, mean=...)` so that all
     ranks hold the same baseline.
@@ -49,6 +52,7 @@ class MovingAverageBaseline:
 
     @property
     def value(self) -> float:
+        """The current baseline b_k (reward units)."""
         return self._value
 
     @torch.no_grad()
@@ -62,6 +66,7 @@ class MovingAverageBaseline:
         return rewards - self._value
 
     def state_dict(self) -> dict:
+        """{"value", "alpha", "steps"}: plain Python numbers, so a checkpoint restores b_k exactly."""
         return {"value": self._value, "alpha": self.alpha, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
@@ -87,7 +92,10 @@ def leave_one_out(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
         A_i = r_i - mean_{j != i, j in group(i)} r_j = n/(n-1) (r_i - mean_group)
 
-    rewards: (B,) contiguous groups of `group_size` (>= 2). Returns (B,).
+    rewards: (B,) contiguous groups of `group_size` (>= 2). Returns (B,), reward units.
+    Papers: Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; RLOO for
+    LLMs, Ahmadian et al. 2024, arXiv:2402.14740. Raises ValueError for rewards that are not
+    1-D, group_size < 2, or a batch that is not a multiple of group_size.
     """
     r = _grouped(rewards, group_size, "leave_one_out")
     n = group_size
@@ -108,7 +116,9 @@ def group_normalized(rewards: torch.Tensor, group_size: int, scale: str = "group
     numerator is 0), so they give no gradient; find them with `zero_std_groups` (dynamic sampling
     drops them). group_size must be >= 2: with one sample per prompt every advantage would be 0,
     which is an error here rather than a silent no-op.
-    rewards: (B,) contiguous groups. Returns (B,).
+    rewards: (B,) contiguous groups. Returns (B,), unitless for group / batch scale.
+    Papers: GRPO, Shao et al. 2024, arXiv:2402.03300; Dr. GRPO, Liu et al. 2025,
+    arXiv:2503.20783. Raises ValueError for an unknown scale and as `leave_one_out` for the layout.
     """
     if scale not in GROUP_SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(GROUP_SCALES)}")
@@ -125,7 +135,8 @@ def group_normalized(rewards: torch.Tensor, group_size: int, scale: str = "group
 def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(n_groups,) bool: True for groups whose rewards are all equal (zero advantage under any
     group-centred estimator, so no learning signal; DAPO's dynamic sampling filters them).
-    Exact equality, no tolerance. `.repeat_interleave(group_size)` gives the per-sample mask."""
+    Exact equality, no tolerance. `.repeat_interleave(group_size)` gives the per-sample mask.
+    DAPO: Yu et al. 2025, arXiv:2503.14476. Raises ValueError as `leave_one_out` for the layout."""
     r = _grouped(rewards, group_size, "zero_std_groups")
     return (r == r[:, :1]).all(-1)
 
@@ -134,7 +145,8 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438) over response
+    tokens, as PPO uses it (arXiv:1707.06347).
 
         delta_t = r_t + gamma V_{t'} - V_t        t' = the next masked position after t
         A_t     = delta_t + gamma lam A_{t'}
@@ -144,7 +156,8 @@ def gae(
     step after the last masked token is terminal (V = 0, A = 0), so right padding, and anything
     after the response, is never bootstrapped from. Unmasked positions inside a row are skipped
     (not steps): rewards placed there are ignored, so put the reward on the last real token.
-    Returns (advantages, returns), both (B, T), 0 where mask is 0.
+    Returns (advantages, returns), both (B, T) in reward units, 0 where mask is 0. Shapes must
+    agree (torch raises otherwise).
     """
     m = mask.bool() if mask.dtype != torch.bool else mask
     r = rewards.detach().to(values.dtype)
@@ -173,7 +186,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
         y = (x - mean) / sqrt(var + eps)          (+ mean back when shift_mean=False)
 
     mean and var (unbiased, n - 1; population variance when n = 1) are taken over entries where
-    mask is true (all entries when mask is None). Masked-out entries of the result are 0.
+    mask is true (all entries when mask is None). Masked-out entries of the result are 0, and
+    all of it is 0 when no entry is masked in. x, mask: same shape, any. Used for PPO's
+    advantage whitening (as in OpenAI baselines ppo2; Engstrom et al. 2020, arXiv:2005.12729).
     """
     if mask is None:
         m = torch.ones_like(x, dtype=torch.bool)

@@ -216,10 +216,6 @@ COMMANDS: dict[str, Command] = {
 POSITIONAL = {"data inspect": "data", "report": "runs"}
 
 
-def register(cmd: Command) -> None:
-    COMMANDS[cmd.name] = cmd
-
-
 def usage() -> str:
     lines = ["usage: alignkit <command> [config.yaml] [key=value ...]", "", "commands:"]
     width = max(len(n) for n in COMMANDS) + 2

@@ -171,7 +171,7 @@ class Pipeline:
         prompt; each wrong one is the rejected answer against the reference answer. Offline pairs with
         made-up mistakes (`world.preference_rows`) lowered the SFT model's accuracy in our runs: the
         mistakes it is pushed away from are not the ones it makes."""
-        from alignkit.recipes.dpo import onpolicy_pairs
+        from alignkit.toy.pairs import onpolicy_pairs
 
         path = self.run / "data" / "pairs_onpolicy.jsonl"
         if not path.exists():

@@ -59,8 +59,11 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
 
         loss_sum = -sum_{b,t : mask[b,t]} logps[b, t],     count = sum mask
 
-    logps, mask: same shape (e.g. (B, T)). Returns (loss_sum scalar, count int64 scalar). The
-    caller divides by the count of the whole global batch, not of this micro-batch.
+    logps, mask: same shape (e.g. (B, T)); logps in nats (natural log). Returns (loss_sum scalar,
+    count int64 scalar). The caller divides by the count of the whole global batch, not of this
+    micro-batch. The maximum-likelihood (next-token cross-entropy) objective of supervised
+    fine-tuning (e.g. the SFT stage of Ouyang et al. 2022, arXiv:2203.02155). Raises nothing of
+    its own; mismatched shapes raise torch's RuntimeError.
     """
     m = _bool(mask)
     return -_masked(logps, m).sum(), m.sum()
@@ -69,7 +72,8 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | float | None = None
 ) -> torch.Tensor:
-    """Pairwise reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022; Llama 2's margin).
+    """Pairwise reward-model loss (Bradley & Terry 1952, Biometrika 39; Ouyang et al. 2022,
+    arXiv:2203.02155; the margin term of Llama 2, Touvron et al. 2023, arXiv:2307.09288).
 
         L = mean_b  -log sigmoid(r_w[b] - r_l[b] - margin[b])
 
@@ -94,7 +98,10 @@ def distributional_preference_loss(chosen_logits: torch.Tensor, rejected_logits:
 
     computed in log space: logsumexp_i( log p_i(w) + log cdf_l(< i) ), where the exclusive
     log-CDF is a `logcumsumexp` of log p(l) shifted by one (log 0 = -inf for i = 1).
-    chosen_logits, rejected_logits: (B, K) with K >= 2. Returns a scalar.
+    chosen_logits, rejected_logits: (B, K) with K >= 2. Returns a scalar (nats). Raises
+    ValueError for other shapes or K < 2. The pairwise probability is the Bradley-Terry event
+    "chosen scores higher" taken under two independent score distributions; ties (s_w = s_l)
+    count as not preferred. Derivation: docs/reward-models.md.
     """
     if chosen_logits.shape != rejected_logits.shape or chosen_logits.dim() != 2:
         raise ValueError(f"expected two (B, K) logits tensors, got {tuple(chosen_logits.shape)} "
@@ -149,7 +156,14 @@ def dpo_loss(
                gamma is the paper's absolute target margin (its recommended gamma/beta ~ 0.5).
 
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the implicit rewards are
-    beta (logpi - logref) (beta logpi / |y| for simpo), detached, for logging.
+    beta (logpi - logref) (beta logpi / |y| for simpo), detached, for logging. Log-probs are
+    sums over response tokens in nats; the caller averages the losses.
+
+    Papers: DPO arXiv:2305.18290, robust DPO arXiv:2403.00409, IPO arXiv:2310.12036, SLiC-HF
+    arXiv:2305.10425, SimPO arXiv:2405.14734.
+    Raises ValueError: unknown loss_type; label_smoothing outside [0, 0.5) or given to ipo /
+    hinge; gamma with a loss other than simpo; simpo without lengths; missing reference
+    log-probs for a loss that needs them.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
@@ -199,8 +213,10 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "
         k2 = d^2 / 2                biased, low variance, >= 0
         k3 = exp(-d) - (-d) - 1     unbiased, low variance, >= 0
 
-    Elementwise; shapes broadcast. No clamping: exact for any input (k3 overflows only when the
-    policy gives a sampled token e^-88 less probability than the reference).
+    Elementwise; shapes broadcast; log-probs and the result in nats. No clamping: exact for any
+    input (k3 overflows only when the policy gives a sampled token e^-88 less probability than
+    the reference). Source: J. Schulman, "Approximating KL Divergence", 2020,
+    http://joschu.net/blog/kl-approx.html. Raises ValueError for an unknown estimator.
     """
     d = logps - ref_logps
     if estimator == "k1":
@@ -232,11 +248,14 @@ class PolicyLossTerms(NamedTuple):
     stats: dict
 
     def metrics(self) -> dict:
+        """The token means of this micro-batch's stats (see `stats_to_metrics`)."""
         return stats_to_metrics(self.stats)
 
 
 def stats_to_metrics(stats: dict) -> dict:
-    """Token means from (possibly micro-batch-summed) `PolicyLossTerms.stats`."""
+    """Token means from (possibly micro-batch-summed) `PolicyLossTerms.stats`: clip_frac,
+    ratio_mean, ratio_max, ratio_min, approx_kl (nats per token), plus dual_clip_frac and kl when
+    those stats are present. Raises KeyError when a required stat is missing."""
     n = max(float(stats["tokens"]), 1.0)
     out = {
         "clip_frac": float(stats["clipped"]) / n,
@@ -283,6 +302,12 @@ def policy_loss_terms(
 
     logps, old_logps, mask, ref_logps: (B, T); advantages: (B,) or (B, T).
     clip_frac counts masked tokens whose clipped branch was taken (the gradient is cut there).
+
+    Papers: PPO arXiv:1707.06347; dual clip arXiv:1912.09729; Dr. GRPO (constant normaliser)
+    arXiv:2503.20783; DAPO (token-mean aggregation, clip_high > clip_low) arXiv:2503.14476.
+    Raises ValueError: unknown aggregation; seq_mean_token_sum_norm without max_length;
+    dual_clip <= 1; kl_coef without ref_logps; logps not (B, T); any other tensor of another
+    shape.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -398,6 +423,8 @@ class ValueLossTerms(NamedTuple):
     stats: dict
 
     def metrics(self) -> dict:
+        """Token means of the stats: value_clip_frac, value_mean, value_mse (squared error of the
+        unclipped prediction)."""
         n = max(float(self.stats["tokens"]), 1.0)
         return {"value_clip_frac": float(self.stats["clipped"]) / n, "value_mean": float(self.stats["value_sum"]) / n,
                 "value_mse": float(self.stats["sq_error_sum"]) / n}
@@ -410,7 +437,10 @@ def value_loss_terms(
     mask: torch.Tensor,
     clip_range: float | None = None,
 ) -> ValueLossTerms:
-    """Summed PPO value loss over masked tokens and the token count (see `value_loss`)."""
+    """Summed PPO value loss over masked tokens and the token count (see `value_loss`).
+
+    values, old_values, returns, mask: (B, T). Raises ValueError for a shape mismatch or for
+    clip_range without old_values."""
     for name, x in {"old_values": old_values, "returns": returns, "mask": mask}.items():
         if x is not None and x.shape != values.shape:
             raise ValueError(f"{name} shape {tuple(x.shape)} must equal values shape {tuple(values.shape)}")
@@ -454,6 +484,9 @@ def value_loss(
 
     Returns (loss, metrics: value_clip_frac (fraction of masked tokens where the clipped error
     was the larger one), value_mean, value_mse). An empty mask gives loss 0.
+
+    Source: the clipped value loss of PPO's reference implementation (OpenAI baselines ppo2),
+    studied in Engstrom et al. 2020, arXiv:2005.12729. Raises ValueError as `value_loss_terms`.
     """
     t = value_loss_terms(values, old_values, returns, mask, clip_range)
     return t.loss_sum / t.count.clamp(min=1), t.metrics()

@@ -596,15 +596,20 @@ class Reward:
 
     @property
     def name(self) -> str:
+        """The combination as text, e.g. "toy + 0.5*length"."""
         parts = []
         for t in self.terms:
             parts.append(t.name if t.weight == 1.0 else f"{t.weight:g}*{t.name}")
         return " + ".join(parts)
 
     def score_terms(self, prompts: list, completions: list[str], **columns) -> dict[str, list[float | None]]:
+        """Each source's unweighted values: {key: [value or None per completion]}; `columns`
+        are the prompt set's other columns, one value per completion."""
         return {key: t(prompts, completions, **columns) for key, t in zip(self.keys, self.terms)}
 
     def combine(self, per_term: dict[str, list[float | None]]) -> list[float | None]:
+        """The weighted sum of `score_terms` output per completion; None (or `none_as`) where any
+        source gave None."""
         out: list[float | None] = []
         cols = [per_term[k] for k in self.keys]
         for vals in zip(*cols):
@@ -619,6 +624,7 @@ class Reward:
 
     @property
     def timeouts(self) -> int:
+        """How many calls of the sources ran past their timeout so far."""
         return sum(t.timeouts for t in self.terms)
 
 

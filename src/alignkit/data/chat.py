@@ -123,6 +123,11 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 @dataclass
 class Encoded:
+    """One tokenised row: `input_ids` (T,) and `labels` (T,), where labels[t] = input_ids[t] for a
+    trained token and -100 otherwise (prompt, system and user turns, template markup). Labels are
+    not shifted: the collators (`data.collate`) shift them into next-token targets per document.
+    `extra`: the row's other columns, carried along for rewards and logging."""
+
     input_ids: list[int]
     labels: list[int]  # labels[t] = input_ids[t] when token t is trained, else -100
     extra: dict = field(default_factory=dict)
@@ -132,6 +137,7 @@ class Encoded:
 
     @property
     def n_trained(self) -> int:
+        """Number of tokens that carry loss once shifted into targets (labels[1:] != -100)."""
         # position 0 is never a target: nothing precedes it
         return sum(1 for x in self.labels[1:] if x != -100)
 
@@ -320,7 +326,8 @@ def _with_eos(tokenizer, ids: list[int]) -> list[int]:
 
 
 def encode_text(tokenizer, text: str) -> Encoded:
-    """bos + text + exactly one eos, every token trained (a text that already ends in the eos
-    text keeps just that one)."""
+    """Plain `text` row: bos (when the tokenizer has one) + text + exactly one eos (when it has
+    one; a text that already ends in the eos text keeps just that one); every token is trained
+    (continued pretraining). No chat template is applied."""
     ids = _with_eos(tokenizer, bos_ids(tokenizer) + _tok(tokenizer, strip_end_token(tokenizer, text)))
     return Encoded(ids, list(ids))

@@ -25,6 +25,9 @@ class InspectConfig(Section):
 
 
 def inspect_data(cfg: InspectConfig, out=None) -> None:
+    """`alignkit data inspect`: print rows `cfg.offset`.. of `cfg.data` token by token with their
+    loss mask, encoded exactly as SFT training would encode them, to `out` (default stdout).
+    Raises UserError for a missing model / data file or rows in no SFT format."""
     from alignkit.data.chat import setup_chat_template
     from alignkit.data.loading import load_rows, require_format
     from alignkit.data.sft import SFT_FORMATS, encode_row_parts

@@ -84,6 +84,8 @@ FORMATS = {
 
 
 def detect_format(columns: list[str]) -> str | None:
+    """The row format (a key of FORMATS) that `columns` hold, checked in the order preference,
+    messages, prompt_completion, text, prompts; None when no format matches."""
     cols = set(columns)
     if {"chosen", "rejected"} <= cols:
         return "preference"
@@ -99,6 +101,8 @@ def detect_format(columns: list[str]) -> str | None:
 
 
 def require_format(ds, path: str, allowed: tuple[str, ...]) -> str:
+    """The format of dataset `ds` (read from `path`) when it is one of `allowed`; otherwise
+    UserError naming the columns expected and the columns found."""
     fmt = detect_format(ds.column_names)
     if fmt not in allowed:
         want = "; or ".join(FORMATS[a] for a in allowed)

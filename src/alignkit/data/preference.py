@@ -29,6 +29,11 @@ TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|im_start|>assistant\n", "[/
 
 @dataclass
 class Pair:
+    """One preference pair, tokenised: `chosen` / `rejected` share their first `prompt_len`
+    tokens (the prompt; labels -100 there) and train only the response tokens. `margin`: the
+    row's optional preference strength (reward-model margin loss), None when absent; `extra`:
+    the row's other columns."""
+
     chosen: Encoded
     rejected: Encoded
     prompt_len: int
@@ -37,6 +42,9 @@ class Pair:
 
 
 def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of two texts with an implicit shared prompt:
+    the prompt ends after the last assistant turn marker (TURN_MARKERS) inside their common
+    prefix. Raises ValueError when the common prefix holds no marker."""
     n = len(os.path.commonprefix([chosen, rejected]))
     common = chosen[:n]
     best = -1
@@ -51,6 +59,10 @@ def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def split_implicit_messages(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """(prompt turns, chosen turns, rejected turns) of two conversations with shared leading
+    turns: the prompt is the longest common run of messages, backed up to the start of the
+    assistant turns where they differ. Raises ValueError when nothing is shared or one side has
+    no turn left after the prompt."""
     k = 0
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
         k += 1
@@ -103,6 +115,9 @@ def pair_parts(row: dict, where: str):
 
 
 def encode_pair(tokenizer, prompt, chosen, rejected) -> tuple[Encoded, Encoded, int]:
+    """Encode prompt + chosen and prompt + rejected (text or messages, through the chat
+    template) with response-only labels; returns (chosen, rejected, prompt_len), prompt_len
+    being the shared run of untrained leading tokens."""
     ce = encode_prompt_completion(tokenizer, prompt, chosen)
     re_ = encode_prompt_completion(tokenizer, prompt, rejected)
     # prompt tokens: the shared run of untrained tokens at the start
@@ -137,6 +152,13 @@ def _fit_pair(ce: Encoded, re_: Encoded, plen: int, max_length: int, max_prompt_
 
 def load_pairs(path: str, split: str, tokenizer, max_length: int, truncation: str = "truncate",
                max_prompt_length: int | None = None, what: str = "data") -> tuple[list[Pair], EncodeStats]:
+    """Read and encode the preference file `path` (split `split`) into Pairs.
+
+    Rows: `prompt` + `chosen` + `rejected` (text or messages) or `chosen` + `rejected` with an
+    implicit shared prompt; optional numeric `margin`. Pairs longer than `max_length` tokens are
+    truncated (the prompt's start first, down to `max_prompt_length`, default max_length // 2;
+    then the responses' ends) or dropped (truncation="drop"). Returns (pairs, stats).
+    Raises UserError (naming file and row) for a bad row, and when every pair was dropped."""
     ds = load_rows(path, split, what)
     require_format(ds, path, ("preference",))
     has_margin = "margin" in ds.column_names

@@ -13,6 +13,9 @@ SFT_FORMATS = ("messages", "prompt_completion", "text")
 
 @dataclass
 class EncodeStats:
+    """Counts of one data file's encoding: rows read, kept, truncated, dropped (too long /
+    nothing left to train), and tokens (all / trained) of the kept rows."""
+
     rows: int = 0
     kept: int = 0
     truncated: int = 0
@@ -25,6 +28,7 @@ class EncodeStats:
     no_stop: int = 0  # rows whose trained answer holds no token generation stops on
 
     def summary(self) -> str:
+        """One line for the run log, e.g. "98/100 rows, 12034 tokens (4410 trained); 2 truncated"."""
         s = f"{self.kept}/{self.rows} rows, {self.tokens} tokens ({self.trained_tokens} trained)"
         if self.truncated:
             s += f"; {self.truncated} truncated to max_length"
@@ -43,9 +47,12 @@ class EncodeStats:
 
 
 def encode_row_parts(tokenizer, row: dict, fmt: str, where: str, train_on_prompt: bool = False) -> list[Encoded]:
-    """The training rows one data row gives: one, except a multi-turn conversation under a template
-    that re-renders history (reasoning templates), which gives one row per trained assistant turn
-    (see `alignkit.data.chat.encode_conversation`)."""
+    """Encode one SFT row of format `fmt` (messages, prompt_completion or text) with the
+    answer-only loss mask (assistant turns / completion; every token of `text`; the prompt too
+    with `train_on_prompt`) into the training rows it gives: one, except a multi-turn
+    conversation under a template that re-renders history (reasoning templates), which gives one
+    row per trained assistant turn (see `alignkit.data.chat.encode_conversation`). `where`
+    ("file row N") prefixes the UserError a bad row raises."""
     if fmt == "messages":
         msgs = check_messages(row["messages"], where)
         try:
@@ -82,6 +89,8 @@ def encode_row(tokenizer, row: dict, fmt: str, where: str, train_on_prompt: bool
 
 
 def fit_length(enc: Encoded, max_length: int, mode: str, stats: EncodeStats) -> Encoded | None:
+    """`enc` cut to `max_length` tokens (mode "truncate": the end is cut) or None (mode "drop"
+    and too long, or no trained token left after the cut); counts what happened in `stats`."""
     if len(enc) > max_length:
         if mode == "drop":
             stats.dropped_long += 1
@@ -97,6 +106,9 @@ def fit_length(enc: Encoded, max_length: int, mode: str, stats: EncodeStats) -> 
 
 def load_sft_data(path: str, split: str, tokenizer, max_length: int, truncation: str = "truncate",
                   train_on_prompt: bool = False, what: str = "data") -> tuple[list[Encoded], EncodeStats]:
+    """Read and encode the SFT file `path` (split `split`): every row through `encode_row` and
+    `fit_length`. Returns (rows, stats). Raises UserError for a missing file, rows in no SFT
+    format, a bad row (naming file and row), and when every row was dropped."""
     ds = load_rows(path, split, what)
     fmt = require_format(ds, path, SFT_FORMATS)
     stats = EncodeStats()

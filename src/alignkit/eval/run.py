@@ -27,9 +27,17 @@ from pathlib import Path
 import torch
 
 from alignkit.config import EvalConfig
+from alignkit.data.chat import setup_chat_template
+from alignkit.data.collate import pad_collate
+from alignkit.data.sft import load_sft_data
 from alignkit.errors import UserError
 from alignkit.eval import prompting
-from alignkit.eval.metrics import completion_logps, distinct_n, kl_metrics, mean_std, task_metrics, win_rate
+from alignkit.eval.metrics import (completion_logps, distinct_n, eval_nll, kl_metrics, mean_std, task_metrics,
+                                   win_rate)
+from alignkit.models import load_model, load_tokenizer
+from alignkit.rewards import build_reward, load_prompt_set
+from alignkit.rollout.engine import RolloutEngine, SamplingParams
+from alignkit.training.dist import DistInfo
 
 __all__ = ["evaluate", "EvalConfig", "sample", "format_table"]
 
@@ -46,8 +54,6 @@ def sample(model, engine, prompts: list, n: int, cfg: EvalConfig, seed: int):
     """n samples per prompt (grouped by prompt: prompt i's samples at [i*n, (i+1)*n)), each with
     prompt_ids, completion_ids (ending with the stop token when it stopped), text and
     finish_reason ("eos" or "length")."""
-    from alignkit.rollout.engine import SamplingParams
-
     params = SamplingParams(n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=0, seed=seed, batch_size=cfg.batch_size)
     return engine.generate(model, prompts, params).samples
@@ -104,8 +110,6 @@ class _Side:
     """A model with its tokenizer and engine (policy or reference)."""
 
     def __init__(self, name, model, tok):
-        from alignkit.rollout.engine import RolloutEngine
-
         self.name, self.model, self.tok = name, model, tok
         self.engine = RolloutEngine(tok)
         self.pad_id = self.engine.pad_id
@@ -231,18 +235,12 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
 
 
 def _ppl_rows(tok, cfg: EvalConfig) -> list:
-    from alignkit.data.sft import load_sft_data
-
     rows, _ = load_sft_data(cfg.ppl_data, cfg.ppl_split, tok, cfg.max_length, "truncate", False, what="ppl_data")
     return rows
 
 
 def _perplexity(model, tok, rows: list, cfg: EvalConfig) -> dict:
     """Token-mean NLL over the answer tokens of `rows` (SFT masks) and its exp."""
-    from alignkit.data.collate import pad_collate
-    from alignkit.recipes.sft import eval_nll
-    from alignkit.training.dist import DistInfo
-
     device = next(model.parameters()).device
     res = eval_nll(model, rows, lambda idx: pad_collate([rows[i] for i in idx], tok.pad_token_id), cfg.batch_size,
                    cfg.logits_chunk_size, DistInfo(device=device), contextlib.nullcontext)
@@ -271,10 +269,6 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, ref_model=None, ref_to
 
     `model` / `tokenizer` (and `ref_model` / `ref_tokenizer`) may be passed in already loaded;
     otherwise they are loaded from cfg.model / cfg.ref_model."""
-    from alignkit.data.chat import setup_chat_template
-    from alignkit.models import load_model, load_tokenizer
-    from alignkit.rewards import build_reward, load_prompt_set
-
     modes = list(cfg.modes or [cfg.mode])
     _check(cfg, modes, need_model=model is None or tokenizer is None)
     t0 = time.time()
@@ -425,9 +419,4 @@ def format_samples(result: dict) -> str:
             if "ref_completion" in it:
                 lines.append(f"  reference:  {_clip(it['ref_completion'])}")
     return "\n".join(lines)
-
-
-def run_eval(cfg: EvalConfig) -> dict:
-    """CLI entry point."""
-    return evaluate(cfg)
 

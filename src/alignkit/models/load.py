@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
+from alignkit.models.arch import quiet_peft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,6 +24,9 @@ def _check_source(name_or_path: str) -> None:
 
 
 def load_tokenizer(name_or_path: str):
+    """The tokenizer of a hub id or local folder, with a pad token set (eos, else unk, when it has
+    none: padding is always masked, so any id serves). Raises UserError for a folder that holds
+    no model or a tokenizer that cannot be loaded."""
     from transformers import AutoTokenizer
 
     _check_source(name_or_path)
@@ -37,7 +41,11 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu", **kwargs):
-    """A causal LM in `dtype` on `device`. Weights of an adapter folder are loaded onto their base."""
+    """A causal LM in `dtype` ("float32", "bfloat16", "float16"; anything else is float32) on
+    `device`, from a hub id or a local folder through the same path. An adapter folder
+    (adapter_config.json) is loaded onto its recorded base as a peft model. `kwargs` go to
+    `from_pretrained` (e.g. quantization_config). Raises UserError, one line, when nothing is
+    named, the folder holds no model, or transformers / peft cannot load it."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -49,9 +57,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
         if (Path(path) / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
 
-            from alignkit.models.peft import _quiet_peft
-
-            with _quiet_peft():
+            with quiet_peft():
                 model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)

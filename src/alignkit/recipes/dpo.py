@@ -419,26 +419,3 @@ def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
     return run_offline(trainer, len(pairs), make_batch, dpo_loss_fn(cfg, reference), lambda mb: mb["n_pairs"],
                        eval_fn=eval_fn, tokens=batch_tokens)
 
-
-# ---------------------------------------------------------------------------------------------- toy pairs
-
-def onpolicy_pairs(model_dir: str, prompts: list[dict], samples: int = 1, temperature: float = 1.0,
-                   seed: int = 0, max_new_tokens: int = 24) -> list[dict]:
-    """Toy preference pairs from the model's own mistakes: for each prompt, `samples` completions
-    at `temperature`; every completion that is not fully right (wrong total or wrong format)
-    becomes the rejected answer of a pair whose chosen answer is the reference answer."""
-    from alignkit.eval.generate import generate_texts
-    from alignkit.models import load_model
-    from alignkit.toy import world
-
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir)
-    rows = []
-    for s in range(samples):
-        texts = generate_texts(model, tok, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens,
-                               batch_size=64, temperature=temperature, seed=seed * 1000 + s)
-        for p, text in zip(prompts, texts):
-            if world.score(text, p["total"])["reward"] < world.CORRECT_REWARD:
-                rows.append({"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["answer"]}],
-                             "rejected": [{"role": "assistant", "content": text}], "total": p["total"]})
-    return rows

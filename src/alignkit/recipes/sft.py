@@ -10,18 +10,15 @@ log-likelihood over the trained tokens of the whole global batch divided by thei
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from alignkit.config import SFTConfig
 from alignkit.data.chat import setup_chat_template
 from alignkit.data.collate import IGNORE, n_trained, pack_collate, pad_collate
 from alignkit.data.sft import load_sft_data
+from alignkit.eval.metrics import eval_nll
 from alignkit.models import load_tokenizer
 from alignkit.models.peft import load_base_model, prepare_trainable
 from alignkit.ops.logprobs import causal_lm_token_logps
-from alignkit.training.dist import all_reduce_sum, init_distributed
+from alignkit.training.dist import init_distributed
 from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
 
 __all__ = ["SFTConfig", "train_sft", "sft_loss_fn"]
@@ -43,26 +40,6 @@ def batch_tokens(mb: dict) -> int:
     if mb["attention_mask"] is None:
         return int(mb["input_ids"].numel())
     return int(mb["attention_mask"].sum())
-
-
-@torch.no_grad()
-def eval_nll(model, rows, make_batch, batch_size: int, chunk_size: int, dist, autocast) -> dict:
-    """Token-mean NLL and perplexity over `rows`, split across ranks."""
-    model.eval()
-    total, count = 0.0, 0
-    mine = list(range(dist.rank, len(rows), dist.world))
-    for i in range(0, len(mine), batch_size):
-        mb = make_batch(mine[i:i + batch_size])
-        mb = {k: (v.to(dist.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
-        with autocast():
-            lp = causal_lm_token_logps(model, mb["input_ids"], attention_mask=mb["attention_mask"],
-                                       position_ids=mb["position_ids"], targets=mb["targets"], chunk_size=chunk_size)
-        mask = mb["targets"] != IGNORE
-        total += float(-(lp.float() * mask).sum())
-        count += int(mask.sum())
-    red = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64), dist)
-    nll = float(red[0] / max(red[1], 1))
-    return {"eval_loss": nll, "eval_ppl": math.exp(min(nll, 50.0)), "eval_tokens": int(red[1])}
 
 
 def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:

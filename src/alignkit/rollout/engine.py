@@ -33,6 +33,12 @@ from alignkit.data.chat import encode_prompt, end_of_turn_ids
 
 @dataclass
 class SamplingParams:
+    """How to sample: `n` completions per prompt of at most `max_new_tokens` tokens, from
+    softmax(logits / temperature) (0 = greedy) truncated to the `top_k` most likely tokens (0 =
+    off) and to the smallest set of mass >= `top_p` (nucleus sampling, Holtzman et al. 2019,
+    arXiv:1904.09751); `stop`: strings that end a completion; `seed`: the call's generator seed;
+    `batch_size`: prompts prefilled together (each becomes n sequences)."""
+
     n: int = 1
     max_new_tokens: int = 128
     temperature: float = 1.0  # 0 = greedy
@@ -45,6 +51,12 @@ class SamplingParams:
 
 @dataclass
 class Sample:
+    """One completion: which prompt it answers (`prompt_index` into the call's prompts), the
+    prompt's and the completion's token ids, `logprobs` (one per completion token, nats, under
+    softmax(logits / temperature) before truncation), the decoded `text` and why it ended
+    (`finish_reason`: "eos" = an end-of-turn token, kept as the last id; "stop" = a stop
+    string; "length" = max_new_tokens reached without either)."""
+
     prompt_index: int
     prompt_ids: list[int]
     completion_ids: list[int]
@@ -55,6 +67,10 @@ class Sample:
 
 @dataclass
 class RolloutBatch:
+    """The samples of one `RolloutEngine.generate` call, grouped by prompt (prompt i's
+    `group_size` samples at [i * group_size, (i + 1) * group_size)), and the call's counters
+    (`stats`: prefill_tokens, decode_steps, decode_tokens)."""
+
     samples: list[Sample]
     group_size: int
     stats: dict = field(default_factory=dict)
@@ -64,6 +80,7 @@ class RolloutBatch:
 
     @property
     def texts(self) -> list[str]:
+        """The decoded completions, in sample order."""
         return [s.text for s in self.samples]
 
     def tensors(self, pad_id: int) -> dict:
@@ -128,7 +145,10 @@ def _needs_hf_generate(model) -> bool:
 
 
 class RolloutEngine:
-    """Holds the tokenizer-derived settings; `generate` samples completions."""
+    """Batched, KV-cached sampling from a causal LM (see the module docstring).
+
+    Holds the tokenizer-derived settings: the ids that end a turn (`stop_token_ids`, default the
+    tokenizer's end-of-turn / eos ids) and the pad id. `generate` samples completions."""
 
     def __init__(self, tokenizer, stop_token_ids: set[int] | None = None):
         self.tok = tokenizer
@@ -136,6 +156,8 @@ class RolloutEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
 
     def encode(self, prompts: list) -> list[list[int]]:
+        """Token ids of each prompt: message lists through the chat template with the generation
+        prompt, text as is (see `data.chat.encode_prompt`), token-id lists unchanged."""
         return [list(p) if _is_ids(p) else encode_prompt(self.tok, p) for p in prompts]
 
     @torch.inference_mode()

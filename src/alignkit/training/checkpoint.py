@@ -4,7 +4,6 @@ place, so a killed run never leaves a half-written checkpoint behind."""
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -12,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+# The atomic folder writes live one layer down (models/ saves folders too); re-exported here.
+from alignkit.io import atomic_dir_write, commit_dir  # noqa: F401
 
 STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -47,37 +49,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     cks = list_checkpoints(run_dir)
     return cks[-1] if cks else None
-
-
-def atomic_dir_write(final: Path, writer) -> Path:
-    """Run writer(tmp_dir), then move tmp_dir to `final` (replacing an older one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    writer(tmp)
-    return commit_dir(tmp, final)
-
-
-def commit_dir(tmp: Path, final: Path) -> Path:
-    """fsync a fully written folder and rename it to `final` (replacing an older one)."""
-    _fsync_dir(tmp)
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
-
-
-def _fsync_dir(d: Path) -> None:
-    for p in d.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

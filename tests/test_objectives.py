@@ -462,3 +462,193 @@ def test_chunked_distill_divergence_equals_unchunked_and_micro_batches(beta):
     h = hs.clone().requires_grad_()
     z, n = chunked_distill_divergence(h, Ws, ht, Wt, torch.zeros(B, T, dtype=torch.bool), beta)
     assert z.item() == 0.0 and int(n) == 0 and torch.autograd.grad(z, h)[0].abs().max().item() == 0.0
+
+
+# =========================================================================== recipes: KTO and ORPO
+
+import json  # noqa: E402
+
+from conftest import write_jsonl  # noqa: E402
+
+from alignkit.cli import main  # noqa: E402
+from alignkit.config import DPOConfig, KTOConfig  # noqa: E402
+from alignkit.data.preference import load_kto_examples, load_pairs  # noqa: E402
+from alignkit.errors import UserError  # noqa: E402
+from alignkit.models import load_model, load_tokenizer  # noqa: E402
+from alignkit.toy import world  # noqa: E402
+
+
+def kto_rows(n, seed=0, split="train"):
+    """Unpaired toy rows: each pair gives a desirable and an undesirable row, shuffled apart."""
+    rows = []
+    for r in world.preference_rows(n, seed=seed, split=split):
+        rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    return rows[0::2] + rows[1::2]
+
+
+def _base(model_dir, data, out, **kw):
+    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), progress=False, tensorboard=False,
+                plot=False, batch_size=4, lr=5e-3, log_every=1, logits_chunk_size=16)
+    return base | kw
+
+
+def _metrics(out):
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def test_kto_data_unpaired_and_paired(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(str(tiny_model_dir))
+    un = write_jsonl(tmp_path / "kto.jsonl", kto_rows(4))
+    ex, stats, (ng, nb) = load_kto_examples(str(un), "train", tok, 1024)
+    assert (ng, nb) == (4, 4) and [e.extra["label"] for e in ex] == [True] * 4 + [False] * 4
+    for e in ex:
+        own = tok.decode([t for t, lab in zip(e.chosen.input_ids, e.chosen.labels) if lab == -100])
+        mis = tok.decode([t for t, lab in zip(e.rejected.input_ids, e.rejected.labels) if lab == -100])
+        assert own == mis  # same prompt tokens ...
+        got = tok.decode([t for t, lab in zip(e.chosen.input_ids, e.chosen.labels) if lab != -100])
+        other = tok.decode([t for t, lab in zip(e.rejected.input_ids, e.rejected.labels) if lab != -100])
+        assert got != other  # ... another row's completion
+    # the mismatched completion comes from a row with another prompt
+    rows = kto_rows(4)
+    for i, e in enumerate(ex):
+        other = tok.decode([t for t, lab in zip(e.rejected.input_ids, e.rejected.labels) if lab != -100])
+        src = [r for r in rows if r["completion"][0]["content"] in other]
+        assert src and all(r["prompt"] != rows[i]["prompt"] for r in src)
+    paired = write_jsonl(tmp_path / "pairs.jsonl", world.preference_rows(3))
+    ex2, _, (ng2, nb2) = load_kto_examples(str(paired), "train", tok, 1024)
+    assert (ng2, nb2) == (3, 3) and [e.extra["label"] for e in ex2] == [True, False] * 3
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{"prompt": "a", "completion": "b"}], "need a 'label' column"),
+    ([{"prompt": "a", "completion": "b", "label": True}, {"prompt": "c", "completion": "d", "label": None}],
+     "row 2: 'label' is missing"),
+    ([{"prompt": "a", "completion": "b", "label": "yes"}], "row 1: 'label' must be true"),
+])
+def test_kto_bad_data_one_line_exit_2(tiny_model_dir, tmp_path, capsys, rows, needle):
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["kto", f"model={tiny_model_dir}", f"data={data}", f"output_dir={out}", "progress=false"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("alignkit: error:") and needle in err[0], err
+    assert not (out / "config.json").exists()
+
+
+def test_kto_z0_is_global_micro_batching_1x4_equals_2x2(tiny_model_dir, tmp_path):
+    import alignkit.recipes.kto as kto_mod
+    from alignkit.recipes.dpo import compute_reference_logps
+    from alignkit.training.trainer import Trainer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(2))
+    ex, _, _ = load_kto_examples(str(data), "train", tok, 1024)
+
+    def grads(split):
+        model = load_model(str(tiny_model_dir))
+        cfg = KTOConfig(**_base(tiny_model_dir, data, tmp_path / "g", batch_size=len(split[0]),
+                                grad_accum=len(split), beta=0.3, undesirable_weight=1.5))
+        ref = compute_reference_logps(model, ex, tok.pad_token_id, 4, 16)
+        # a reference that differs from the policy: z0 = 2 > 0 and rows off their symmetric point
+        ref = (ref[0] + torch.tensor([1.0, -2.0, 0.5, 3.0]), ref[1] - 2.0)
+        tr = Trainer(cfg, model, tok, recipe="kto", total_steps=1, log=lambda s: None)
+        make_batch, loss_fn = kto_mod.step_functions(tr, ex, cfg, "precompute", tok.pad_token_id, ref)
+        m = tr.accumulate([make_batch(idx) for idx in split], loss_fn, lambda mb: mb["n_rows"])
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, m
+
+    g14, m14 = grads([[0, 1, 2, 3]])
+    g22, m22 = grads([[0, 2], [1, 3]])  # each micro-batch alone would have another z0
+    assert m14["kl"] == pytest.approx(2.0, rel=1e-4) and m22["kl"] == pytest.approx(2.0, rel=1e-4)
+    for k in g14:
+        torch.testing.assert_close(g14[k], g22[k], atol=1e-6, rtol=1e-4, msg=k)
+    for k in m14:
+        assert m14[k] == pytest.approx(m22[k], rel=1e-5, abs=1e-6), k
+
+
+def test_kto_short_run_raises_desirable_over_undesirable(tiny_model_dir, tmp_path):
+    from alignkit.recipes.kto import train_kto
+
+    data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(8))
+    out = tmp_path / "run"
+    res = train_kto(KTOConfig(**_base(tiny_model_dir, data, out, eval_data=str(data), max_steps=24, lr=1e-2,
+                                      beta=0.5, warmup_steps=2)))
+    # at the start policy == reference: both rewards 0; after training, desirable log-ratios
+    # are above the undesirable ones by a clear margin (both may rise: z0, the KL, rises too)
+    assert res["eval_rewards/desirable"] - res["eval_rewards/undesirable"] > 1.0
+    assert res["eval_rewards/desirable"] > 0
+    train = [r for r in _metrics(out) if r["kind"] == "train"]
+    assert len(train) == 24 and train[0]["units"] == 4
+    assert train[0]["loss"] == pytest.approx(0.5, abs=1e-4)  # r = z0 = 0: every row 1 - sigmoid(0)
+    assert res["eval_loss"] < 0.45  # 0.5 at the start
+    for k in ("rewards/desirable", "rewards/undesirable", "logps/desirable", "logps/undesirable", "kl"):
+        assert k in train[-1], k
+    assert (out / "ref_logps.pt").exists() and (out / "model.safetensors").exists()
+
+
+def test_dpo_loss_kto_on_paired_data(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", world.preference_rows(4))
+    out = tmp_path / "run"
+    assert main(["dpo", "loss=kto", *[f"{k}={v}" for k, v in _base(tiny_model_dir, data, out).items()],
+                 "max_steps=2"]) == 0
+    train = [r for r in _metrics(out) if r["kind"] == "train"]
+    assert len(train) == 2 and "rewards/desirable" in train[0] and train[0]["units"] == 4
+
+
+# --------------------------------------------------------------------------- ORPO
+
+
+def test_orpo_short_run_lowers_loss_and_raises_chosen_log_odds(tiny_model_dir, tmp_path, monkeypatch):
+    import alignkit.recipes.dpo as dpo_mod
+
+    def forbidden(*a, **k):
+        raise AssertionError("orpo must not compute reference log-probs")
+
+    monkeypatch.setattr(dpo_mod, "compute_reference_logps", forbidden)
+    data = write_jsonl(tmp_path / "pairs.jsonl", world.preference_rows(16))
+    out = tmp_path / "run"
+    cfg = DPOConfig(**_base(tiny_model_dir, data, out, eval_data=str(data), loss="orpo", orpo_lambda=0.5,
+                            max_steps=16, lr=1e-2, warmup_steps=2))
+    tok = load_tokenizer(str(tiny_model_dir))
+    pairs, _ = load_pairs(str(data), "train", tok, 1024)
+    before = dpo_mod.evaluate_pairs(load_model(str(tiny_model_dir)), pairs, cfg, "none", tok.pad_token_id)
+    res = dpo_mod.train_dpo(cfg)
+    assert res["eval_loss"] < 0.7 * before["eval_loss"]
+    assert res["eval_rewards/margin"] > before["eval_rewards/margin"] + 0.5  # log odds(chosen) - log odds(rejected)
+    assert res["eval_rewards/accuracy"] >= 0.9
+    assert res["eval_nll"] < before["eval_nll"]
+    assert not (out / "ref_logps.pt").exists()
+
+
+def test_orpo_loss_in_the_recipe_by_hand(tiny_model_dir, tmp_path):
+    import alignkit.recipes.dpo as dpo_mod
+    from alignkit.data.preference import pair_collate
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    pairs, _ = load_pairs(str(write_jsonl(tmp_path / "p.jsonl", world.preference_rows(3))), "train", tok, 1024)
+    model = load_model(str(tiny_model_dir)).eval()
+    cfg = DPOConfig(model="x", data="x", loss="orpo", orpo_lambda=0.3)
+    mb = pair_collate(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        loss, m = dpo_mod.pair_loss(model, mb, cfg, "none")
+        lp, n = dpo_mod.sequence_logps(model, mb, 16)
+    want = 0.0
+    for i in range(3):
+        pw, pl = math.exp(float(lp[i]) / int(n[i])), math.exp(float(lp[3 + i]) / int(n[3 + i]))
+        lor = math.log(pw / (1 - pw)) - math.log(pl / (1 - pl))
+        want += -float(lp[i]) / int(n[i]) - 0.3 * logsig(lor)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert "nll" in m
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["reference=precompute"], "loss=orpo is reference-free"),
+    (["reference=adapter_off"], "loss=orpo is reference-free"),
+    (["sft_weight=0.5"], "already holds the chosen answer's NLL"),
+])
+def test_orpo_bad_input_one_line_exit_2(tiny_model_dir, tmp_path, capsys, extra, needle):
+    data = write_jsonl(tmp_path / "pairs.jsonl", world.preference_rows(4))
+    out = tmp_path / "out"
+    assert main(["dpo", "loss=orpo", f"model={tiny_model_dir}", f"data={data}", f"output_dir={out}",
+                 "progress=false", *extra]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("alignkit: error:") and needle in err[0], err

@@ -652,3 +652,34 @@ def test_orpo_bad_input_one_line_exit_2(tiny_model_dir, tmp_path, capsys, extra,
                  "progress=false", *extra]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("alignkit: error:") and needle in err[0], err
+
+
+# --------------------------------------------------------------------------- distillation: tokenizer check
+
+
+def test_distill_teacher_vocabulary_check(tiny_model_dir, tmp_path):
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    from alignkit.models.compat import check_same_vocabulary
+
+    student_tok = load_tokenizer(str(tiny_model_dir))
+    same = load_tokenizer(str(tiny_model_dir))
+    student = load_model(str(tiny_model_dir))
+    assert check_same_vocabulary(student_tok, same, "s", "t", student, student) == len(student_tok)
+    # a bigger output layer (padded vocabulary) is fine; a smaller one is not
+    big = tmp_path / "big"
+    big.mkdir()
+    padded = build_tiny_model(big, len(student_tok) + 64)
+    assert check_same_vocabulary(student_tok, same, "s", "t", student, padded) == len(student_tok)
+    small = tmp_path / "small"
+    small.mkdir()
+    with pytest.raises(UserError, match="output layer has 200 rows"):
+        check_same_vocabulary(student_tok, same, "s", "t", student, build_tiny_model(small, 200))
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = build_tiny_tokenizer(other_dir, vocab_size=280)
+    with pytest.raises(UserError) as e:
+        check_same_vocabulary(student_tok, other, "runs/sft", str(other_dir))
+    msg = str(e.value)
+    assert "\n" not in msg and "different vocabulary" in msg and str(other_dir) in msg and "runs/sft" in msg
+    assert f"({len(other.get_vocab())} vs {len(student_tok.get_vocab())} tokens; first difference: token" in msg

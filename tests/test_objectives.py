@@ -683,3 +683,35 @@ def test_distill_teacher_vocabulary_check(tiny_model_dir, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "different vocabulary" in msg and str(other_dir) in msg and "runs/sft" in msg
     assert f"({len(other.get_vocab())} vs {len(student_tok.get_vocab())} tokens; first difference: token" in msg
+
+
+@pytest.mark.slow
+def test_kto_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
+    """2 ranks x 2 rows == 1 process x 4 rows, z0 included (its sums are reduced over ranks)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(4))
+    common = [f"model={tiny_model_dir}", f"data={data}", "max_steps=4", "lr=1e-2", "beta=0.5", "progress=false",
+              "tensorboard=false", "plot=false", "logits_chunk_size=16", "log_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "alignkit", "kto", *common, "batch_size=4",
+                          f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "alignkit", "kto", *common, "batch_size=2", f"output_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
+    assert two.returncode == 0, two.stderr[-3000:]
+    ma = [r for r in _metrics(tmp_path / "one") if r["kind"] == "train"]
+    mb = [r for r in _metrics(tmp_path / "two") if r["kind"] == "train"]
+    assert len(ma) == len(mb) == 4 and max(r["kl"] for r in ma) > 0.1  # a z0 > 0 was exercised
+    for ra, rb in zip(ma, mb):
+        for k in ("loss", "grad_norm", "kl", "rewards/desirable", "units"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), (k, ra["step"])

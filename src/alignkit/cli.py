@@ -57,9 +57,24 @@ def _dpo_cfg():
 
 
 def _dpo_run(cfg):
+    if cfg.loss == "kto":  # KTO is its own recipe, built on DPO's pieces
+        return _kto_run(cfg)
     from alignkit.recipes.dpo import train_dpo
 
     res = train_dpo(cfg)
+    _done(cfg.output_dir, res)
+
+
+def _kto_cfg():
+    from alignkit.config import KTOConfig
+
+    return KTOConfig
+
+
+def _kto_run(cfg):
+    from alignkit.recipes.kto import train_kto
+
+    res = train_kto(cfg)
     _done(cfg.output_dir, res)
 
 
@@ -180,8 +195,10 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("sft", "supervised fine-tuning, loss on the answer tokens only", _sft_cfg, _sft_run),
     "rm": Command("rm", "reward model from preference pairs (scalar Bradley-Terry or distributional)", _rm_cfg,
                   _rm_run),
-    "dpo": Command("dpo", "preference optimisation on chosen/rejected pairs (DPO, IPO, hinge, robust, SimPO)",
-                   _dpo_cfg, _dpo_run),
+    "dpo": Command("dpo", "preference optimisation on chosen/rejected pairs (DPO, IPO, hinge, robust, SimPO, "
+                   "ORPO, KTO)", _dpo_cfg, _dpo_run),
+    "kto": Command("kto", "KTO on unpaired rows labelled desirable / undesirable (or pairs split in two)",
+                   _kto_cfg, _kto_run),
     "data inspect": Command("data inspect", "show each token of a few rows with its loss mask", _inspect_cfg,
                             _inspect_run),
     "toy data": Command("toy data", "write toy-task data (sft | preference | prompts | pretrain) as JSONL",

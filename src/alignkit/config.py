@@ -377,11 +377,12 @@ class DPOConfig(TrainConfig):
 
     output_dir: str = Field("runs/dpo", description="Run folder: final model, checkpoints, metrics.jsonl, plots")
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW); DPO wants a small one on real models")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = Field(
         "sigmoid",
         description="sigmoid: DPO (cDPO with label_smoothing > 0) | ipo | hinge: SLiC-style | robust: unbiased "
         "under label noise (label_smoothing = flip rate) | simpo: reference-free, length-normalised, margin "
-        "simpo_gamma",
+        "simpo_gamma | orpo: reference-free odds ratio + NLL, weight orpo_lambda (docs/orpo.md) | kto: "
+        "unpaired desirable/undesirable rows, as `alignkit kto` (docs/kto.md)",
     )
     beta: float = Field(0.1, gt=0, description="beta: strength of the KL tie to the reference (IPO: tau; SimPO: "
                                                 "reward scale, the paper uses 2-2.5)")
@@ -405,6 +406,21 @@ class DPOConfig(TrainConfig):
     )
     ref_batch_size: int = Field(0, ge=0, description="Pairs per batch when precomputing reference log-probs "
                                                      "(0: 2 x batch_size)")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight λ of the odds-ratio term added to the chosen "
+                               "answer's token-mean NLL (loss=orpo only)")
+    desirable_weight: float = Field(1.0, ge=0, description="KTO: weight of the desirable rows' loss (loss=kto); "
+                                    "the paper keeps desirable_weight·n_desirable / (undesirable_weight·"
+                                    "n_undesirable) in [1, 4/3]")
+    undesirable_weight: float = Field(1.0, ge=0, description="KTO: weight of the undesirable rows' loss (loss=kto)")
+
+
+class KTOConfig(DPOConfig):
+    """Kahneman-Tversky optimisation (docs/kto.md) on unpaired rows {prompt, completion, label: true|false},
+    or on prompt/chosen/rejected pairs split into a desirable and an undesirable row."""
+
+    output_dir: str = Field("runs/kto", description="Run folder: final model, checkpoints, metrics.jsonl, plots")
+    loss: Literal["kto"] = Field("kto", description="Always kto here (`alignkit dpo loss=kto` runs the same recipe)")
+    batch_size: int = Field(8, ge=1, description="Rows (prompt + completion) per micro-batch on each process")
 
 
 class RewardTerm(Section):

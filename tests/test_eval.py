@@ -268,7 +268,7 @@ def test_win_rate_and_kl_against_another_model(tiny_model_dir, other_model_dir, 
     items = res["samples"]["zero_shot"]
     assert len(items) == 12
     pol = [float(len(it["completion"])) for it in items]
-    ref = [float(len(it["ref_completion"])) for it in items]
+    ref = [float(len(it["ref_model_completion"])) for it in items]
     assert [it["reward"] for it in items] == pol
     wins = sum(p > r for p, r in zip(pol, ref)) + 0.5 * sum(p == r for p, r in zip(pol, ref))
     assert row["win_rate"] == pytest.approx(wins / 12)

@@ -229,3 +229,44 @@ def test_html_renders_in_headless_chromium(runs, tmp_path):
     res = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", (out / "report.html").as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
+
+
+LAYOUT_JS = """
+<script>
+window.addEventListener('load', function () {
+  var heads = Array.prototype.map.call(document.querySelectorAll('table.samples th'), function (h) {
+    return h.textContent; });
+  var imgs = Array.prototype.slice.call(document.images);
+  document.body.setAttribute('data-check', JSON.stringify({
+    overflow: document.documentElement.scrollWidth - window.innerWidth,
+    images: imgs.length, loaded: imgs.every(function (i) { return i.complete && i.naturalWidth > 0; }),
+    figure_px: Math.min.apply(null, imgs.map(function (i) { return i.getBoundingClientRect().width; })),
+    sample_heads: heads, verdicts: document.querySelectorAll('table.samples td.right, table.samples td.wrong').length,
+    swatches: document.querySelectorAll('.sw').length}));
+});
+</script>
+"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("width", [1280, 390], ids=["desktop", "phone"])
+def test_demo_report_layout_in_headless_chromium(tmp_path, width):
+    """At desktop and phone widths: the page never scrolls sideways as a whole (wide tables and
+    figures scroll in their own boxes), figures stay readable (>= 700 px), the samples table has
+    the prompt, the correct answer and a right/wrong mark per model answer."""
+    demo = _demo_folder(tmp_path)
+    build_report([demo], demo)
+    checked = demo / "checked.html"
+    checked.write_text((demo / "report.html").read_text().replace("</body>", LAYOUT_JS + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--hide-scrollbars", f"--window-size={width},900"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", checked.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    check = json.loads(dom.stdout.split('data-check="', 1)[1].split('"', 1)[0].replace("&quot;", '"'))
+    assert check["overflow"] <= 1, check
+    assert check["images"] == 3 and check["loaded"] and check["figure_px"] >= 700, check
+    assert check["sample_heads"][:3] == ["#", "prompt", "correct answer"]
+    assert check["sample_heads"][3:] == ["base", "sft", "grpo", "reinforce", "rs"]
+    assert check["verdicts"] == 2 * 5 and check["swatches"] >= 10

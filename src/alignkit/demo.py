@@ -162,6 +162,7 @@ class Pipeline:
         text = f"[{self._index}/{self._stages}] {label}"
         if self.bar is not None:
             self.bar.set_description_str(text[:44], refresh=False)
+            self._note = ""
             self.bar.set_postfix_str("", refresh=True)
         else:
             _say(f"[demo] {text}")
@@ -170,11 +171,15 @@ class Pipeline:
         """Within a stage: `frac` of it done (0..1), `note` beside the bar."""
         if self.bar is None:
             return
+        from alignkit.training.logging import refresh_due
+
         target = self._cost * min(max(frac, 0.0), 0.95)
         if target > self._credited:
             self.bar.update(target - self._credited)
             self._credited = target
-        self.bar.set_postfix_str(note, refresh=True)
+        if note != getattr(self, "_note", None):
+            self._note = note
+            self.bar.set_postfix_str(note, refresh=refresh_due(self.bar))
 
     def stage_done(self, name: str, reused: bool) -> None:
         (self.reused if reused else self.ran).append(name)
@@ -182,7 +187,8 @@ class Pipeline:
             return
         if reused:  # nothing to wait for: the stage leaves the estimate
             self.bar.total = max(self.bar.total - self._cost, self.bar.n)
-            self.bar.refresh()
+            if getattr(self.bar, "line_interval", None) is None:  # in a log the next line shows it
+                self.bar.refresh()
         else:
             self.bar.update(self._cost - self._credited)
         self._credited = self._cost
@@ -266,7 +272,8 @@ class Pipeline:
                     except subprocess.TimeoutExpired:
                         step = _last_step(metrics) if metrics.exists() and metrics.stat().st_mtime >= t0 else 0
                         if total_steps:
-                            self.stage_progress(step / total_steps, f"step {step}/{total_steps}")
+                            self.stage_progress(step / total_steps, f"step {step}/{total_steps}"
+                                                if step <= total_steps else f"step {step}")
                         elif step:
                             self.stage_progress(0.0, f"step {step}")
             except BaseException:

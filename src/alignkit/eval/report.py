@@ -365,8 +365,10 @@ img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.5rem 0; }
 .samples td.right b { color: #1a7f37; } .samples td.wrong b { color: #b00020; }
 .sw { display: inline-block; width: 0.7em; height: 0.7em; margin-right: 0.35em; border-radius: 2px; }
 .note { color: #666; font-size: 0.85rem; }
+td.t:first-child { white-space: nowrap; }
 @media (max-width: 600px) { body { margin: 1rem auto; padding: 0 0.5rem; } table { font-size: 0.75rem; }
-  h1 { font-size: 1.2rem; } }
+  h1 { font-size: 1.2rem; } h2 { font-size: 1rem; }
+  .fig img { max-width: none; width: 760px; } }
 """
 
 
@@ -515,8 +517,9 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str, title: str = "
         md += [f"## {sample_title}", ""] + _samples_markdown(samples) + [""]
     _atomic_write(out / "report.md", "\n".join(md))
 
-    imgs = "".join(f'<h2>{html.escape(FIGURE_TITLES.get(n, n))}</h2><img alt="{html.escape(n)} curves" '
-                   f'src="data:image/png;base64,{base64.b64encode(b).decode()}">' for n, b in pngs.items())
+    # on a phone a figure keeps a readable size and scrolls sideways in its own box
+    imgs = "".join(f'<h2>{html.escape(FIGURE_TITLES.get(n, n))}</h2><div class="scroll fig"><img alt="{html.escape(n)} '
+                   f'curves" src="data:image/png;base64,{base64.b64encode(b).decode()}"></div>' for n, b in pngs.items())
     sample_html = f"<h2>{html.escape(sample_title)}</h2>{_samples_html(samples)}" if samples else ""
     rm_html = f"<h2>Reward models</h2>{_html_table(rm_rows, RM_COLUMNS)}" if rm_rows else ""
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"

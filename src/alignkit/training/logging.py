@@ -61,6 +61,7 @@ def progress_bar(total: float | None = None, desc: str = "", unit: str = "it", i
 
     file = file or sys.stderr
     if _is_tty(file):
+        _warnings_above_bars()
         kwargs.setdefault("dynamic_ncols", True)
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=file, disable=disable, **kwargs)
     interval = float(os.environ.get("ALIGNKIT_PROGRESS_INTERVAL", LOG_INTERVAL_S))
@@ -68,8 +69,45 @@ def progress_bar(total: float | None = None, desc: str = "", unit: str = "it", i
 
     kwargs.pop("dynamic_ncols", None)
     kwargs.pop("position", None)  # one line each, nothing to stack
-    return plain(total=total, desc=desc, unit=unit, initial=initial, file=_LineStream(file), disable=disable,
-                 mininterval=interval, maxinterval=max(interval, 10.0), ascii=True, ncols=100, **kwargs)
+    fmt = kwargs.pop("bar_format", None)
+    if fmt:  # no bar drawing in a log: the numbers say it
+        fmt = fmt.replace("|{bar}|", " ").replace("{bar}", "")
+    elif total:
+        fmt = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    bar = plain(total=total, desc=desc, unit=unit, initial=initial, file=_LineStream(file), disable=disable,
+                mininterval=interval, maxinterval=max(interval, 10.0), ascii=True, bar_format=fmt, **kwargs)
+    bar.line_interval = interval  # callers that refresh by hand keep to it (see `refresh_due`)
+    return bar
+
+
+def refresh_due(bar) -> bool:
+    """Whether a hand-made refresh of `bar` should print now: always on a terminal, at most once
+    per interval in a log."""
+    interval = getattr(bar, "line_interval", None)
+    if interval is None:
+        return True
+    now = time.time()
+    if now - getattr(bar, "_last_line", 0.0) >= interval:
+        bar._last_line = now
+        return True
+    return False
+
+
+def _warnings_above_bars() -> None:
+    """Python warnings printed while a bar is drawn go through tqdm.write (their own lines)."""
+    import warnings
+
+    if getattr(warnings.showwarning, "_alignkit", False):
+        return
+    plain_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if file is not None and file not in (sys.stderr, sys.stdout):
+            return plain_show(message, category, filename, lineno, file, line)
+        say(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"))
+
+    show._alignkit = True
+    warnings.showwarning = show
 
 
 def say(msg: str, file=None) -> None:

@@ -250,12 +250,17 @@ class _WandB(_Tracker):
 
 
 class _MLflow(_Tracker):
-    """MLflow; MLFLOW_TRACKING_URI picks the server or store (default: mlflow's own default),
-    MLFLOW_EXPERIMENT_NAME the experiment."""
+    """MLflow; MLFLOW_TRACKING_URI picks the server or store (unset: a file store in
+    run_dir/mlruns, which needs no database), MLFLOW_EXPERIMENT_NAME the experiment."""
 
     def __init__(self, run_dir: Path, config: dict, name: str):
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # mlflow >= 3 refuses its file store unless asked; a local run needs no server or database
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         import mlflow
 
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
         self.mlflow = mlflow
         if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
             mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])

@@ -30,6 +30,10 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path, cache_env):
     args = ["preset=tiny", "scale=0.02", "n_eval=6", "max_new_tokens=6", "methods=[rm,dpo,grpo]"]
     r = _demo(out, *args, env=cache_env)
     assert r.returncode == 0, r.stderr[-3000:]
+    # stderr is a pipe here: progress comes as plain lines, never bar control codes
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr
+    assert "[1/6] base model" in r.stderr and "[6/6] report" in r.stderr
+    assert "\r" not in (out / "sft.log").read_text() and "sft:" in (out / "sft.log").read_text()
     res = json.loads((out / "results.json").read_text())["runs"]
     assert set(res) == {"base", "sft", "rm_scalar", "rm_distributional", "dpo", "grpo"}
     for key, rec in res.items():
@@ -64,6 +68,18 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path, cache_env):
     assert (out / "grpo" / "model.safetensors").stat().st_mtime == mtime
     assert json.loads((out / "results.json").read_text())["runs"]["grpo"]["eval"] == res["grpo"]["eval"]
     assert time.time() - t < 60
+    # ... and says so, with how to run again
+    assert "every stage was reused" in r2.stderr and "reuse=false" in r2.stderr
+
+    # a new folder with the base model in the cache: the base row shows the original build time, marked
+    out3 = tmp_path / "demo3"
+    r3 = _demo(out3, "preset=tiny", "scale=0.02", "n_eval=6", "max_new_tokens=6", "methods=[]", env=cache_env)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    base = json.loads((out3 / "results.json").read_text())["runs"]["base"]
+    built = json.loads((Path(base["dir"]) / "toy_build.json").read_text())["build_seconds"]
+    assert base["cached"] is True and base["wall_s"] == built > 0
+    assert f"| {built:.0f} (cached build) |" in r3.stdout
+    assert "reusing the cached build" in r3.stderr
 
 
 def test_unknown_method_is_one_line_and_exit_2(tmp_path):
@@ -75,7 +91,7 @@ def test_unknown_method_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_default_preset(tmp_path):
     """The quick demo as a user runs it: every method finishes, SFT lands in the calibrated band,
-    and the RL methods that lead the table beat SFT. About 15 minutes on 2 idle cores."""
+    and the RL methods that lead the table beat SFT. About 9 minutes on 2 idle cores (README)."""
     out = tmp_path / "demo"
     t = time.time()
     r = _demo(out, timeout=3600, env=dict(os.environ, OMP_NUM_THREADS="2"))

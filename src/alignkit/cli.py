@@ -260,8 +260,10 @@ def _same_text(a: str, b: str) -> bool:
     import difflib
     import re
 
-    wa, wb = (re.sub(r"[^\w ]+", " ", t.lower()).split() for t in (a, b))
-    return wa[:4] == wb[:4] or difflib.SequenceMatcher(None, " ".join(wa), " ".join(wb)).ratio() > 0.8
+    wa, wb = (re.sub(r"[^\w\- ]+", " ", t.lower()).split() for t in (a, b))
+    # the summary (b) is mostly said again by the docstring's first paragraph (a)
+    shared = sum(w in set(wa) for w in wb) / max(1, len(wb))
+    return wa[:4] == wb[:4] or shared >= 0.5 or difflib.SequenceMatcher(None, " ".join(wa), " ".join(wb)).ratio() > 0.8
 
 
 def parse(argv: list[str]):

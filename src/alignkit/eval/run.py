@@ -447,12 +447,13 @@ def format_samples(result: dict) -> str:
         lines.append(f"samples ({mode}):")
         for k, it in enumerate(items, 1):
             r = f" [reward {it['reward']:.3g}]" if isinstance(it.get("reward"), float) else ""
-            lines.append(f"  #{k} prompt:               {_clip(it['prompt'])}")
+            lines.append(f"  #{k} prompt:                        {_clip(it['prompt'])}")
             if "ref_answer" in it:
-                lines.append(f"     reference answer:     {_clip(it['ref_answer'])}  (from the data)")
-            lines.append(f"     model's answer:       {_clip(it['completion'])}{r}{_verdict(it.get('correct'))}")
+                lines.append(f"     reference answer (from data):  {_clip(it['ref_answer'])}")
+            lines.append(f"     completion (model):            {_clip(it['completion'])}{r}"
+                         f"{_verdict(it.get('correct'))}")
             if "ref_model_completion" in it:
-                lines.append(f"     reference model's:    {_clip(it['ref_model_completion'])}"
+                lines.append(f"     completion (reference model):  {_clip(it['ref_model_completion'])}"
                              f"{_verdict(it.get('ref_model_correct'))}")
     return "\n".join(lines)
 

@@ -49,6 +49,8 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path, cache_env):
         assert len(ev["samples"]) == 4
     assert res["sft"]["eval"]["kl_token"] == 0.0  # KL is measured against SFT itself
     assert res["grpo"]["generated_tokens"] > 0 and res["grpo"]["peak_rss_mb"] > 0
+    # DPO's tokens generated are the SFT model's answers sampled to build its pairs (one per prompt)
+    assert res["dpo"]["generated_tokens"] >= 1024
     # DPO trains on the SFT model's own wrong answers against the reference answers
     pairs = [json.loads(ln) for ln in (out / "data" / "pairs_onpolicy.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)

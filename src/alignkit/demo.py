@@ -242,10 +242,12 @@ class Pipeline:
             self.stage_progress(0.0, "sampling the SFT model's answers for pairs")
             t0 = time.time()
             prompts = world.read_jsonl(self.data()["prompts"])
+            stats: dict = {}
             rows = onpolicy_pairs(sft_dir, prompts, samples=1, temperature=1.0, seed=0,
-                                  max_new_tokens=self.cfg.max_new_tokens)
-            # what building the pairs cost is charged to every method that trains on them
-            self.results["pairs_onpolicy"] = {"wall_s": time.time() - t0, "pairs": len(rows), "prompts": len(prompts)}
+                                  max_new_tokens=self.cfg.max_new_tokens, stats=stats)
+            # what building the pairs cost (time, sampled tokens) is charged to every method that trains on them
+            self.results["pairs_onpolicy"] = {"wall_s": time.time() - t0, "pairs": len(rows), "prompts": len(prompts),
+                                              "generated_tokens": stats.get("generated_tokens", 0)}
             self._save()
             world.write_jsonl(rows, path)  # atomic
         return str(path)
@@ -426,6 +428,8 @@ class Pipeline:
                     if m.data == "pairs_onpolicy" and "pairs_onpolicy" in self.results:
                         rec["train_wall_s"] = rec["wall_s"]
                         rec["wall_s"] += self.results["pairs_onpolicy"]["wall_s"]
+                        if self.results["pairs_onpolicy"].get("generated_tokens"):
+                            rec["generated_tokens"] = self.results["pairs_onpolicy"]["generated_tokens"]
                     if rec["returncode"] == 0:
                         rec["eval"] = self.evaluate(str(self.run / key), str(sft_dir))
                     self.record(key, rec)

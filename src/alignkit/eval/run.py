@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +34,9 @@ __all__ = ["evaluate", "EvalConfig", "sample", "format_table"]
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from alignkit.training.logging import say
+
+    say(msg)  # above any progress bar
 
 
 # --------------------------------------------------------------------------- generation

@@ -423,10 +423,12 @@ def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
 # ---------------------------------------------------------------------------------------------- toy pairs
 
 def onpolicy_pairs(model_dir: str, prompts: list[dict], samples: int = 1, temperature: float = 1.0,
-                   seed: int = 0, max_new_tokens: int = 24) -> list[dict]:
+                   seed: int = 0, max_new_tokens: int = 24, stats: dict | None = None) -> list[dict]:
     """Toy preference pairs from the model's own mistakes: for each prompt, `samples` completions
     at `temperature`; every completion that is not fully right (wrong total or wrong format)
-    becomes the rejected answer of a pair whose chosen answer is the reference answer."""
+    becomes the rejected answer of a pair whose chosen answer is the reference answer.
+    stats: if given, gets `generated_tokens`, the answer tokens sampled (kept or not; each answer
+    re-tokenized, plus its stop token when it stopped before max_new_tokens)."""
     from alignkit.eval.generate import generate_texts
     from alignkit.models import load_model
     from alignkit.toy import world
@@ -437,6 +439,10 @@ def onpolicy_pairs(model_dir: str, prompts: list[dict], samples: int = 1, temper
     for s in range(samples):
         texts = generate_texts(model, tok, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens,
                                batch_size=64, temperature=temperature, seed=seed * 1000 + s)
+        if stats is not None:
+            n = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            stats["generated_tokens"] = stats.get("generated_tokens", 0) + sum(
+                k + 1 if k < max_new_tokens else k for k in n)
         for p, text in zip(prompts, texts):
             if world.score(text, p["total"])["reward"] < world.CORRECT_REWARD:
                 rows.append({"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["answer"]}],

@@ -422,7 +422,8 @@ def _samples_markdown(samples: list[tuple[str, list]]) -> list[str]:
         cells = []
         for _, items in samples:
             it = _sample_item(items[i]) if i < len(items) else {}
-            cells.append("`" + esc(it.get("completion")) + "`" + _verdict(it.get("correct")))
+            ans = esc(it.get("completion"))
+            cells.append(("`" + ans + "`" if ans else "*(empty answer)*" if it else "") + _verdict(it.get("correct")))
         md.append(f"| {i + 1} | {esc(p.get('prompt'))} | `{esc(p.get('ref_answer'))}` | " + " | ".join(cells) + " |")
     return md
 
@@ -443,7 +444,8 @@ def _samples_html(samples: list[tuple[str, list]]) -> str:
             ok = it.get("correct")
             cls = "" if ok is None else ("right" if ok else "wrong")
             mark = "" if ok is None else (" <b>✓ right</b>" if ok else " <b>✗ wrong</b>")
-            cells.append(f"<td class='{cls}'>{html.escape(str(it.get('completion') or ''))}{mark}</td>")
+            text = html.escape(str(it.get("completion") or "")) or ("<i>(empty answer)</i>" if it else "")
+            cells.append(f"<td class='{cls}'>{text}{mark}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<div class='scroll'><table class='samples'><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table></div>")

@@ -110,3 +110,36 @@ def test_quick_demo_default_preset(tmp_path):
     for m in ("reinforce", "rloo", "grpo", "rs", "ppo", "online_dpo"):
         assert res[m]["eval"]["accuracy_t1"] > sft["accuracy_t1"] + 0.03, m
     print(f"quick demo: {wall / 60:.1f} min")
+
+
+def test_stage_bar_estimates_from_measured_stage_costs(tmp_path, monkeypatch):
+    """The demo's bar advances by each stage's measured cost (STAGE_COST_S), not by stage counts:
+    reused stages leave the estimate, a run stage adds its cost; in a log it writes plain lines."""
+    import io
+
+    from alignkit.demo import STAGE_COST_S, DemoConfig, Pipeline
+    from alignkit.training.logging import progress_bar
+
+    monkeypatch.setenv("ALIGNKIT_PROGRESS_INTERVAL", "0")
+    p = Pipeline(DemoConfig(output_dir=str(tmp_path / "d"), methods=["grpo", "ppo"]))
+    plan = ["base", "sft", "grpo", "ppo", "report"]
+    p._stages = len(plan)
+    log = io.StringIO()
+    p.bar = progress_bar(total=float(sum(STAGE_COST_S[k] for k in plan)), desc="demo", file=log, smoothing=0.0,
+                         bar_format="{desc:<44} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+    p.stage("base model", "base")
+    p.stage_done("base", reused=True)  # reused: out of the estimate, nothing counted as done
+    assert p.bar.total == sum(STAGE_COST_S[k] for k in plan[1:]) and p.bar.n == 0
+    p.stage("SFT", "sft")
+    p.stage_progress(0.5, "step 150/300")
+    assert p.bar.n == STAGE_COST_S["sft"] / 2
+    p.stage_done("sft", reused=False)
+    p.stage("grpo (seed 0)", "grpo")
+    assert p.bar.n == STAGE_COST_S["sft"]
+    p.stage_done("grpo", reused=False)
+    # what is left is ppo + report: the ETA is their measured cost at this machine's pace so far
+    assert p.bar.total - p.bar.n == STAGE_COST_S["ppo"] + STAGE_COST_S["report"]
+    p.bar.close()
+    text = log.getvalue()
+    assert "\r" not in text and "[2/5] SFT" in text and "step 150/300" in text and "[3/5] grpo (seed 0)" in text
+    assert p.reused == ["base"] and p.ran == ["sft", "grpo"]

@@ -222,7 +222,10 @@ def _build_locked(entry: Path, p: ModelPreset, seed: int, progress: bool, log: C
     try:
         log(f"building the toy base model ({entry.name}) in {entry.parent}")
         staged = work / "final"
-        _build_into(work, staged, p, seed, progress, log)
+        from alignkit.training.logging import library_bars_off
+
+        with library_bars_off():  # alignkit's pretraining bar is the one to watch
+            _build_into(work, staged, p, seed, progress, log)
         if entry.exists():
             shutil.rmtree(entry)  # a stale or forced-out entry
         os.replace(staged, entry)

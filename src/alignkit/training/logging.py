@@ -121,6 +121,25 @@ def say(msg: str, file=None) -> None:
         pass
 
 
+class library_bars_off:
+    """Context: no transformers / huggingface_hub bars inside (e.g. "Writing model shards" while
+    alignkit's own bar runs); their previous state is restored after."""
+
+    def __enter__(self):
+        from transformers.utils import logging as tl
+
+        self._was = tl.is_progress_bar_enabled()
+        tl.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as tl
+
+        if self._was:
+            tl.enable_progress_bar()
+        return False
+
+
 def quiet_library_bars() -> None:
     """In logs, silence the shard-loading bars of transformers / huggingface_hub (they write
     carriage returns and escape codes). Must run before transformers is imported to take

@@ -31,7 +31,7 @@ from alignkit.config import TrainConfig, dump_config
 from alignkit.errors import UserError
 from alignkit.training import checkpoint as ckpt
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from alignkit.training.logging import MetricsLog, plot_metrics, progress_bar
+from alignkit.training.logging import MetricsLog, plot_metrics, progress_bar, say
 
 # loss_fn(model, micro_batch) -> (loss_sum: scalar tensor, metric_sums: dict[str, float|tensor])
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -129,7 +129,7 @@ class Trainer:
         self.total_steps = total_steps
         self.step = 0
         self.extra_state: dict[str, Callable] = {}  # name -> (get, set) pairs registered by recipes
-        self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._print = log or say  # tqdm.write: never on the line of a bar (this run's or an outer one)
         self.device = self.dist.device
         self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
 

@@ -350,9 +350,9 @@ class Pipeline:
                                 desc="demo", smoothing=0.0,
                                 bar_format="{desc:<44} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
         try:
-            self.stage("base model (built once, cached)", "base")
             entry = toymodel.cache_root() / toymodel.cache_key(c.preset, 0)
             cached = toymodel.is_built(entry)
+            self.stage("base model (cached build)" if cached else "base model (built once, then cached)", "base")
             if cached:  # only its evaluation is left to wait for
                 self.shrink_stage(0.1)
             t0 = time.time()

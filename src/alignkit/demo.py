@@ -255,9 +255,11 @@ class Pipeline:
     def steps(self, n: int) -> int:
         return max(1, int(round(n * self.cfg.scale)))
 
-    def run_command(self, name: str, command: str, out: Path, args: dict, total_steps: int | None = None) -> dict:
+    def run_command(self, name: str, command: str, out: Path, args: dict, total_steps: int | None = None,
+                    span: tuple[float, float] = (0.0, 1.0)) -> dict:
         """One training run as its own process; its log (plain progress lines, no control codes) goes
-        to out/../name.log. While it runs, the stage bar follows its step in metrics.jsonl."""
+        to out/../name.log. While it runs, the stage bar follows its step in metrics.jsonl, over the
+        `span` of the stage this run is (two reward models: halves)."""
         argv = [sys.executable, "-m", "alignkit", *command.split(), *(f"{k}={_fmt(v)}" for k, v in args.items()),
                 f"output_dir={out}", "progress=true", "report_to=none", "overwrite=true"]
         log = out.parent / f"{out.name}.log"
@@ -274,10 +276,11 @@ class Pipeline:
                     except subprocess.TimeoutExpired:
                         step = _last_step(metrics) if metrics.exists() and metrics.stat().st_mtime >= t0 else 0
                         if total_steps:
-                            self.stage_progress(step / total_steps, f"step {step}/{total_steps}"
-                                                if step <= total_steps else f"step {step}")
+                            frac = span[0] + (span[1] - span[0]) * min(1.0, step / total_steps)
+                            self.stage_progress(frac, f"{name}: step {step}/{total_steps}"
+                                                if step <= total_steps else f"{name}: step {step}")
                         elif step:
-                            self.stage_progress(0.0, f"step {step}")
+                            self.stage_progress(span[0], f"{name}: step {step}")
             except BaseException:
                 proc.kill()
                 proc.wait()
@@ -390,7 +393,7 @@ class Pipeline:
             if self.with_rm:
                 self.stage("reward models", "reward models")
                 ran = False
-                for kind in ("scalar", "distributional"):
+                for i, kind in enumerate(("scalar", "distributional")):
                     key = f"rm_{kind}"
                     if self.done(key):
                         continue
@@ -400,7 +403,7 @@ class Pipeline:
                     rec = self.run_command(key, "rm", out, dict(
                         model=base, data=data["rm_pairs"], eval_data=data["pairs_eval"], kind=kind, max_steps=steps,
                         batch_size=16, lr=3e-4, warmup_steps=max(1, steps // 20), max_length=256, log_every=50),
-                        total_steps=steps)
+                        total_steps=steps, span=(i / 2, (i + 1) / 2))
                     rec["needs"] = "preference pairs"
                     if rec["returncode"] == 0:
                         rec["eval"] = _last_eval(out)

@@ -168,7 +168,7 @@ def _merge_run(cfg):
     from alignkit.models.peft import merge_adapter
 
     out = merge_adapter(cfg)
-    print(f"done: merged model saved to {out}")
+    print(f"done: merged model written to {out.resolve()}")
 
 
 def _report_cfg():
@@ -238,7 +238,8 @@ def usage() -> str:
     width = max(len(n) for n in COMMANDS) + 2
     for name, c in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}{c.summary}")
-    lines += ["", "`alignkit <command> --help` lists every key of a command."]
+    lines += ["", "`alignkit <command> --help` lists every key of a command; `alignkit --version` prints the "
+              "version."]
     return "\n".join(lines)
 
 
@@ -247,18 +248,35 @@ def command_help(cmd: Command) -> str:
 
     cls = cmd.config()
     pos = POSITIONAL.get(cmd.name)
-    head = f"usage: alignkit {cmd.name} {'FILE ' if pos else ''}[config.yaml] [key=value ...]\n\n{cmd.summary}\n"
-    doc = (cls.__doc__ or "").strip()
-    if doc:
-        head += "\n" + doc + "\n"
+    head = f"usage: alignkit {cmd.name} {'FILE ' if pos else ''}[config.yaml] [key=value ...]\n\n"
+    import inspect
+
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    # the summary and the config's docstring often say the same thing: print it once
+    head += (doc if doc and _same_text(doc.split("\n\n")[0], cmd.summary) else
+             cmd.summary + ("\n\n" + doc if doc else "")) + "\n"
     rows = help_table(cls)
     kw = max(len(r[0]) for r in rows)
     tw = min(max(len(r[1]) for r in rows), 28)
     out = [head, "keys:"]
     for key, typ, default, desc in rows:
-        out.append(f"  {key.ljust(kw)}  {typ[:28].ljust(tw)}  default {default}")
+        if len(typ) <= tw:
+            out.append(f"  {key.ljust(kw)}  {typ.ljust(tw)}  default {default}")
+        else:  # a long choice list is shown whole, the default on the next line
+            out.append(f"  {key.ljust(kw)}  {typ}")
+            out.append(f"  {' ' * kw}  {' ' * tw}  default {default}")
         out += ["      " + ln for ln in textwrap.wrap(desc, 90)]
     return "\n".join(out)
+
+
+def _same_text(a: str, b: str) -> bool:
+    import difflib
+    import re
+
+    wa, wb = (re.sub(r"[^\w\- ]+", " ", t.lower()).split() for t in (a, b))
+    # the summary (b) is mostly said again by the docstring's first paragraph (a)
+    shared = sum(w in set(wa) for w in wb) / max(1, len(wb))
+    return wa[:4] == wb[:4] or shared >= 0.5 or difflib.SequenceMatcher(None, " ".join(wa), " ".join(wb)).ratio() > 0.8
 
 
 def parse(argv: list[str]):
@@ -309,6 +327,14 @@ def build_config(cmd: Command, rest: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V", "version"):
+        from alignkit import __version__
+
+        print(f"alignkit {__version__}")
+        return 0
+    from alignkit.training.logging import quiet_library_bars
+
+    quiet_library_bars()  # in logs: no shard-loading bars from transformers
     try:
         cmd, rest = parse(argv)
         if cmd is None:
@@ -329,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `alignkit sft --help | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

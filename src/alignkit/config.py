@@ -137,6 +137,10 @@ class TrainConfig(Section):
         1024, ge=1, description="Tokens per chunk when computing log-probs without materialising full logits"
     )
     tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["auto"], description="Trackers that get the same metrics, config and final "
+        "samples: comma-separated names from tensorboard, wandb, mlflow, trackio; none for no tracker; auto: "
+        "tensorboard when installed (and tensorboard=true)")
     plot: bool = Field(True, description="Draw curves.png of the logged metrics at the end of the run")
     progress: bool = Field(True, description="Show a progress bar")
     chat_template: str | None = Field(
@@ -155,6 +159,18 @@ class TrainConfig(Section):
         description="Regex searched in each parameter name (e.g. 'mlp|norm'): only matching parameters train, the "
         "rest is frozen. Full fine-tuning only",
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v):
+        # `report_to=wandb,mlflow` on the command line arrives as one string, `report_to=none` as null
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = v.split(",")
+        from alignkit.training.logging import check_report_to
+
+        return check_report_to(v)
 
 
 class SFTConfig(TrainConfig):

@@ -19,6 +19,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alignkit.errors import UserError
 
 
+
+# Trackers `report_to` accepts; each is its own client library (the package of the same name).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def check_report_to(names) -> list[str]:
+    """Validate tracker names (config time): known names whose client library is installed.
+    "none" drops out, "auto" stays (resolved by `resolve_report_to`). Raises ValueError
+    (pydantic turns it into the config error line) naming the extra to install."""
+    out = []
+    for n in names:
+        n = str(n).strip().lower()
+        if not n or n == "none":
+            continue
+        if n != "auto" and n not in TRACKERS:
+            raise ValueError(f"unknown tracker {n!r}; choose from {', '.join(TRACKERS)}, auto or none")
+        if n != "auto" and not _installed(n):
+            raise ValueError(f"{n}: its client library is not installed; pip install 'alignkit[{n}]' or drop it")
+        if n not in out:
+            out.append(n)
+    return out
+
+
 class Section(BaseModel):
     """Base of every config block: unknown keys are errors, assignments are validated."""
 
@@ -168,8 +197,6 @@ class TrainConfig(Section):
             return []
         if isinstance(v, str):
             v = v.split(",")
-        from alignkit.training.logging import check_report_to
-
         return check_report_to(v)
 
 

@@ -37,6 +37,7 @@ from alignkit.models import load_model, load_tokenizer
 from alignkit.rewards import build_reward, load_prompt_set
 from alignkit.rollout.engine import RolloutEngine, SamplingParams
 from alignkit.training.dist import DistInfo
+from alignkit.training.logging import progress_bar
 
 __all__ = ["evaluate", "EvalConfig", "sample", "format_table"]
 

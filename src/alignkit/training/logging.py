@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+# report_to names are checked when the config is read; the check lives with the config
+from alignkit.config import TRACKERS, _installed, check_report_to  # noqa: F401
+
 # Seconds between progress lines in logs (not a terminal); ALIGNKIT_PROGRESS_INTERVAL overrides.
 LOG_INTERVAL_S = 30.0
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -153,34 +156,6 @@ def quiet_library_bars() -> None:
 
 
 # ---------------------------------------------------------------------------------------- trackers
-
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-_CLIENT = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-def check_report_to(names) -> list[str]:
-    """Validate tracker names (config time): known names whose client library is installed.
-    "none" drops out, "auto" stays (resolved by `resolve_report_to`). Raises ValueError
-    (pydantic turns it into the config error line) naming the extra to install."""
-    out = []
-    for n in names:
-        n = str(n).strip().lower()
-        if not n or n == "none":
-            continue
-        if n != "auto" and n not in TRACKERS:
-            raise ValueError(f"unknown tracker {n!r}; choose from {', '.join(TRACKERS)}, auto or none")
-        if n != "auto" and not _installed(_CLIENT[n]):
-            raise ValueError(f"{n}: its client library is not installed; pip install 'alignkit[{n}]' or drop it")
-        if n not in out:
-            out.append(n)
-    return out
-
 
 def resolve_report_to(report_to: list[str] | str | None, tensorboard: bool = True) -> list[str]:
     """The trackers a run logs to. "auto" (and None): TensorBoard when it is installed and
@@ -352,7 +327,8 @@ class MetricsLog:
                     "logging to metrics.jsonl only for it")
 
     @property
-    def tb(self):  # the TensorBoard writer, when on (kept for callers that used it)
+    def tb(self):
+        """The TensorBoard SummaryWriter when TensorBoard is on, else None."""
         t = self.trackers.get("tensorboard")
         return t.w if t is not None else None
 

@@ -9,7 +9,9 @@ generated answers (text), `columns` the prompt set's other columns as lists alig
 (`total=[...]`, `answer=[...]`). The result has one entry per completion: a float, or None when
 the source cannot score that sample (for example its reference answer is missing). Callers
 decide what None means: `alignkit eval` leaves such samples out of the reward mean and reports
-their count (`reward_none`); the RL recipes count them and use 0.
+their count (`reward_none`); the RL recipes turn them into NaN (`rewards_tensor`), which the
+advantage estimators read as "not scored": advantage 0, no part in group statistics, masked out
+of the loss (`alignkit.advantages.scored_mask`). They are never counted as 0.
 
 A source is one of
 
@@ -44,6 +46,7 @@ from alignkit.errors import UserError
 __all__ = [
     "RewardFn",
     "Reward",
+    "rewards_tensor",
     "RewardTermFn",
     "BUILTINS",
     "build_reward",
@@ -478,6 +481,18 @@ def _run_with_timeout(fn: Callable[[], Any], timeout: float | None, name: str):
     if "err" in box:
         raise box["err"]
     return box.get("out")
+
+
+def rewards_tensor(values: Iterable[float | None]):
+    """Reward values (one float or None per sample) as a float32 tensor (B,), None -> NaN.
+
+    NaN is how "cannot score" travels to `alignkit.advantages`: every estimator there leaves
+    NaN samples out of its statistics and gives them advantage 0, and `scored_mask` masks them
+    out of the loss. Counting them as 0 instead would bias their group ([None, 1, 0, 0] would
+    give [-0.5, 1.5, -0.5, -0.5] instead of [0, 1.1547, -0.5774, -0.5774])."""
+    import torch
+
+    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
 
 
 def _check_values(name: str, out: Any, n: int, completions: list) -> list[float | None]:

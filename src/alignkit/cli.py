@@ -294,6 +294,28 @@ def build_config(cmd: Command, rest: list[str]):
     return load_config(cmd.config(), path, overrides)
 
 
+def _check_before_run(cmd: Command, cfg) -> None:
+    """Checks of the config that need no model or data, run before anything loads or is
+    written: the output folder must be one this run can create and write."""
+    from alignkit.config import check_output_dir
+
+    out = getattr(cfg, "output_dir", None)
+    if isinstance(out, str):
+        check_output_dir(out)
+    for key in ("output",):  # merge / report / rs generate / toy data: a folder or a file path
+        val = getattr(cfg, key, None)
+        if isinstance(val, str) and val:
+            from pathlib import Path
+
+            target = Path(os.path.expanduser(val))
+            if cmd.name in ("toy data", "rs generate"):  # a file: its folder must be writable
+                if target.is_dir():
+                    raise UserError(f"{val}: {key} is a folder; give a file path such as {val.rstrip('/')}/rows.jsonl")
+                check_output_dir(str(target.parent) if str(target.parent) else ".", key)
+            else:
+                check_output_dir(val, key)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -305,7 +327,14 @@ def main(argv: list[str] | None = None) -> int:
             print(command_help(cmd))
             return 0
         cfg = build_config(cmd, rest)
-        cmd.run(cfg)
+        _check_before_run(cmd, cfg)
+        if getattr(cfg, "trust_remote_code", False):
+            from alignkit.models.load import allow_remote_code
+
+            with allow_remote_code(True):
+                cmd.run(cfg)
+        else:  # loaders pass trust_remote_code=False by default
+            cmd.run(cfg)
         from alignkit.training.dist import shutdown
 
         shutdown()

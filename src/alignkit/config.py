@@ -102,8 +102,8 @@ class TrainConfig(Section):
     eval_data: str | None = Field(None, description="Held-out data in the same format as `data` (optional)")
     eval_split: str = Field("test", description="Split to read when `eval_data` is a hub dataset")
     output_dir: str = Field("runs/run", description="Run folder: final model, checkpoints, metrics.jsonl, plots")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derive from `epochs`")
-    epochs: float = Field(1.0, description="Passes over the data when max_steps is -1")
+    max_steps: int = Field(-1, description="Optimizer steps to run (at least 1); -1 = derive from `epochs`")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1 (> 0)")
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch on each process")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step")
     lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW)")
@@ -112,7 +112,8 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `lr`")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of `lr` (cosine/linear)")
-    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm; null disables")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this (> 0); null disables clipping")
     max_length: int = Field(1024, ge=2, description="Longest tokenized row (prompt + answer)")
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="Rows longer than max_length: cut to max_length or drop (the count is reported)"
@@ -155,6 +156,18 @@ class TrainConfig(Section):
         description="Regex searched in each parameter name (e.g. 'mlp|norm'): only matching parameters train, the "
         "rest is frozen. Full fine-tuning only",
     )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped in a model folder or hub repo (custom architectures). Off: such "
+        "a model is refused, and no prompt ever asks"
+    )
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_positive_or_derived(cls, v: int) -> int:
+        # 0 used to run a whole epoch and -3 one step: neither is what anyone means.
+        if v != -1 and v < 1:
+            raise ValueError("max_steps must be at least 1, or -1 to derive it from epochs")
+        return v
 
 
 class SFTConfig(TrainConfig):
@@ -318,9 +331,36 @@ def load_config(cls: type[BaseModel], path: str | None = None, overrides: list[s
         return cls.model_validate(tree)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int)) or "config"
+        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int))
         where = path or source
-        raise UserError(f"{where}: bad value for '{loc}': {err['msg']} (got {err.get('input')!r})") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across several keys: its message names them
+            raise UserError(f"{where}: {msg}") from None
+        raise UserError(f"{where}: bad value for '{loc}': {msg} (got {err.get('input')!r})") from None
+
+
+def check_output_dir(path: str, key: str = "output_dir") -> None:
+    """Fail in one line, before anything loads or is written, when `path` cannot become a
+    folder this run writes into: it is a file, it lies under a file, or the nearest existing
+    folder above it (or itself) cannot be written (read-only, permission denied)."""
+    import os
+    import tempfile
+
+    if not path:
+        raise UserError(f"{key} is empty; pass {key}=PATH")
+    p = Path(os.path.expanduser(path))
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{path}: {key} is a file, not a folder; pick another {key} or move the file away")
+    anc = p
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise UserError(f"{path}: {key} lies under {anc}, which is a file, not a folder; pick another {key}")
+    try:  # a real probe: os.access says yes to root on a read-only file system
+        os.rmdir(tempfile.mkdtemp(prefix=".alignkit-probe-", dir=anc))
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UserError(f"{path}: {key} cannot be written ({anc}: {why}); pick a writable folder") from None
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -515,11 +555,27 @@ class OnlineConfig(TrainConfig):
     sample_every: int = Field(10, ge=0, description="Write a few sample completions to samples.jsonl every N steps")
     compute_entropy: bool = Field(True, description="Log the policy's token entropy (costs a little compute)")
 
+    # Recipes whose update is a policy gradient need samples drawn from the policy (temperature > 0).
+    _policy_gradient: typing.ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _sampling_is_not_degenerate(self):
+        if self.temperature == 0 and self.num_generations > 1:
+            raise ValueError(f"temperature=0 (greedy) makes all {self.num_generations} samples of a prompt the "
+                             "same, so there is nothing to compare; set temperature > 0 (e.g. 1.0)")
+        if self.temperature == 0 and self._policy_gradient:
+            raise ValueError("temperature=0 (greedy) samples are not draws from the policy, so the policy gradient "
+                             "is wrong; set temperature > 0 (e.g. 1.0)")
+        return self
+
 
 class GRPOConfig(OnlineConfig):
     """GRPO: G samples per prompt, group-normalised advantages, clipped ratio, KL in the loss."""
 
     output_dir: str = Field("runs/grpo", description="Run folder")
+    num_generations: int = Field(
+        8, ge=2, description="Samples per prompt, the group size G (>= 2: with one sample every group-normalised "
+        "advantage is 0)")
     scale: Literal["group", "batch", "none"] = Field(
         "group", description="Advantage scale: group std (GRPO), batch std, or none (Dr. GRPO)"
     )
@@ -563,6 +619,7 @@ class RSConfig(OnlineConfig):
 
     output_dir: str = Field("runs/rs", description="Run folder")
     num_generations: int = Field(8, ge=1, description="Samples per prompt (N)")
+    _policy_gradient: typing.ClassVar[bool] = False
     rounds: int = Field(2, ge=1, description="Generate-then-SFT rounds")
     prompts_per_round: int = Field(256, ge=1, description="Prompts sampled in each round")
     threshold: float | None = Field(None, description="Keep the best sample only if its reward is at least this")
@@ -595,6 +652,8 @@ class EvalConfig(Section):
     chat_prompts: bool = Field(True, description="Text prompts become one user message (chat template); "
                                                  "false: text is given to the model as is")
     max_prompts: int = Field(-1, description="Evaluate the first N prompts only (-1: all)")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped in a model folder or hub repo (custom architectures)")
     reward: RewardSection | None = Field(None, description="Reward source(s) scoring the samples")
     judge: RewardSection | None = Field(None, description="Source judging the win rate (default: `reward`)")
     task: Literal["auto", "toy", "gsm8k", "last_number", "none"] = Field(
@@ -630,6 +689,13 @@ class EvalConfig(Section):
     logits_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when computing log-probs")
     chat_template: str | None = Field(None, description="Jinja chat template (text or path) overriding the "
                                                         "tokenizer's")
+
+    @field_validator("max_prompts")
+    @classmethod
+    def _some_prompts(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("max_prompts must be at least 1, or -1 for every prompt")
+        return v
 
 
 class RMConfig(TrainConfig):
@@ -735,6 +801,7 @@ class OnlineDPOConfig(OnlineConfig):
 
     output_dir: str = Field("runs/online_dpo", description="Run folder")
     num_generations: int = Field(2, ge=2, description="Samples per prompt; the best and the worst form the pair")
+    _policy_gradient: typing.ClassVar[bool] = False
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field(
         "sigmoid", description="DPO variant (see `alignkit dpo --help`); simpo needs no reference model"
     )

@@ -129,14 +129,14 @@ def load_reward_backbone(name_or_path: str, spec: RewardSpec, dtype: str = "floa
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from alignkit.models.load import DTYPES, _check_source, _first_line
+    from alignkit.models.load import DTYPES, _check_source, _first_line, hf_load_kwargs
 
     _check_source(name_or_path)
     path = os.path.expanduser(name_or_path)
     if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
         path = _merged_adapter_copy(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hf_load_kwargs(path))
     except Exception as e:
         raise UserError(f"{name_or_path}: could not read the model config ({_first_line(e)})") from None
     saved = getattr(config, CONFIG_KEY, None)
@@ -154,7 +154,8 @@ def load_reward_backbone(name_or_path: str, spec: RewardSpec, dtype: str = "floa
     try:
         with _quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, dtype=DTYPES.get(dtype, torch.float32), output_loading_info=True
+                path, config=config, dtype=DTYPES.get(dtype, torch.float32), output_loading_info=True,
+                **hf_load_kwargs(path, weights=True)
             )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -471,7 +472,7 @@ class RewardModel(torch.nn.Module):
         from transformers import AutoModelForSequenceClassification
 
         from alignkit.data.chat import setup_chat_template
-        from alignkit.models.load import DTYPES, _check_source, _first_line, load_tokenizer
+        from alignkit.models.load import DTYPES, _check_source, _first_line, hf_load_kwargs, load_tokenizer
 
         path = os.path.expanduser(str(path))
         _check_source(path)
@@ -483,7 +484,8 @@ class RewardModel(torch.nn.Module):
             return cls(model, tok)
         try:
             with _quiet_transformers():
-                model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES.get(dtype, torch.float32))
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, dtype=DTYPES.get(dtype, torch.float32), **hf_load_kwargs(path, weights=True))
         except Exception as e:
             raise UserError(f"{path}: could not load a reward model ({_first_line(e)})") from None
         model.to(device).eval()

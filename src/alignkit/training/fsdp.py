@@ -83,9 +83,12 @@ def meta_model(name_or_path: str, dtype: str = "float32") -> torch.nn.Module | N
     if (path / "adapter_config.json").is_file():  # an adapter folder: peft loads it onto its base
         return None
     try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
+        from alignkit.models.load import hf_load_kwargs
+
+        trust = hf_load_kwargs(path)
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, **trust)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=DTYPES.get(dtype, torch.float32))
+            return AutoModelForCausalLM.from_config(config, dtype=DTYPES.get(dtype, torch.float32), **trust)
     except Exception:
         return None
 

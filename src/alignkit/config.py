@@ -19,6 +19,40 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alignkit.errors import UserError
 
 
+def check_chat_template(value: str | None) -> str | None:
+    """A `chat_template` value (Jinja text, or the path of a file holding it) must be readable
+    UTF-8 and compile; the error names the file and line. Checked when the config is read, so a
+    typo in a template stops the run before anything loads. Returns the value unchanged."""
+    if not value:
+        return value
+    source, text = "chat_template", value
+    if len(value) < 4096 and "{" not in value:  # a path (the same rule data.chat applies)
+        p = Path(value).expanduser()
+        if not p.is_file():
+            raise ValueError(f"{value} is neither a Jinja template nor an existing file")
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{value}: line {line}: byte {e.start} is not UTF-8; save the template as UTF-8") from None
+        source = value
+    import jinja2
+
+    try:  # transformers' own compiler knows its extra tags ({% generation %})
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_
+    except ImportError:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def compile_(t):
+            return ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(t)
+    try:
+        compile_(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{source}: line {e.lineno}: Jinja syntax error ({e.message}); fix the template") from None
+    return value
+
+
 class Section(BaseModel):
     """Base of every config block: unknown keys are errors, assignments are validated."""
 
@@ -160,6 +194,8 @@ class TrainConfig(Section):
         False, description="Run Python code shipped in a model folder or hub repo (custom architectures). Off: such "
         "a model is refused, and no prompt ever asks"
     )
+
+    _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
 
     @field_validator("max_steps")
     @classmethod
@@ -689,6 +725,8 @@ class EvalConfig(Section):
     logits_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when computing log-probs")
     chat_template: str | None = Field(None, description="Jinja chat template (text or path) overriding the "
                                                         "tokenizer's")
+
+    _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
 
     @field_validator("max_prompts")
     @classmethod

@@ -413,6 +413,42 @@ class _Callable:
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_reward_folder(spec: str, path: Path) -> None:
+    """A folder given as a reward source must hold a reward model: not be empty, have a config,
+    and not be a plain causal LM, whose missing score head transformers would fill with random
+    weights (scores that mean nothing) without an error."""
+    import json
+
+    how = "point reward= at a folder saved by `alignkit rm`, or use a built-in or module:function"
+    if not any(path.iterdir()):
+        raise UserError(f"reward '{spec}': the folder is empty; {how}")
+    adapter = path / "adapter_config.json"
+    conf = path / "config.json"
+    if adapter.is_file() and not conf.is_file():
+        try:
+            task = json.loads(adapter.read_text(encoding="utf-8")).get("task_type")
+        except (OSError, ValueError):
+            task = None
+        if task == "CAUSAL_LM":
+            raise UserError(f"reward '{spec}': a causal-LM adapter, not a reward model (no score head); train one with "
+                            f"`alignkit rm`, or {how}")
+        return
+    if not conf.is_file():
+        raise UserError(f"reward '{spec}': not a model folder (no config.json); {how}")
+    try:
+        c = json.loads(conf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"reward '{spec}': cannot read config.json ({_one_line(e)}); {how}") from None
+    archs = [str(a) for a in (c.get("architectures") or [])]
+    is_rm = ("alignkit_reward" in c or (path / "reward_config.json").is_file()
+             or any(a.endswith("ForSequenceClassification") for a in archs))
+    if not is_rm:
+        kind = f" ({', '.join(archs)})" if archs else ""
+        raise UserError(f"reward '{spec}': a causal language model{kind}, not a reward model: it has no score head, so "
+                        f"its scores would be random; train one with `alignkit rm model={spec} data=PAIRS`, or use a "
+                        f"built-in or module:function")
+
+
 class _Model:
     """A trained reward model: `score(prompts, completions)` -> one float per sample."""
 
@@ -667,6 +703,7 @@ def _term_from_source(source: Any, weight: float = 1.0, timeout: float | None = 
                         f"the prompt set's columns instead")
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
+        _check_reward_folder(spec, path)
         return RewardTermFn(_Model(spec), spec, weight, timeout, on_timeout, locate_errors=False)
     if ":" in spec:
         fn = load_callable(spec)

@@ -8,6 +8,7 @@ import sys
 from pydantic import Field
 
 from alignkit.config import Section
+from alignkit.errors import UserError
 
 
 class InspectConfig(Section):
@@ -35,6 +36,8 @@ def inspect_data(cfg: InspectConfig, out=None) -> None:
     setup_chat_template(tok, cfg.chat_template)
     ds = load_rows(cfg.data, cfg.data_split)
     fmt = require_format(ds, cfg.data, SFT_FORMATS)
+    if cfg.offset >= len(ds):
+        raise UserError(f"{cfg.data}: offset={cfg.offset} is past the end ({len(ds)} rows); use offset=0..{len(ds) - 1}")
     color = out.isatty() if cfg.color is None else cfg.color
     green, dim, reset = ("\033[32m", "\033[2m", "\033[0m") if color else ("", "", "")
     end = min(len(ds), cfg.offset + cfg.rows)

@@ -125,6 +125,24 @@ def check_source(name_or_path: str, what: str = "model", key: str = "model") -> 
 _check_source = check_source  # older name, kept for callers
 
 
+def _refuse_remote_code(name_or_path: str, trust_remote_code: bool | None) -> None:
+    """Without trust, a local folder whose config maps to its own code (auto_map) for a model
+    type transformers does not know is refused before transformers is asked at all."""
+    if (_TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code):
+        return
+    p = Path(os.path.expanduser(name_or_path))
+    try:
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(cfg, dict) or not cfg.get("auto_map"):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if cfg.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise _remote_code_error(name_or_path, ValueError("custom code"))
+
+
 def _remote_code_error(name_or_path: str, e: Exception) -> UserError | None:
     msg = str(e)
     if "trust_remote_code" in msg or "custom code" in msg:
@@ -141,6 +159,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool | None = None):
     from transformers import AutoTokenizer
 
     check_source(name_or_path)
+    _refuse_remote_code(name_or_path, trust_remote_code)
     path = os.path.expanduser(name_or_path)
     if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
         raise UserError(f"{name_or_path}: the folder has no tokenizer (none of tokenizer.json, tokenizer_config.json, "
@@ -166,6 +185,7 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
 
     hf_logging.disable_progress_bar()  # our own progress display owns the terminal
     check_source(name_or_path)
+    _refuse_remote_code(name_or_path, trust_remote_code)
     path = os.path.expanduser(name_or_path)
     torch_dtype = DTYPES.get(dtype, torch.float32)
     adapter = (Path(path) / "adapter_config.json").is_file()

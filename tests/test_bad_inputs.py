@@ -78,8 +78,8 @@ def _badjson_doc(fx: Fx) -> list[str]:
     return fx.sft(data=fx.file("bad.json", "[\n" + rows + ",\n]\n"))
 
 
-def _kinds(fx: Fx) -> list[str]:
-    return fx.sft(data=fx.file("kinds.jsonl", '{"text": "a b c"}\n{"text": "d e f"}\n{"text": 7}\n'))
+def _not_objects(fx: Fx) -> list[str]:
+    return fx.sft(data=fx.file("rows.jsonl", '{"text": "a b c"}\n{"text": "d e f"}\n["text", 7]\n'))
 
 
 def _badcsv(fx: Fx) -> list[str]:
@@ -174,7 +174,7 @@ CASES = [
     ("non-utf8-data", _nonutf8, "line 3: byte"),
     ("json-line-7", _badjson, "line 7, column"),
     ("json-document", _badjson_doc, "line 6, column 1"),
-    ("json-kind-changes", _kinds, "line 3: 'text' is a number here but text on line 1"),
+    ("jsonl-row-not-an-object", _not_objects, "rows.jsonl: line 3: expected one JSON object per row"),
     ("csv-unterminated-quote", _badcsv, "bad.csv: line 2: bad CSV"),
     ("csv-field-count", _csv_fields, "fields.csv: line 4: 3 fields, but the header has 2"),
     ("template-jinja-syntax", _template, "tpl.jinja: line 1: Jinja syntax error"),

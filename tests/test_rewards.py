@@ -286,6 +286,7 @@ def test_reward_model_object_and_folder(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "alignkit.models.reward", fake)
     folder = tmp_path / "rm"
     folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}')
     r = build_reward(f"{folder} + 2*toy")
     assert loaded["path"] == str(folder)
     assert r(["p"], [TOY_OK], total=[365]) == pytest.approx([0.5 * len(TOY_OK) - 2 * 3 + 1 + 2.0])

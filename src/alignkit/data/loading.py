@@ -79,35 +79,24 @@ def _decode_lines(path: str, what: str):
 _KINDS = ((bool, "true/false"), (str, "text"), ((int, float), "a number"), (list, "a list"), (dict, "an object"))
 
 
-def _kind(v) -> str | None:
-    if v is None:
-        return None
+def _kind(v) -> str:
     for t, name in _KINDS:
         if isinstance(v, t):
             return name
-    return type(v).__name__
+    return "null" if v is None else type(v).__name__
 
 
 class _RowKinds:
-    """Rows must be JSON objects whose top-level fields keep one kind (text, number, list, ...)
-    across rows, as a table needs; the first row breaking that is named by its line."""
+    """Each row must be a JSON object (a column may mix kinds: datasets stores such a column as
+    JSON values)."""
 
     def __init__(self, path: str):
         self.path = path
-        self.seen: dict[str, tuple[str, int]] = {}
 
     def check(self, n: int, row) -> None:
         if not isinstance(row, dict):
             raise UserError(f"{self.path}: line {n}: expected one JSON object per row ({{\"key\": value, ...}}), got "
                             f"{_kind(row)}")
-        for k, v in row.items():
-            kind = _kind(v)
-            if kind is None:
-                continue
-            first = self.seen.setdefault(k, (kind, n))
-            if first[0] != kind:
-                raise UserError(f"{self.path}: line {n}: '{k}' is {kind} here but {first[0]} on line {first[1]}; "
-                                f"every row must give a column the same kind of value")
 
 
 def _json_error(path: str, e, hint: str) -> UserError:

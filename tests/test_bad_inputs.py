@@ -188,6 +188,8 @@ CASES = [
     ("model-folder-missing", _model_missing, "model folder does not exist"),
     ("model-missing-offline", _model_missing_relative, "HF_HUB_OFFLINE is set"),
     ("model-without-tokenizer", _model_no_tokenizer, "the folder has no tokenizer"),
+    ("ref-model-folder-missing", lambda fx: fx.grpo("kl_coef=0.1", f"ref_model={fx.tmp / 'no' / 'ref'}"),
+     "reference model folder does not exist"),
     ("eval-output-dir-is-a-file", _eval_out_file, "output_dir is a file, not a folder"),
     ("inspect-offset-past-end", _inspect_offset, "offset=8 is past the end (8 rows)"),
     ("reward-empty-folder", _reward_empty, "the folder is empty"),

@@ -296,8 +296,16 @@ def build_config(cmd: Command, rest: list[str]):
 
 def _check_before_run(cmd: Command, cfg) -> None:
     """Checks of the config that need no model or data, run before anything loads or is
-    written: the output folder must be one this run can create and write."""
+    written: the model folders named must exist and be readable (or be hub ids the hub can
+    serve), and the output folder must be one this run can create and write."""
     from alignkit.config import check_output_dir
+
+    for key, what in (("model", "model"), ("ref_model", "reference model")):
+        val = getattr(cfg, key, None)
+        if isinstance(val, str) and val:
+            from alignkit.models.load import check_source
+
+            check_source(val, what, key)
 
     out = getattr(cfg, "output_dir", None)
     if isinstance(out, str):

@@ -187,6 +187,7 @@ CASES = [
     ("model-folder-no-permission", _model_no_permission, "permission denied"),
     ("model-folder-missing", _model_missing, "model folder does not exist"),
     ("model-missing-offline", _model_missing_relative, "HF_HUB_OFFLINE is set"),
+    ("data-hub-id-offline", lambda fx: fx.sft(data="someone/no_such_dataset"), "HF_DATASETS_OFFLINE is set"),
     ("model-without-tokenizer", _model_no_tokenizer, "the folder has no tokenizer"),
     ("ref-model-folder-missing", lambda fx: fx.grpo("kl_coef=0.1", f"ref_model={fx.tmp / 'no' / 'ref'}"),
      "reference model folder does not exist"),

@@ -210,7 +210,22 @@ def load_rows(path: str, split: str = "train", what: str = "data"):
                 ds = datasets.load_dataset(str(p), split=split)
         else:
             name, _, config = path.partition(":")
-            ds = datasets.load_dataset(name, config or None, split=split)
+            offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+                          for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+            if not offline:
+                from alignkit.models.load import _hub_reachable
+
+                if not _hub_reachable():
+                    raise UserError(f"{path}: no such local file, and the hub cannot be reached (no network); pass "
+                                    f"{what}=PATH of a local .jsonl/.json/.parquet/.csv file")
+            try:
+                ds = datasets.load_dataset(name, config or None, split=split)
+            except Exception as e:
+                if offline:
+                    raise UserError(f"{path}: no such local file, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and "
+                                    f"the dataset is not in the local cache; pass {what}=PATH of a local file, or "
+                                    f"unset the variable to download it") from None
+                raise e
     except UserError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the file and the reason

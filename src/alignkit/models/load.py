@@ -62,12 +62,23 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     from huggingface_hub import constants
 
+    import threading
+
     url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+                ok.append(True)
+        except OSError:
+            pass
+
+    # A thread bounds the name lookup too, which the socket timeout does not cover.
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
 
 
 def _in_hub_cache(repo_id: str) -> bool:

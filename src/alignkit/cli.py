@@ -319,7 +319,12 @@ def _check_before_run(cmd: Command, cfg) -> None:
             if cmd.name in ("toy data", "rs generate"):  # a file: its folder must be writable
                 if target.is_dir():
                     raise UserError(f"{val}: {key} is a folder; give a file path such as {val.rstrip('/')}/rows.jsonl")
-                check_output_dir(str(target.parent) if str(target.parent) else ".", key)
+                anc = target.parent
+                while not anc.exists() and anc.parent != anc:
+                    anc = anc.parent
+                if anc.exists() and not anc.is_dir():
+                    raise UserError(f"{val}: {key} lies under {anc}, which is a file, not a folder; pick another {key}")
+                check_output_dir(str(target.parent), key)
             else:
                 check_output_dir(val, key)
 

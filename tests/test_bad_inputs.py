@@ -148,6 +148,12 @@ def _model_no_tokenizer(fx: Fx) -> list[str]:
     return fx.sft(model=m)
 
 
+def _out_holds_a_run(fx: Fx) -> list[str]:
+    fx.file("out/config.json", '{"model_type": "llama"}')
+    fx.file("out/metrics.jsonl", '{"step": 1, "kind": "train", "loss": 1.0}\n')
+    return fx.sft()
+
+
 def _eval_out_file(fx: Fx) -> list[str]:
     return ["eval", f"model={fx.model}", f"prompts={fx.prompts}", f"output_dir={fx.file('eval_out', 'x')}"]
 
@@ -181,6 +187,7 @@ CASES = [
     ("template-missing-file", _template_missing, "neither a Jinja template nor an existing file"),
     ("output-dir-is-a-file", _out_is_file, "output_dir is a file, not a folder"),
     ("output-dir-under-a-file", _out_under_file, "which is a file, not a folder"),
+    ("output-dir-holds-a-run", _out_holds_a_run, "output_dir already holds a run"),
     ("output-dir-read-only", _out_readonly, "output_dir cannot be written"),
     ("output-dir-read-only-fs", _out_readonly_fs, "output_dir cannot be written"),
     ("model-config-unreadable", _model_unreadable, "config.json: not valid JSON"),
@@ -237,6 +244,7 @@ def test_bad_input_one_line_exit_2_nothing_written(request, tiny_model_dir, tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fx = Fx(tmp_path, tiny_model_dir)
     argv = make_args(fx)
+    out_existed = fx.out.exists()
     before = snapshot(tmp_path)
     capsys.readouterr()
     try:
@@ -250,7 +258,7 @@ def test_bad_input_one_line_exit_2_nothing_written(request, tiny_model_dir, tmp_
     assert len(err) == 1 and err[0].startswith("alignkit: error:"), err
     assert needle in err[0], err[0]
     assert "Traceback" not in err[0]
-    assert not fx.out.exists()
+    assert fx.out.exists() == out_existed
     assert snapshot(tmp_path) == before, "the case wrote or changed files"
 
 

@@ -310,6 +310,17 @@ def _check_before_run(cmd: Command, cfg) -> None:
     out = getattr(cfg, "output_dir", None)
     if isinstance(out, str):
         check_output_dir(out)
+        if hasattr(cfg, "resume") and not cfg.resume and not getattr(cfg, "overwrite", False):
+            # The trainer refuses this too, but only after loading (and after its loggers opened
+            # files in the old run); refusing here leaves the old run untouched.
+            from pathlib import Path
+
+            from alignkit.training import checkpoint as ckpt
+
+            run = Path(os.path.expanduser(out))
+            if run.is_dir() and ((run / "config.json").exists() or ckpt.list_checkpoints(run)):
+                raise UserError(f"{out}: output_dir already holds a run; pass resume=true to continue it, "
+                                "overwrite=true to replace it, or another output_dir")
     for key in ("output",):  # merge / report / rs generate / toy data: a folder or a file path
         val = getattr(cfg, key, None)
         if isinstance(val, str) and val:

@@ -197,6 +197,22 @@ class TrainConfig(Section):
 
     _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
 
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_below_one(cls, v: tuple[float, float]) -> tuple[float, float]:
+        # beta = 1 divides by 1 - beta^t = 0 in Adam's bias correction: NaN from the first step
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each AdamW beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return v
+
+    @model_validator(mode="after")
+    def _prompt_leaves_room(self):
+        mpl = getattr(self, "max_prompt_length", None)
+        if mpl is not None and mpl >= self.max_length:
+            raise ValueError(f"max_prompt_length={mpl} leaves no room for the answer within max_length="
+                             f"{self.max_length}; set max_prompt_length below max_length")
+        return self
+
     @field_validator("max_steps")
     @classmethod
     def _steps_positive_or_derived(cls, v: int) -> int:

@@ -67,9 +67,9 @@ def _decode_lines(path: str, what: str):
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 bad = raw[e.start:e.start + 4].hex(" ")
-                raise UserError(f"{path}: line {n}: byte {offset + e.start} (column {e.start + 1} of the line, bytes "
-                                f"{bad}) is not UTF-8; save the {what} file as UTF-8 (e.g. iconv -f cp1251 -t utf-8)"
-                                ) from None
+                raise UserError(f"{path}: line {n}: byte {offset + e.start} of the file (byte {e.start + 1} of the "
+                                f"line: {bad}) is not UTF-8; save the {what} file as UTF-8 (e.g. iconv -f cp1251 -t "
+                                f"utf-8)") from None
             if n == 1 and text.startswith("\ufeff"):
                 text = text[1:]
             offset += len(raw)

@@ -391,3 +391,20 @@ def test_loaders_pass_trust_remote_code_false_and_use_safetensors(tiny_model_dir
         load.load_tokenizer(str(tiny_model_dir))
     assert [(w, k["trust_remote_code"]) for w, k in seen] == [("tok", False), ("lm", False), ("tok", True)]
     assert seen[1][1]["use_safetensors"] is True
+
+
+def test_non_utf8_names_the_exact_byte(tmp_path):
+    from alignkit.data.loading import load_rows
+    from alignkit.errors import UserError
+
+    head = '{"text": "привет"}\n{"text": "ok"}\n'.encode()
+    line3 = '{"text": "Итого: '.encode() + "рублей".encode("cp1251") + b'"}\n'
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(head + line3)
+    col = line3.index("рублей".encode("cp1251"))
+    with pytest.raises(UserError) as e:
+        load_rows(str(p))
+    want = f"line 3: byte {len(head) + col} of the file (byte {col + 1} of the line: f0 f3 e1 eb) is not UTF-8"
+    assert want in str(e.value)
+    p.write_bytes(b"\xef\xbb\xbf" + head)  # a UTF-8 BOM is fine
+    assert load_rows(str(p))["text"] == ["привет", "ok"]

@@ -125,7 +125,7 @@ def _validate_json(path: str, what: str) -> None:
             raise UserError(f"{path}: line {n0}, column {e.colno}: invalid JSON ({e.msg}); each line must be one JSON "
                             f"object") from None
         row0 = None  # maybe a pretty-printed document spanning lines
-    if row0 is None or isinstance(row0, list):  # one JSON document: an array of rows or an object of columns
+    if row0 is None or (isinstance(row0, list) and name.endswith(".json")):  # one document: rows or columns
         text = "\n" * (n0 - 1) + t0 + "".join(t for _, t in lines)
         try:
             doc = json.loads(text)

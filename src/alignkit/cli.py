@@ -310,7 +310,8 @@ def _check_before_run(cmd: Command, cfg) -> None:
     out = getattr(cfg, "output_dir", None)
     if isinstance(out, str):
         check_output_dir(out)
-        if hasattr(cfg, "resume") and not cfg.resume and not getattr(cfg, "overwrite", False):
+        trains = hasattr(cfg, "resume") and cmd.name != "rs generate"  # rs generate writes `output` only
+        if trains and not cfg.resume and not getattr(cfg, "overwrite", False):
             # The trainer refuses this too, but only after loading (and after its loggers opened
             # files in the old run); refusing here leaves the old run untouched.
             from pathlib import Path

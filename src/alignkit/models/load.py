@@ -58,11 +58,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """Can this machine open a connection to the hub endpoint? (a few seconds at most, instead of
     the minute of retries a download attempt spends before failing)"""
     import socket
+    import threading
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
-
-    import threading
 
     url = urlparse(constants.ENDPOINT)
     ok: list[bool] = []

@@ -220,6 +220,9 @@ CASES = [
     ("grpo-greedy", lambda fx: fx.grpo("temperature=0"), "temperature=0 (greedy) makes all 2 samples"),
     ("reinforce-greedy", lambda fx: ["reinforce", f"model={fx.model}", f"data={fx.prompts}", "temperature=0",
                                      f"output_dir={fx.out}"], "samples are not draws from the policy"),
+    ("eval-greedy-several-samples", lambda fx: ["eval", f"model={fx.model}", f"prompts={fx.prompts}",
+                                                "temperature=0", "n_samples=4", f"output_dir={fx.out}"],
+     "makes all 4 samples of a prompt the same"),
     ("eval-no-prompts", lambda fx: ["eval", f"model={fx.model}", f"prompts={fx.prompts}", "max_prompts=0",
                                     f"output_dir={fx.out}"], "bad value for 'max_prompts'"),
 ]

@@ -751,6 +751,13 @@ class EvalConfig(Section):
             raise ValueError("max_prompts must be at least 1, or -1 for every prompt")
         return v
 
+    @model_validator(mode="after")
+    def _samples_can_differ(self):
+        if self.temperature == 0 and self.n_samples > 1:
+            raise ValueError(f"temperature=0 (greedy) makes all {self.n_samples} samples of a prompt the same; set "
+                             "temperature > 0, or n_samples=1")
+        return self
+
 
 class RMConfig(TrainConfig):
     """Reward model from preference pairs (prompt/chosen/rejected, or implicit prompt): a linear head on

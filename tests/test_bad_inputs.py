@@ -124,6 +124,13 @@ def _model_unreadable(fx: Fx) -> list[str]:
     return fx.sft(model=m)
 
 
+def _model_weights_corrupt(fx: Fx) -> list[str]:
+    m = fx.tmp / "corrupt_model"
+    shutil.copytree(fx.model, m)
+    (m / "model.safetensors").write_bytes(b"\x00" * 64)
+    return fx.sft(model=m)
+
+
 def _model_no_permission(fx: Fx) -> list[str]:
     m = fx.tmp / "locked_model"
     shutil.copytree(fx.model, m)
@@ -191,6 +198,7 @@ CASES = [
     ("output-dir-read-only", _out_readonly, "output_dir cannot be written"),
     ("output-dir-read-only-fs", _out_readonly_fs, "output_dir cannot be written"),
     ("model-config-unreadable", _model_unreadable, "config.json: not valid JSON"),
+    ("model-weights-corrupt", _model_weights_corrupt, "could not load a causal language model"),
     ("model-folder-no-permission", _model_no_permission, "permission denied"),
     ("model-folder-missing", _model_missing, "model folder does not exist"),
     ("model-missing-offline", _model_missing_relative, "HF_HUB_OFFLINE is set"),

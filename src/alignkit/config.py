@@ -360,8 +360,15 @@ def load_config(cls: type[BaseModel], path: str | None = None, overrides: list[s
         p = Path(path)
         if not p.is_file():
             raise UserError(f"{path}: config file not found; pass an existing .yaml file or only key=value pairs")
+        raw = b""
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = p.read_bytes()
+            loaded = yaml.safe_load(raw.decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise UserError(f"{path}: line {line}: byte {e.start} is not UTF-8; save the config file as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from alignkit.config import Section
+from alignkit.config import Section, check_chat_template
 from alignkit.errors import UserError
 
 
@@ -23,6 +23,8 @@ class InspectConfig(Section):
     chat_template: str | None = Field(None, description="Chat template override (text or path)")
     train_on_prompt: bool = Field(False, description="Show the mask as train_on_prompt=true would build it")
     color: bool | None = Field(None, description="Colour trained tokens (default: when writing to a terminal)")
+
+    _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
 
 
 def inspect_data(cfg: InspectConfig, out=None) -> None:

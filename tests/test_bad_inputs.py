@@ -63,7 +63,8 @@ class Fx:
 
 def _nonutf8(fx: Fx) -> list[str]:
     good = [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in chat_rows(4)]
-    bad = json.dumps(chat_rows(1)[0], ensure_ascii=False).encode().replace("Итого".encode(), "Итого".encode("cp1251"))
+    bad = json.dumps(chat_rows(1)[0], ensure_ascii=False).encode()
+    bad = bad.replace("Итого".encode(), "Итого".encode("cp1251"))
     return fx.sft(data=fx.file("cp1251.jsonl", b"".join(good[:2]) + bad + b"\n" + b"".join(good[2:])))
 
 
@@ -190,8 +191,9 @@ CASES = [
     ("jsonl-row-not-an-object", _not_objects, "rows.jsonl: line 3: expected one JSON object per row"),
     ("csv-unterminated-quote", _badcsv, "bad.csv: line 2: bad CSV"),
     ("csv-field-count", _csv_fields, "fields.csv: line 4: 3 fields, but the header has 2"),
-    ("config-yaml-not-utf8", lambda fx: [*fx.sft()[:1], str(fx.file("run.yaml", "lr: 1e-5\n# Итого\n".encode("cp1251"))),
-                                         *fx.sft()[1:]], "run.yaml: line 2: byte 11 is not UTF-8"),
+    ("config-yaml-not-utf8",
+     lambda fx: [*fx.sft()[:1], str(fx.file("run.yaml", "lr: 1e-5\n# Итого\n".encode("cp1251"))), *fx.sft()[1:]],
+     "run.yaml: line 2: byte 11 is not UTF-8"),
     ("config-yaml-syntax", lambda fx: [*fx.sft()[:1], str(fx.file("bad.yaml", "lr: [1e-5\n")), *fx.sft()[1:]],
      "is not valid YAML"),
     ("template-jinja-syntax", _template, "tpl.jinja: line 1: Jinja syntax error"),
@@ -318,10 +320,12 @@ def test_every_chosen_equal_to_rejected_warns_once(tiny_model_dir, tmp_path, cap
     from alignkit.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
-    same = [{"prompt": f"Хлеб: {i}", "chosen": f"Итого: {i}", "rejected": f"Итого: {i}"} for i in range(4)]
+    same = [{"prompt": f"Хлеб: {i}", "chosen": f"Итого: {i}", "rejected": f"Итого: {i}"}
+            for i in range(4)]
     load_pairs(str(write_jsonl(tmp_path / "same.jsonl", same)), "train", tok, 64)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("alignkit: warning:") and "every 'chosen' equals its 'rejected'" in err[0]
+    assert len(err) == 1 and err[0].startswith("alignkit: warning:")
+    assert "every 'chosen' equals its 'rejected'" in err[0]
     mixed = same[:3] + [{"prompt": "Хлеб: 9", "chosen": "Итого: 9", "rejected": "Итого: 8"}]
     load_pairs(str(write_jsonl(tmp_path / "mixed.jsonl", mixed)), "train", tok, 64)
     assert capsys.readouterr().err.strip() == ""

@@ -366,7 +366,8 @@ def load_config(cls: type[BaseModel], path: str | None = None, overrides: list[s
             loaded = yaml.safe_load(raw.decode("utf-8")) or {}
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
-            raise UserError(f"{path}: line {line}: byte {e.start} is not UTF-8; save the config file as UTF-8") from None
+            raise UserError(f"{path}: line {line}: byte {e.start} is not UTF-8; save the config file as UTF-8"
+                            ) from None
         except OSError as e:
             raise UserError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
         except yaml.YAMLError as e:

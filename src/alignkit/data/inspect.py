@@ -39,7 +39,8 @@ def inspect_data(cfg: InspectConfig, out=None) -> None:
     ds = load_rows(cfg.data, cfg.data_split)
     fmt = require_format(ds, cfg.data, SFT_FORMATS)
     if cfg.offset >= len(ds):
-        raise UserError(f"{cfg.data}: offset={cfg.offset} is past the end ({len(ds)} rows); use offset=0..{len(ds) - 1}")
+        raise UserError(f"{cfg.data}: offset={cfg.offset} is past the end ({len(ds)} rows); use offset=0.."
+                        f"{len(ds) - 1}")
     color = out.isatty() if cfg.color is None else cfg.color
     green, dim, reset = ("\033[32m", "\033[2m", "\033[0m") if color else ("", "", "")
     end = min(len(ds), cfg.offset + cfg.rows)

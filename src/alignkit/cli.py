@@ -325,6 +325,53 @@ def build_config(cmd: Command, rest: list[str]):
     return load_config(cmd.config(), path, overrides)
 
 
+def _check_before_run(cmd: Command, cfg) -> None:
+    """Checks of the config that need no model or data, run before anything loads or is
+    written: the model folders named must exist and be readable (or be hub ids the hub can
+    serve), and the output folder must be one this run can create and write."""
+    from alignkit.config import check_output_dir
+
+    for key, what in (("model", "model"), ("ref_model", "reference model")):
+        val = getattr(cfg, key, None)
+        if isinstance(val, str) and val:
+            from alignkit.models.load import check_source
+
+            check_source(val, what, key)
+
+    out = getattr(cfg, "output_dir", None)
+    if isinstance(out, str):
+        check_output_dir(out)
+        trains = hasattr(cfg, "resume") and cmd.name != "rs generate"  # rs generate writes `output` only
+        if trains and not cfg.resume and not getattr(cfg, "overwrite", False):
+            # The trainer refuses this too, but only after loading (and after its loggers opened
+            # files in the old run); refusing here leaves the old run untouched.
+            from pathlib import Path
+
+            from alignkit.training import checkpoint as ckpt
+
+            run = Path(os.path.expanduser(out))
+            if run.is_dir() and ((run / "config.json").exists() or ckpt.list_checkpoints(run)):
+                raise UserError(f"{out}: output_dir already holds a run; pass resume=true to continue it, "
+                                "overwrite=true to replace it, or another output_dir")
+    for key in ("output",):  # merge / report / rs generate / toy data: a folder or a file path
+        val = getattr(cfg, key, None)
+        if isinstance(val, str) and val:
+            from pathlib import Path
+
+            target = Path(os.path.expanduser(val))
+            if cmd.name in ("toy data", "rs generate"):  # a file: its folder must be writable
+                if target.is_dir():
+                    raise UserError(f"{val}: {key} is a folder; give a file path such as {val.rstrip('/')}/rows.jsonl")
+                anc = target.parent
+                while not anc.exists() and anc.parent != anc:
+                    anc = anc.parent
+                if anc.exists() and not anc.is_dir():
+                    raise UserError(f"{val}: {key} lies under {anc}, which is a file, not a folder; pick another {key}")
+                check_output_dir(str(target.parent), key)
+            else:
+                check_output_dir(val, key)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("--version", "-V", "version"):
@@ -344,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
             print(command_help(cmd))
             return 0
         cfg = build_config(cmd, rest)
-        cmd.run(cfg)
+        _check_before_run(cmd, cfg)
+        if getattr(cfg, "trust_remote_code", False):
+            from alignkit.models.load import allow_remote_code
+
+            with allow_remote_code(True):
+                cmd.run(cfg)
+        else:  # loaders pass trust_remote_code=False by default
+            cmd.run(cfg)
         from alignkit.training.dist import shutdown
 
         shutdown()

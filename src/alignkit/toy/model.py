@@ -247,6 +247,9 @@ def _atomic_copytree(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
+        from alignkit.toy.world import current_umask
+
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the copy is an ordinary folder
         for f in src.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)

@@ -653,7 +653,13 @@ def run_offline(
 
 
 def steps_for(cfg: TrainConfig, n_rows: int, world: int) -> int:
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    per_epoch = n_rows // global_batch
+    if per_epoch == 0:  # checked here, before the Trainer creates the run folder
+        raise UserError(
+            f"the data has {n_rows} usable rows, fewer than one global batch of {global_batch} "
+            f"(batch_size x grad_accum x processes); lower batch_size/grad_accum or add rows"
+        )
     if cfg.max_steps and cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = n_rows // (cfg.batch_size * cfg.grad_accum * world)
     return max(1, math.ceil(cfg.epochs * per_epoch))

@@ -529,7 +529,9 @@ class Trainer:
             more = f" (+{len(refused) - 3} more)" if len(refused) > 3 else ""
             raise UserError(
                 f"{path}: resuming with settings that change the run's arithmetic: {'; '.join(refused[:3])}{more}; "
-                "resume with the checkpoint's values, or start a new run (another output_dir, or overwrite=true)")
+                "resume with the checkpoint's values" + (" (the same peft.* keys)" if any(r.startswith("peft.") for r in
+                                                                                  refused) else "")
+                + ", or start a new run (another output_dir, or overwrite=true)")
         if applied:
             self.info(f"resume: applying changed settings: {'; '.join(applied)}")
         self._retune = after_divergence and any(c.split(":")[0] in ckpt.RESUME_AFTER_DIVERGENCE for c in applied)

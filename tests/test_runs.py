@@ -71,7 +71,7 @@ def train_steps(out: Path) -> list[int]:
 
 
 def steps_of(out: Path) -> list[int]:
-    return [ckpt.step_of(p) for p in ckpt.list_checkpoints(out, legacy=True)]
+    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
 
 
 def make_trainer(model_dir, out, **kw) -> Trainer:
@@ -303,6 +303,11 @@ def test_overwrite_removes_the_earlier_run(tiny_model_dir, data, tmp_path, capsy
     rc, err = run(capsys, sft(tiny_model_dir, data, out, "max_steps=3", "resume=true"))
     assert rc == 0 and "checkpoints/step-0000002 at step 2" in err, err
     assert train_steps(out) == [1, 2, 3]
+    # overwrite never removes what the new run reads
+    ck = out / "checkpoints" / "step-0000003"
+    rc, err = run(capsys, ["sft", f"model={ck}", *sft(tiny_model_dir, data, out, "max_steps=1", "overwrite=true")[2:]])
+    line = error_line(err)
+    assert rc == 2 and "lies inside output_dir" in line and (ck / "model.safetensors").exists(), line
 
 
 # ------------------------------------------------------------------------ 15. changed settings on resume

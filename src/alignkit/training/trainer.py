@@ -465,6 +465,12 @@ class Trainer:
                     f"{self.run_dir}: output_dir already holds a run; pass resume=true to continue it, "
                     "overwrite=true to replace it, or another output_dir"
                 )
+            inside = [f"{k}={v}" for k, v in cfg.model_dump().items() if k in ("model", "data", "eval_data", "ref_model")
+                      and isinstance(v, str) and v and Path(v).exists()
+                      and Path(v).resolve().is_relative_to(self.run_dir.resolve())]
+            if inside:
+                raise UserError(f"{inside[0]} lies inside output_dir {self.run_dir}, which overwrite=true would remove; "
+                                "copy it out first or pick another output_dir")
             n = ckpt.clear_run_dir(self.run_dir)
             self.info(f"overwrite=true: removed the earlier run in {self.run_dir} ({n} entries)")
             # The metrics writer may already have opened its TensorBoard file in the removed folder.
@@ -482,26 +488,20 @@ class Trainer:
             return None
 
     def _pick_checkpoint(self, diverged: dict | None) -> Path | None:
-        """resume=true: after a divergence the checkpoint its stop named, else the newest one
-        whose weights were sane."""
+        """resume=true: the newest checkpoint whose weights were sane (after a divergence, the one
+        its stop named; blown-up ones saved before the stop are skipped)."""
         latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is None:
+        if latest is None or not (latest / ckpt.STATE_FILE).is_file():
+            return latest  # none, or an old pickle one: refused by name in _check_resume
+        good = ckpt.latest_sane_checkpoint(self.run_dir)
+        if good == latest:
+            return latest
+        why = f"the run diverged at step {diverged.get('step')}" if diverged else f"{latest} holds blown-up weights"
+        if good is None:
+            self.info(f"resume: {why} and no checkpoint holds sane weights; starting from scratch")
             return None
-        if diverged is not None and int(diverged.get("step", 0)) > ckpt.step_of(latest):
-            named = diverged.get("resume_from")
-            if not named or not (Path(named) / ckpt.STATE_FILE).is_file():
-                self.info(f"resume: the run diverged at step {diverged.get('step')} with no sane checkpoint; "
-                          "starting from scratch")
-                return None
-            self.info(f"resume: the run diverged at step {diverged['step']}; resuming from {named}, the last "
-                      "checkpoint with sane weights")
-            return Path(named)
-        if (latest / ckpt.STATE_FILE).is_file() and not ckpt.is_sane(latest):
-            good = ckpt.latest_sane_checkpoint(self.run_dir)
-            if good is not None:
-                self.info(f"resume: {latest} holds blown-up weights; resuming from {good}")
-                return good
-        return latest
+        self.info(f"resume: {why}; resuming from {good}, the last checkpoint with sane weights")
+        return good
 
     def _check_resume(self, path: Path, diverged: dict | None) -> None:
         """Refuse a pickle checkpoint and changed settings that would silently not apply (or

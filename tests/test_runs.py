@@ -233,7 +233,7 @@ def test_second_run_on_a_busy_folder_is_refused_and_stale_locks_are_taken_over(t
                               env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     try:
         assert holder.stdout.readline().strip() == "holding"
-        rc, err = run(capsys, sft(tiny_model_dir, data, out, "max_steps=1", "overwrite=true"))
+        rc, err = run(capsys, sft(tiny_model_dir, data, out, "max_steps=1", "overwrite=true", "tensorboard=true"))
         line = error_line(err)
         assert rc == 2 and "in use by another run" in line and f"PID {holder.pid}" in line, line
         # the live run's staging folder was not touched, nothing was written

@@ -66,14 +66,13 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str], wh
     if isinstance(obj, torch.Tensor):
         if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
             raise TypeError(f"checkpoint state {where}: cannot store a {type(obj).__name__} (a sharded tensor?)")
-        key = seen.get(id(obj))
+        key = seen.get(id(obj))  # a tensor met twice is stored once (safetensors refuses shared memory)
         if key is None:
-            key = seen[id(obj)] = f"t{len(seen)}"
+            key = seen[id(obj)] = f"t{len(tensors)}"
             tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
-        key = f"t{len(seen)}"
-        seen[id(obj)] = key
+        key = f"t{len(tensors)}"
         tensors[key] = torch.from_numpy(np.ascontiguousarray(obj)).clone()
         return {"__ndarray__": key}
     if isinstance(obj, np.generic):
@@ -83,8 +82,8 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str], wh
     if isinstance(obj, list):
         return [_encode(v, tensors, seen, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj and not any(k.startswith("__") and
-                                                                                         k.endswith("__") for k in obj):
+        # plain JSON objects when every key is a string that cannot be taken for one of our markers
+        if all(isinstance(k, str) and not (k.startswith("__") and k.endswith("__")) for k in obj):
             return {k: _encode(v, tensors, seen, f"{where}.{k}") for k, v in obj.items()}
         return {"__items__": [[_encode(k, tensors, seen, where), _encode(v, tensors, seen, f"{where}[{k!r}]")]
                               for k, v in obj.items()]}

@@ -186,7 +186,9 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main, tensorboard=cfg.tensorboard)
+        # TensorBoard's writer creates its folder and file at once: opened in prepare_run_dir, once
+        # the folder is this run's (locked, and cleared under overwrite=true).
+        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main, tensorboard=False)
         self._lock: ckpt.RunLock | None = None
         # Staging folders carry rank 0's PID: unique per run, the same on every process of it.
         self._tag = int(all_reduce_sum(os.getpid() if self.dist.main else 0, self.dist))
@@ -473,10 +475,10 @@ class Trainer:
                                 "copy it out first or pick another output_dir")
             n = ckpt.clear_run_dir(self.run_dir)
             self.info(f"overwrite=true: removed the earlier run in {self.run_dir} ({n} entries)")
-            # The metrics writer may already have opened its TensorBoard file in the removed folder.
-            self.metrics.close()
-            self.metrics = MetricsLog(self.run_dir, enabled=True, tensorboard=cfg.tensorboard)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        if cfg.tensorboard:
+            self.metrics.close()
+            self.metrics = MetricsLog(self.run_dir, enabled=True, tensorboard=True)
         return resume_from
 
     @staticmethod

@@ -426,3 +426,18 @@ def test_nan_stop_with_sane_weights_saves_them(tiny_model_dir, tmp_path):
     rec = json.loads((tmp_path / "run" / ckpt.DIVERGED_FILE).read_text())
     assert rec["step"] == 2 and rec["resume_from"].endswith("step-0000001")
     tr.close()
+
+
+def test_blown_up_run_is_not_resumed_from_its_blown_up_state(tiny_model_dir, data, tmp_path, capsys):
+    """lr=1e8 from the start: step 1 throws |w| to ~1e10, step 2 is NaN. Before, the stop saved
+    step 1 as "the last good state" and resume=true failed again on it."""
+    out = tmp_path / "run"
+    rc, err = run(capsys, sft(tiny_model_dir, data, out, "lr=1e8", "max_steps=6", "save_every=1"))
+    line = error_line(err)
+    assert rc == 3 and "blown up" in line and "no checkpoint holds sane weights" in line, line
+    assert all(not ckpt.is_sane(p) for p in ckpt.list_checkpoints(out))
+    rc, err = run(capsys, sft(tiny_model_dir, data, out, "lr=1e-3", "max_steps=3", "resume=true"))
+    assert rc == 0 and "starting from scratch" in err, err
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["loss"] < 10 for r in recs if r["kind"] == "train")

@@ -457,8 +457,10 @@ class Trainer:
                 resume_from = self._pick_checkpoint(diverged)
             if resume_from is None:
                 dropped = ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", 0)
-                self.info(f"resume: no checkpoint in {self.run_dir}/checkpoints; starting from scratch"
-                          + (f" (dropped {dropped} metrics records of the earlier attempt)" if dropped else ""))
+                (self.run_dir / ckpt.DIVERGED_FILE).unlink(missing_ok=True)  # a new start: no lr changes later
+                if ckpt.latest_checkpoint(self.run_dir) is None:  # else _pick_checkpoint said why
+                    self.info(f"resume: no checkpoint in {self.run_dir}/checkpoints; starting from scratch"
+                              + (f" (dropped {dropped} metrics records of the earlier attempt)" if dropped else ""))
             else:
                 self._check_resume(resume_from, diverged)
         elif ckpt.holds_run(self.run_dir):

@@ -441,3 +441,16 @@ def test_blown_up_run_is_not_resumed_from_its_blown_up_state(tiny_model_dir, dat
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["loss"] < 10 for r in recs if r["kind"] == "train")
+
+
+def test_unwritable_output_dir_is_one_line(tiny_model_dir, data, tmp_path, capsys, monkeypatch):
+    """A read-only output_dir (simulated: the tests may run as root, who writes anyway)."""
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ckpt.RunLock, "acquire", denied)
+    out = tmp_path / "ro"
+    rc, err = run(capsys, sft(tiny_model_dir, data, out, "max_steps=1"))
+    line = error_line(err)
+    assert rc == 2 and "cannot write into output_dir (Permission denied)" in line, line
+    assert not out.exists()  # the folder this run created is removed again

@@ -438,8 +438,13 @@ class Trainer:
                             "output_dir") from None
         if not self.run_dir.is_dir():
             raise UserError(f"{self.run_dir}: output_dir is not a folder; pick another output_dir")
-        self._lock = ckpt.RunLock(self.run_dir)
-        self._lock.acquire()
+        lock = ckpt.RunLock(self.run_dir)
+        try:
+            lock.acquire()
+        except OSError as e:
+            raise UserError(f"{self.run_dir}: cannot write into output_dir ({e.strerror or e}); pick another "
+                            "output_dir") from None
+        self._lock = lock
         if self._lock.previous and not self._lock.previous.startswith(f"{os.getpid()} "):
             self.info(f"{self.run_dir}: taking over the lock of a run that ended without releasing it "
                       f"(PID {self._lock.previous.split()[0]})")
@@ -469,12 +474,12 @@ class Trainer:
                     f"{self.run_dir}: output_dir already holds a run; pass resume=true to continue it, "
                     "overwrite=true to replace it, or another output_dir"
                 )
-            inside = [f"{k}={v}" for k, v in cfg.model_dump().items() if k in ("model", "data", "eval_data", "ref_model")
-                      and isinstance(v, str) and v and Path(v).exists()
-                      and Path(v).resolve().is_relative_to(self.run_dir.resolve())]
+            reads = ("model", "data", "eval_data", "ref_model")
+            inside = [f"{k}={v}" for k, v in cfg.model_dump().items() if k in reads and isinstance(v, str) and v
+                      and Path(v).exists() and Path(v).resolve().is_relative_to(self.run_dir.resolve())]
             if inside:
-                raise UserError(f"{inside[0]} lies inside output_dir {self.run_dir}, which overwrite=true would remove; "
-                                "copy it out first or pick another output_dir")
+                raise UserError(f"{inside[0]} lies inside output_dir {self.run_dir}, which overwrite=true would "
+                                "remove; copy it out first or pick another output_dir")
             n = ckpt.clear_run_dir(self.run_dir)
             self.info(f"overwrite=true: removed the earlier run in {self.run_dir} ({n} entries)")
         (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")

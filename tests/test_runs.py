@@ -356,11 +356,18 @@ def test_resume_after_a_kill_before_the_first_checkpoint_has_no_duplicate_record
     assert rc == 0, err
     assert train_steps(out) == [1, 2, 3]
 
-    # A kill after a checkpoint: records past it are dropped on resume.
-    rc, err = run(capsys, sft(tiny_model_dir, data, tmp_path / "b", "max_steps=4", "save_every=2"))
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000004")
-    rc, err = run(capsys, sft(tiny_model_dir, data, tmp_path / "b", "max_steps=4", "save_every=2", "resume=true"))
-    assert rc == 0 and train_steps(tmp_path / "b") == [1, 2, 3, 4], err
+    # A kill after a checkpoint: records past it are dropped on resume, in TensorBoard too.
+    b = tmp_path / "b"
+    rc, err = run(capsys, sft(tiny_model_dir, data, b, "max_steps=4", "save_every=2", "tensorboard=true"))
+    shutil.rmtree(b / "checkpoints" / "step-0000004")
+    time.sleep(1.1)  # TensorBoard orders event files by the second in their names
+    rc, err = run(capsys, sft(tiny_model_dir, data, b, "max_steps=4", "save_every=2", "resume=true",
+                              "tensorboard=true"))
+    assert rc == 0 and train_steps(b) == [1, 2, 3, 4], err
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = ea.EventAccumulator(str(b / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------------------------ 17. the NaN stop

@@ -689,6 +689,11 @@ class Trainer:
             seed_everything(self.cfg.seed + 1000 * self.dist.rank + self.step)
         if self.dist.main:
             ckpt.truncate_metrics(self.metrics.path, self.step)
+            if self.metrics.tb is not None:  # TensorBoard hides the killed run's events after the checkpoint
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.metrics.tb.close()
+                self.metrics.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
         self.info(f"resumed from {path} at step {self.step}")
 
     def _apply_lr(self) -> None:

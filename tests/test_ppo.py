@@ -283,7 +283,7 @@ def test_ppo_resume_restores_critic_and_kl_controller(tiny_model_dir, prompt_fil
     a = tmp_path / "a"
     train_ppo(cfg(a, save_every=2), reward_fn=digits)
     mid = a / "checkpoints" / "step-0000004"  # after rollout step 2 of 4 (2 optimizer steps each)
-    assert (mid / "trainer_state.pt").is_file()
+    assert (mid / "trainer_state.json").is_file()
     assert not (mid / "critic").exists()  # checkpoints hold the policy adapter; the critic is in the trainer state
     b = tmp_path / "b"
     train_ppo(cfg(b, resume=str(mid)), reward_fn=digits)

@@ -200,6 +200,9 @@ class _Tracker:
 
     def close(self) -> None: ...
 
+    def resume_at(self, step: int) -> None:
+        """A resumed run logs again from step + 1 (only TensorBoard can hide later records)."""
+
 
 class _TensorBoard(_Tracker):
     def __init__(self, run_dir: Path, config: dict):
@@ -220,6 +223,12 @@ class _TensorBoard(_Tracker):
 
     def close(self):
         self.w.close()
+
+    def resume_at(self, step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w.close()
+        self.w = SummaryWriter(self.w.log_dir, purge_step=step + 1)
 
 
 class _WandB(_Tracker):
@@ -331,6 +340,12 @@ class MetricsLog:
         """The TensorBoard SummaryWriter when TensorBoard is on, else None."""
         t = self.trackers.get("tensorboard")
         return t.w if t is not None else None
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run continues after `step`: trackers that can (TensorBoard) hide what a killed
+        run logged after it."""
+        for t in self.trackers.values():
+            t.resume_at(step)
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget records written after the checkpoint so the log has no duplicates."""

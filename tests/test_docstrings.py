@@ -40,9 +40,7 @@ ALLOWED: set[str] = {
     "training/checkpoint.py:rng_state",
     "training/checkpoint.py:set_rng_state",
     "training/checkpoint.py:checkpoint_dir",
-    "training/checkpoint.py:list_checkpoints",
     "training/checkpoint.py:latest_checkpoint",
-    "training/checkpoint.py:prune_checkpoints",
     "training/logging.py:MetricsLog.write",
     "training/logging.py:MetricsLog.close",
     "training/logging.py:read_metrics",
@@ -54,13 +52,10 @@ ALLOWED: set[str] = {
     "training/trainer.py:Trainer.info",
     "training/trainer.py:Trainer.autocast",
     "training/trainer.py:Trainer.to_device",
-    "training/trainer.py:Trainer.save_checkpoint",
-    "training/trainer.py:Trainer.load_checkpoint",
     "training/trainer.py:Trainer.start_progress",
     "training/trainer.py:Trainer.count_tokens",
     "training/trainer.py:Trainer.log_step",
     "training/trainer.py:Trainer.log_eval",
-    "training/trainer.py:Trainer.close",
     "training/trainer.py:steps_for",
 }
 

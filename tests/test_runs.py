@@ -3,6 +3,7 @@ changed settings on resume, metrics after a kill, and the NaN stop keeping a usa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -298,7 +299,8 @@ def test_overwrite_removes_the_earlier_run(tiny_model_dir, data, tmp_path, capsy
     assert steps_of(out) == [2]  # not the old run's 4 and 6
     assert train_steps(out) == [1, 2]
     assert not (out / "samples.txt").exists()
-    assert len(list((out / "tensorboard").iterdir())) == 1  # this run's events only
+    if importlib.util.find_spec("tensorboard") is not None:  # an optional extra
+        assert len(list((out / "tensorboard").iterdir())) == 1  # this run's events only
     # and resume=true continues the new run, not the old one
     rc, err = run(capsys, sft(tiny_model_dir, data, out, "max_steps=3", "resume=true"))
     assert rc == 0 and "checkpoints/step-0000002 at step 2" in err, err

@@ -167,6 +167,7 @@ def set_rng_state(st: dict) -> None:
 
 
 def rng_files(ck: Path, rank: int) -> tuple[Path, Path]:
+    """(structure JSON, tensors safetensors) of process `rank`'s RNG states in checkpoint `ck`."""
     return ck / f"rng-{rank}.json", ck / f"rng-{rank}.safetensors"
 
 
@@ -180,6 +181,7 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def step_of(ck: Path) -> int:
+    """The optimizer step of a `step-N` checkpoint folder; -1 for any other name."""
     m = _STEP_RE.match(ck.name)
     return int(m.group(1)) if m else -1
 
@@ -207,6 +209,8 @@ def is_sane(ck: Path) -> bool:
 
 
 def latest_sane_checkpoint(run_dir: Path, at_most: int | None = None) -> Path | None:
+    """The newest checkpoint (at step <= `at_most` when given) whose weights were recorded as
+    finite and not blown up (`is_sane`), or None."""
     for ck in reversed(list_checkpoints(run_dir)):
         if (at_most is None or step_of(ck) <= at_most) and is_sane(ck):
             return ck
@@ -347,6 +351,7 @@ class RunLock:
                          "or pick another output_dir")
 
     def release(self) -> None:
+        """Drop the lock and remove the lock file (idempotent)."""
         if self.fd is None:
             return
         try:

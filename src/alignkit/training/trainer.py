@@ -32,6 +32,7 @@ from alignkit.errors import UserError
 from alignkit.training import checkpoint as ckpt
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from alignkit.training.logging import MetricsLog, plot_metrics
+from alignkit.training.loop import to_device
 
 # loss_fn(model, micro_batch) -> (loss_sum: scalar tensor, metric_sums: dict[str, float|tensor])
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -291,8 +292,6 @@ class Trainer:
 
     def to_device(self, batch: dict) -> dict:
         """`alignkit.training.loop.to_device` onto this trainer's device."""
-        from alignkit.training.loop import to_device
-
         return to_device(batch, self.device)
 
     def optimizer_state(self) -> dict:

@@ -348,10 +348,15 @@ class MetricsLog:
             t.resume_at(step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, forget records written after the checkpoint so the log has no duplicates."""
+        """On resume, forget records written after optimizer step `step` (the checkpoint's) so the log
+        has no duplicates. Online records are filed under the rollout step and carry `optimizer_step`."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+
+        def optimizer_step(rec: dict) -> int:
+            return rec.get("optimizer_step", rec.get("step", 0))
+
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and optimizer_step(json.loads(ln)) <= step]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, step: int, metrics: dict, kind: str = "train") -> None:

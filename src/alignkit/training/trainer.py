@@ -33,12 +33,15 @@ from alignkit.errors import UserError
 from alignkit.training import checkpoint as ckpt
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from alignkit.training.logging import MetricsLog, plot_metrics, progress_bar, say
+from alignkit.training.loop import to_device
 
 # loss_fn(model, micro_batch) -> (loss_sum: scalar tensor, metric_sums: dict[str, float|tensor])
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
 
 class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm; the run stopped before the update (exit code 3)."""
+
     exit_code = 3
 
 
@@ -75,12 +78,14 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (DESIGN rule 7)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; peft's own count for adapters (packed 4-bit at real size)."""
     if hasattr(model, "get_nb_trainable_parameters"):  # peft: counts packed 4-bit weights at their real size
         return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -89,6 +94,7 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def autocast_dtype(cfg_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `dtype` on `device`: auto = bf16 on a bf16-capable GPU, else none (float32)."""
     if cfg_dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -110,6 +116,17 @@ class _Forward(torch.nn.Module):
 
 
 class Trainer:
+    """One trained network and its optimizer step: AdamW + LR schedule, gradient accumulation
+    with global normalisation (module docstring), precision (autocast, fp16 GradScaler), gradient
+    clipping, DDP / FSDP, checkpoints with exact resume, the divergence stop, metrics and progress.
+
+    `total_steps` is the number of optimizer steps (the schedule's length). A second network
+    trained beside the policy (PPO's critic) gets a second `Trainer` with `params` (its
+    trainable tensors, when they are not all parameters of `model`), `log_metrics=False` (the
+    first trainer owns metrics.jsonl) and `on_diverge` (the first trainer's `save_checkpoint`,
+    whose state holds this one's via `register_state`). Raises UserError for a model with 0
+    trainable parameters."""
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -121,8 +138,13 @@ class Trainer:
         dist_info: DistInfo | None = None,
         log: Callable[[str], None] | None = None,
         find_unused_parameters: bool = False,
+        params: list[torch.nn.Parameter] | None = None,
+        log_metrics: bool = True,
+        on_diverge: Callable[[], Path] | None = None,
     ):
         self.cfg = cfg
+        self._explicit_params = list(params) if params is not None else None
+        self._on_diverge = on_diverge
         self.recipe = recipe
         self.tokenizer = tokenizer
         self.dist = dist_info or init_distributed()
@@ -135,6 +157,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
 
         trainable, total = param_counts(model)
+        if self._explicit_params is not None:
+            trainable = sum(p.numel() for p in self._explicit_params)
+            total = max(total, trainable)
         if trainable == 0:
             raise UserError("the model has 0 trainable parameters; check the PEFT / freezing settings")
         self.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
@@ -171,6 +196,8 @@ class Trainer:
                 self.amp_dtype = None
             if cfg.fsdp.cpu_offload and self.device.type != "cuda":
                 self.info("fsdp.cpu_offload: no GPU here, the weights already live in CPU memory")
+        elif self.mode == "ddp" and self._explicit_params is not None:
+            pass  # tensors outside the module: gradients are averaged by `_all_reduce_grads`
         elif self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -190,7 +217,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         # Trackers create their folders and files at once (TensorBoard's events file): opened in
         # prepare_run_dir, once the folder is this run's (locked, and cleared under overwrite=true).
-        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main, report_to="none")
+        self._log_metrics = log_metrics
+        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main and log_metrics, report_to="none")
         self._lock: ckpt.RunLock | None = None
         # Staging folders carry rank 0's PID: unique per run, the same on every process of it.
         self._tag = int(all_reduce_sum(os.getpid() if self.dist.main else 0, self.dist))
@@ -198,12 +226,11 @@ class Trainer:
         self._last = {"loss": None, "grad_norm": None}
         self._retune = False  # resuming a diverged run with a new lr / schedule (see prepare_run_dir)
         self._t0 = time.time()
-        self._tokens_since = 0
-        self._time_since = time.time()
         self._bar = None
 
     # ------------------------------------------------------------------ helpers
     def info(self, msg: str) -> None:
+        """Print `msg` on the main process (above the progress bar when one is shown)."""
         if self.dist.main:
             if self._bar_active():
                 self._bar.write(msg, file=sys.stderr)
@@ -227,6 +254,7 @@ class Trainer:
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
 
     def autocast(self):
+        """Context for forward passes: torch.autocast at the run's dtype, or nothing in float32."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -241,7 +269,22 @@ class Trainer:
     def _trainable(self) -> list[torch.Tensor]:
         if self.fsdp is not None:
             return self.fsdp.params
+        if self._explicit_params is not None:
+            return self._explicit_params
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _all_reduce_grads(self) -> None:
+        """DDP's average for explicit `params` (not wrapped in DDP): one flat all-reduce."""
+        grads = [p.grad for p in self._explicit_params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.dist.world
+        off = 0
+        for g in grads:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
 
     def shard_frozen(self, model: torch.nn.Module):
         """Under FSDP, shard a frozen model (an RL reference) like the trained one, with the same
@@ -259,7 +302,22 @@ class Trainer:
         return self.fsdp.gathered() if self.fsdp is not None else contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        """`alignkit.training.loop.to_device` onto this trainer's device."""
+        return to_device(batch, self.device)
+
+    def optimizer_state(self) -> dict:
+        """Optimizer, schedule, loss-scaler state and step count, for a second trainer whose state
+        travels inside the first one's checkpoints (`register_state`). Not under FSDP."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "step": self.step}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Restore what `optimizer_state` returned."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state.get("step", self.step))
 
     def register_state(self, name: str, get: Callable[[], dict], set_: Callable[[dict], None]) -> None:
         """Recipe state (a moving-average baseline, a KL controller) saved in checkpoints."""
@@ -272,24 +330,28 @@ class Trainer:
         `loss_fn` returns (loss_sum, metrics): a metric given as a number is a sum over units and
         is reported divided by the global units; one given as a (numerator, denominator) pair is
         reported as the ratio of their global sums (e.g. a token-mean under a sequence-mean loss).
-        Returns the metrics of the global batch."""
+        Returns the metrics of the global batch, with `loss` (loss_sum / global units), `units`
+        (the global count) and `trained_tokens` (non-padding input tokens of every micro-batch of
+        every process). A global batch with no unit (every label masked, every sample cut under
+        truncated=mask) runs no pass and returns units 0; `optimizer_step` then skips the update."""
         local_units = float(sum(units(mb) for mb in micro_batches))
         global_units = float(all_reduce_sum(local_units, self.dist))
-        if global_units <= 0:
-            raise UserError(
-                f"step {self.step + 1}: nothing to train on in this batch (every label is masked); "
-                "check the data's answers and max_length"
-            )
+        if global_units <= 0:  # the same on every process, so no collective is left waiting
+            return {"loss": 0.0, "units": 0.0, "trained_tokens": 0.0}
         scale = self.dist.world / global_units
         if self.fsdp is not None:
             self.fsdp.model.unshard()  # the root group is kept gathered (no-op when it is)
         sums: dict[str, float] = {}
         loss_total = torch.zeros((), dtype=torch.float64)
+        tokens = 0
         self.train_model.train()
         for i, mb in enumerate(micro_batches):
+            am = mb.get("attention_mask")  # a micro-batch may state its own count (shared-prompt pairs)
+            tokens += int(mb["n_tokens"]) if "n_tokens" in mb else int(am.sum()) if am is not None else int(
+                mb["input_ids"].numel())
             mb = self.to_device(mb)
             last = i == len(micro_batches) - 1
-            ddp = self.mode == "ddp"  # FSDP reduce-scatters every micro-batch: sharded gradients, less memory
+            ddp = self.mode == "ddp" and hasattr(self.train_model, "no_sync")  # FSDP reduce-scatters every micro-batch: sharded gradients, less memory
             sync = contextlib.nullcontext() if (last or not ddp) else self.train_model.no_sync()
             with sync:
                 with self.autocast():
@@ -306,9 +368,12 @@ class Trainer:
                     sums[k + "\0den"] = sums.get(k + "\0den", 0.0) + _f(v[1])
                 else:
                     sums[k] = sums.get(k, 0.0) + _f(v)
+        if self._explicit_params is not None and self.mode == "ddp":
+            self._all_reduce_grads()
         keys = sorted(sums)
-        red = all_reduce_sum(torch.tensor([float(loss_total)] + [sums[k] for k in keys], dtype=torch.float64), self.dist)
-        got = {k: float(red[i + 1]) for i, k in enumerate(keys)}
+        red = all_reduce_sum(torch.tensor([float(loss_total), float(tokens)] + [sums[k] for k in keys],
+                                          dtype=torch.float64), self.dist)
+        got = {k: float(red[i + 2]) for i, k in enumerate(keys)}
         out = {"loss": float(red[0]) / global_units}
         for k, v in got.items():
             if k.endswith("\0num"):
@@ -317,11 +382,15 @@ class Trainer:
             elif not k.endswith("\0den"):
                 out[k] = v / global_units
         out["units"] = global_units
+        out["trained_tokens"] = float(red[1])
         return out
 
     def optimizer_step(self, metrics: dict) -> dict:
         """Clip, step, schedule. A non-finite loss or gradient stops the run before the update,
-        after saving the (still good) state as a checkpoint."""
+        after saving the (still good) state as a checkpoint. Metrics of a batch with nothing to
+        train on (units 0) make a skipped step instead (`skip_update`)."""
+        if metrics.get("units", 1.0) <= 0:
+            return self.skip_update(metrics)
         params = self._trainable()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -377,7 +446,8 @@ class Trainer:
         head = (f"step {self.step + 1}: loss is {loss} (grad norm {gnorm:.3g})" if not math.isfinite(loss) else
                 f"step {self.step + 1}: grad norm is {gnorm} (loss {loss:.4g})") + "; stopped before the update"
         if h["sane"]:
-            good: Path | None = self.save_checkpoint()
+            # the critic's Trainer saves the whole run's checkpoint (policy and critic) through on_diverge
+            good: Path | None = (self._on_diverge or self.save_checkpoint)()
             what = f"last good state saved at {good}"
             fix = f"resume from it with a lower lr (resume={good} lr=...) or check the data"
         else:
@@ -395,6 +465,16 @@ class Trainer:
                    str(good) if good is not None else None, "param_norm": str(h["param_norm"])}
             (self.run_dir / ckpt.DIVERGED_FILE).write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         raise TrainingDiverged(f"{head}; {what}; {fix}")
+    def skip_update(self, metrics: dict) -> dict:
+        """Count an optimizer step that has nothing to train on (every sample masked, every group
+        tied, no sample kept): no update, gradients dropped, the schedule advances as after an
+        update. Returns `metrics` with loss 0, grad_norm 0, lr and `skipped_steps` = 1."""
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": 0.0, **metrics, "grad_norm": 0.0, "skipped_steps": 1}
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        return metrics
 
     # ------------------------------------------------------------------ run folder
     def prepare_run_dir(self) -> Path | None:
@@ -486,7 +566,7 @@ class Trainer:
             self.info(f"overwrite=true: removed the earlier run in {self.run_dir} ({n} entries)")
         (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         self.metrics.close()
-        self.metrics = MetricsLog(self.run_dir, enabled=True, tensorboard=cfg.tensorboard,
+        self.metrics = MetricsLog(self.run_dir, enabled=self._log_metrics, tensorboard=cfg.tensorboard,
                                   report_to=getattr(cfg, "report_to", None), name=f"{self.recipe}:{self.run_dir.name}",
                                   config=cfg.model_dump(mode="json"))
         return resume_from
@@ -722,39 +802,42 @@ class Trainer:
 
     # ------------------------------------------------------------------ progress + logging
     def start_progress(self) -> None:
+        """Show the progress bar (main process, progress=true), counting optimizer steps."""
         if self.dist.main and self.cfg.progress:
             # a bar on a terminal, plain periodic lines in a log (alignkit.training.logging.progress_bar)
             self._bar = progress_bar(total=self.total_steps, initial=self.step, desc=self.recipe, unit="step",
                                      leave=None)  # stays on its own, vanishes when nested under another bar
 
-    def count_tokens(self, n: int) -> None:
-        self._tokens_since += n
+    def wants_log(self, step: int) -> bool:
+        """Whether optimizer step `step` gets a metrics record (every `log_every`, and the last)."""
+        return step % self.cfg.log_every == 0 or step == self.total_steps
 
-    def log_step(self, metrics: dict, force: bool = False) -> None:
-        now = time.time()
+    def log_step(self, metrics: dict, step: int | None = None, record_step: int | None = None) -> None:
+        """Advance the progress bar by one optimizer step; write `metrics` as the record of
+        optimizer step `step` (default: the current one) when `wants_log(step)`, filed under
+        `record_step` (default `step`; the loop passes the rollout step for online recipes)."""
+        step = self.step if step is None else step
         if self._bar is not None:
             self._bar.update(1)
-        if not (force or self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
+        if not self.wants_log(step):
             return
-        dt = max(now - self._time_since, 1e-9)
-        tokens = float(all_reduce_sum(self._tokens_since, self.dist))
-        if tokens:
-            metrics["tokens_per_s"] = tokens / dt
-        metrics["elapsed_s"] = now - self._t0
+        metrics["elapsed_s"] = time.time() - self._t0
         metrics.update(peak_memory(self.device))
-        self._tokens_since, self._time_since = 0, now
-        self.metrics.write(self.step, metrics)
+        self.metrics.write(step if record_step is None else record_step, metrics)
         if self._bar is not None:
             show = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s") if k in metrics}
             self._bar.set_postfix({k: (f"{v:.3g}" if k != "lr" else f"{v:.2e}") for k, v in show.items()})
         elif self.dist.main and self.cfg.progress is False and os.environ.get("ALIGNKIT_LOG_STEPS"):
-            self._print(f"step {self.step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                         if isinstance(v, float)))
+            self._print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                    if isinstance(v, float)))
 
-    def log_eval(self, metrics: dict) -> None:
-        self.metrics.write(self.step, metrics, kind="eval")
-        self.info(f"eval @ step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                           if isinstance(v, (int, float))))
+    def log_eval(self, metrics: dict, record_step: int | None = None) -> None:
+        """Write an evaluation record (kind "eval") at `record_step` (default the optimizer step)
+        and print it."""
+        step = self.step if record_step is None else record_step
+        self.metrics.write(step, metrics, kind="eval")
+        self.info(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                      if isinstance(v, (int, float))))
 
     def close(self) -> None:
         """End of the run (also on error): close the bar and the metrics; release the run folder."""
@@ -806,81 +889,3 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     missing = [k for k in res.missing_keys if sd[k].data_ptr() not in loaded]
     if missing:
         raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]})")
-
-
-def run_offline(
-    trainer: Trainer,
-    n_rows: int,
-    make_batch: Callable[[list[int]], dict],
-    loss_fn: LossFn,
-    units: Callable[[dict], float],
-    eval_fn: Callable[[], dict] | None = None,
-    tokens: Callable[[dict], int] | None = None,
-) -> dict:
-    """Drive a dataset-based recipe (SFT, reward models, DPO) through the trainer.
-
-    Data order: a permutation of the rows per epoch from (seed, epoch); each optimizer step takes
-    the next `batch_size * grad_accum * world` rows, incomplete global batches are dropped. Rank r
-    takes its contiguous share and splits it into `grad_accum` micro-batches. The position in the
-    data is a pure function of the step, so resume needs no iterator state.
-    """
-    cfg, d = trainer.cfg, trainer.dist
-    per_rank = cfg.batch_size * cfg.grad_accum
-    global_batch = per_rank * d.world
-    steps_per_epoch = n_rows // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"the data has {n_rows} usable rows, fewer than one global batch of {global_batch} "
-            f"(batch_size x grad_accum x processes); lower batch_size/grad_accum or add rows"
-        )
-    order_cache: dict[int, torch.Tensor] = {}
-
-    def rows_for_step(step: int) -> list[int]:
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in order_cache:
-            order_cache.clear()
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            order_cache[epoch] = torch.randperm(n_rows, generator=g)
-        idx = order_cache[epoch][k * global_batch:(k + 1) * global_batch].tolist()
-        return idx[d.rank * per_rank:(d.rank + 1) * per_rank]
-
-    last_eval: dict = {}
-    trainer.start_progress()
-    try:
-        while trainer.step < trainer.total_steps:
-            mine = rows_for_step(trainer.step)
-            mbs = [make_batch(mine[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(cfg.grad_accum)]
-            if tokens is not None:
-                trainer.count_tokens(sum(tokens(mb) for mb in mbs))
-            metrics = trainer.accumulate(mbs, loss_fn, units)
-            metrics["epoch"] = trainer.step / steps_per_epoch
-            metrics = trainer.optimizer_step(metrics)
-            trainer.log_step(metrics)
-            if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < trainer.total_steps:
-                trainer.save_checkpoint()
-            if eval_fn and cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < trainer.total_steps:
-                with trainer.gathered():
-                    last_eval = eval_fn()
-                trainer.log_eval(last_eval)
-        if eval_fn:
-            with trainer.gathered():
-                last_eval = eval_fn()
-            trainer.log_eval(last_eval)
-        trainer.save_checkpoint()
-        trainer.save_final()
-    finally:
-        trainer.close()
-    return last_eval
-
-
-def steps_for(cfg: TrainConfig, n_rows: int, world: int) -> int:
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    per_epoch = n_rows // global_batch
-    if per_epoch == 0:  # checked here, before the Trainer creates the run folder
-        raise UserError(
-            f"the data has {n_rows} usable rows, fewer than one global batch of {global_batch} "
-            f"(batch_size x grad_accum x processes); lower batch_size/grad_accum or add rows"
-        )
-    if cfg.max_steps and cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * per_epoch))

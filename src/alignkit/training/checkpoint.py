@@ -151,6 +151,7 @@ def read_state_json(ck: Path) -> dict:
 
 
 def rng_state() -> dict:
+    """This process's RNG states: Python, NumPy, torch CPU and (when present) every CUDA device."""
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -158,6 +159,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict) -> None:
+    """Restore the RNG states `rng_state` returned (after a JSON + safetensors round trip)."""
     py = st["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     np.random.set_state(tuple(st["numpy"]))
@@ -177,6 +179,7 @@ def rng_files(ck: Path, rank: int) -> tuple[Path, Path]:
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """run_dir/checkpoints/step-NNNNNNN, the folder of the checkpoint after optimizer step `step`."""
     return run_dir / "checkpoints" / f"step-{step:07d}"
 
 
@@ -198,6 +201,7 @@ def list_checkpoints(run_dir: Path, legacy: bool = False) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of the run (legacy pickle ones included, to refuse them), or None."""
     cks = list_checkpoints(run_dir, legacy=True)
     return cks[-1] if cks else None
 

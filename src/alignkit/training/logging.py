@@ -360,6 +360,8 @@ class MetricsLog:
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, step: int, metrics: dict, kind: str = "train") -> None:
+        """Append one record {step, kind, time, **metrics} to metrics.jsonl and send its numbers to
+        every tracker as `<kind>/<key>` (non-finite floats are written as strings)."""
         if not self.enabled:
             return
         rec = {"step": step, "kind": kind, "time": round(time.time(), 3)}
@@ -373,6 +375,7 @@ class MetricsLog:
             t.log(step, scalars)
 
     def close(self) -> None:
+        """Send the last step's samples to the trackers and close them (idempotent)."""
         if not self.trackers:
             return
         rows = read_metrics(self.run_dir / "samples.jsonl")
@@ -397,6 +400,7 @@ def _clean(v):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a JSONL metrics / samples file ([] when missing; a line being written is skipped)."""
     if not path.exists():
         return []
     out = []

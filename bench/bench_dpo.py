@@ -432,27 +432,17 @@ def main() -> int:
     print(f"  {shape.describe(ws.n_params)}; {args.pairs} pairs [{time.perf_counter() - t0:.1f}s]",
           file=sys.stderr, flush=True)
     env = common.child_env(args.threads)
-    runs: list[dict] = []
-    failed = False
-    for v in variants:
-        vsides = [s for s in sides if s in SIDES[v]]
-        for rep in range(args.repeats):
-            for s in vsides:
-                run_dir = str(Path(args.workdir) / f"run-{v}-{s}-{rep}")
-                res = common.run_child(child_argv(args, s, v, run_dir), env)
-                rec = dict(res.data, side=s, variant=v, repeat=rep, ok=res.ok, wall_s=res.wall_s,
-                           peak_rss_mib_polled=res.peak_rss_mib_polled, returncode=res.returncode)
-                runs.append(rec)
-                if res.ok:
-                    print(f"{v:>4} {s:>14} #{rep + 1}: {rec['trained_tokens_per_s']:6.2f} pairs/s "
-                          f"{rec['tokens_per_s']:8,.0f} tok/s  {rec['s_per_step']:.3f} s/step  pre-pass "
-                          f"{rec.get('prepass_s', 0):.1f}s  peak RSS {rec['peak_rss_mib']:7,.0f} MiB "
-                          f"(at start {rec['rss_at_train_start_mib']:,.0f})  loss {rec.get('loss_last10') or 0:.3f}"
-                          f"  [{res.wall_s:.0f}s]", file=sys.stderr, flush=True)
-                else:
-                    failed = True
-                    print(f"{v} {s} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}", file=sys.stderr,
-                          flush=True)
+
+    launch = common.run_dir_launch(args.workdir, lambda s, v, run_dir: child_argv(args, s, v, run_dir), env)
+
+    def summary(rec):
+        return (f"{rec['trained_tokens_per_s']:6.2f} pairs/s {rec['tokens_per_s']:8,.0f} tok/s  "
+                f"{rec['s_per_step']:.3f} s/step  pre-pass {rec.get('prepass_s', 0):.1f}s  peak RSS "
+                f"{rec['peak_rss_mib']:7,.0f} MiB (at start {rec['rss_at_train_start_mib']:,.0f})  "
+                f"loss {rec.get('loss_last10') or 0:.3f}")
+
+    runs, failed = common.alternate_sides([{"variant": v} for v in variants], sides, args.repeats, launch, summary,
+                                          sides_for=lambda cell: [s for s in sides if s in SIDES[cell["variant"]]])
     tables = report(args, runs, variants, sides, args.pairs)
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(tables)

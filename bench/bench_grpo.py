@@ -586,25 +586,20 @@ def main() -> int:
                     print(res.log_tail, file=sys.stderr)
         return 0
 
+    def launch(cell, s, rep):
+        v = cell["variant"]
+        return child_argv(args, s, v, str(Path(args.workdir) / f"run-{v}-{s}-{rep}"), seed=rep), env
+
+    def summary(rec):
+        return (f"{rec['s_per_step']:.2f} s/step (cpu {rec['cpu_s_per_step']:.2f}, generate "
+                f"{rec['gen_s_per_step']:.2f})  rollout {rec['rollout_tokens_per_s']:,.0f} tok/s  "
+                f"len {rec['mean_len']:.1f}  peak RSS {rec['peak_rss_mib']:,.0f} MiB  load {rec['load_avg_1m']:.1f}")
+
     runs: list[dict] = saved["runs"] if saved else []
     failed = False
-    for v in variants if not saved else []:
-        for rep in range(args.repeats):
-            for s in sides:
-                run_dir = str(Path(args.workdir) / f"run-{v}-{s}-{rep}")
-                res = common.run_child(child_argv(args, s, v, run_dir, seed=rep), env)
-                rec = dict(res.data, side=s, variant=v, repeat=rep, ok=res.ok, wall_s=res.wall_s,
-                           peak_rss_mib_polled=res.peak_rss_mib_polled, returncode=res.returncode)
-                runs.append(rec)
-                if res.ok:
-                    print(f"{v:>4} {s:>8} #{rep + 1}: {rec['s_per_step']:.2f} s/step (cpu {rec['cpu_s_per_step']:.2f}, "
-                          f"generate {rec['gen_s_per_step']:.2f})  rollout {rec['rollout_tokens_per_s']:,.0f} tok/s  "
-                          f"len {rec['mean_len']:.1f}  peak RSS {rec['peak_rss_mib']:,.0f} MiB  "
-                          f"load {rec['load_avg_1m']:.1f}  [{res.wall_s:.0f}s]", file=sys.stderr, flush=True)
-                else:
-                    failed = True
-                    print(f"{v} {s} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}", file=sys.stderr,
-                          flush=True)
+    if not saved:
+        runs, failed = common.alternate_sides([{"variant": v} for v in variants], sides, args.repeats, launch,
+                                              summary)
     tables = report(args, runs, variants, sides)
     notes = analysis(args, runs, variants) if len(sides) == 2 else ""
     when = (saved.get("when") if saved else None) or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")

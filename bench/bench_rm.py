@@ -498,25 +498,14 @@ def main() -> int:
         outs = [breakdown(args, v)[0] for v in variants]
         print("\n\n".join(outs))
         return 0
-    runs: list[dict] = []
-    failed = False
-    for v in variants:
-        for rep in range(args.repeats):
-            for s in sides:
-                run_dir = str(Path(args.workdir) / f"run-{v}-{s}-{rep}")
-                res = common.run_child(child_argv(args, s, v, run_dir), env)
-                rec = dict(res.data, side=s, variant=v, repeat=rep, ok=res.ok, wall_s=res.wall_s,
-                           peak_rss_mib_polled=res.peak_rss_mib_polled, returncode=res.returncode)
-                runs.append(rec)
-                if res.ok:
-                    print(f"{v:>9} {s:>13} #{rep + 1}: {rec['trained_tokens_per_s']:6.2f} pairs/s "
-                          f"{rec['tokens_per_s']:8,.0f} tok/s  {rec['s_per_step']:.3f} s/step  "
-                          f"peak RSS {rec['peak_rss_mib']:6,.0f} MiB  loss {rec.get('loss_last') or float('nan'):.3f}"
-                          f"  [{res.wall_s:.0f}s]", file=sys.stderr, flush=True)
-                else:
-                    failed = True
-                    print(f"{v} {s} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}", file=sys.stderr,
-                          flush=True)
+    launch = common.run_dir_launch(args.workdir, lambda s, v, run_dir: child_argv(args, s, v, run_dir), env)
+
+    def summary(rec):
+        return (f"{rec['trained_tokens_per_s']:6.2f} pairs/s {rec['tokens_per_s']:8,.0f} tok/s  "
+                f"{rec['s_per_step']:.3f} s/step  peak RSS {rec['peak_rss_mib']:6,.0f} MiB  "
+                f"loss {rec.get('loss_last') or float('nan'):.3f}")
+
+    runs, failed = common.alternate_sides([{"variant": v} for v in variants], sides, args.repeats, launch, summary)
     tables = report(runs, variants, sides)
     print(tables)
     print(f"\n[total {time.perf_counter() - t0:.0f}s]", file=sys.stderr)

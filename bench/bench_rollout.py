@@ -533,25 +533,17 @@ def main() -> int:
                     print(res.log_tail, file=sys.stderr)
         return 0
 
+    def summary(rec):
+        return (f"{rec['tokens_per_s']:8,.0f} tok/s  {rec['seconds']:.2f} s/call  mean len {rec['mean_len']:.1f}  "
+                f"stopped {100 * rec['stopped_frac']:.0f}%  peak RSS {rec['peak_rss_mib']:,.0f} MiB  "
+                f"load {rec['load_avg_1m']:.1f}")
+
     runs: list[dict] = saved["runs"] if saved else []
     failed = False
-    for v in variants if not saved else []:
-        for rep in range(args.repeats):
-            for s in sides:
-                res = common.run_child(child_argv(args, s, v, seed=rep), env)
-                rec = dict(res.data, side=s, variant=v, repeat=rep, ok=res.ok, wall_s=res.wall_s,
-                           returncode=res.returncode)
-                runs.append(rec)
-                if res.ok:
-                    print(f"{v:>5} {s:>8} #{rep + 1}: {rec['tokens_per_s']:8,.0f} tok/s  {rec['seconds']:.2f} s/call  "
-                          f"mean len {rec['mean_len']:.1f}  stopped {100 * rec['stopped_frac']:.0f}%  "
-                          f"peak RSS {rec['peak_rss_mib']:,.0f} MiB  load {rec['load_avg_1m']:.1f}  "
-                          f"[{res.wall_s:.0f}s]",
-                          file=sys.stderr, flush=True)
-                else:
-                    failed = True
-                    print(f"{v} {s} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}", file=sys.stderr,
-                          flush=True)
+    if not saved:
+        runs, failed = common.alternate_sides(
+            [{"variant": v} for v in variants], sides, args.repeats,
+            lambda cell, s, rep: (child_argv(args, s, cell["variant"], seed=rep), env), summary)
     tables = report(args, runs, variants, sides)
     micro = saved.get("micro", {}) if saved else {}
     if "alignkit" in sides and not saved:

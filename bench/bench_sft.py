@@ -794,26 +794,17 @@ def main() -> int:
                     print(res.log_tail, file=sys.stderr)
         return 0
 
-    runs: list[dict] = []
-    failed = False
-    schedule = [(t, v, r, s) for t in args.thread_list for v in variants for r in range(args.repeats) for s in sides]
-    for thr, v, rep, s in schedule:
-        env = common.child_env(thr)
-        run_dir = str(Path(args.workdir) / f"run-{thr}-{v}-{s}-{rep}")
-        res = common.run_child(child_argv(args, s, v, run_dir), env)
-        rec = dict(res.data, side=s, variant=v, threads=thr, repeat=rep, ok=res.ok, wall_s=res.wall_s,
-                   peak_rss_mib_polled=res.peak_rss_mib_polled, returncode=res.returncode)
-        runs.append(rec)
-        if res.ok:
-            print(f"{thr}thr {v:>6} {s:>8} #{rep + 1}: {rec['tokens_per_s']:8,.0f} tok/s  "
-                  f"{rec['s_per_step']:.3f} s/step  peak RSS {rec['peak_rss_mib']:7,.0f} MiB "
-                  f"(polled {rec['peak_rss_mib_polled']:,.0f}, at start {rec['rss_at_train_start_mib']:,.0f})"
-                  f"  loss {rec.get('loss_last10') or float('nan'):.3f}  [{res.wall_s:.0f}s]",
-                  file=sys.stderr, flush=True)
-        else:
-            failed = True
-            print(f"{v} {s} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}", file=sys.stderr,
-                  flush=True)
+    def launch(cell, s, rep):
+        thr, v = cell["threads"], cell["variant"]
+        return child_argv(args, s, v, str(Path(args.workdir) / f"run-{thr}-{v}-{s}-{rep}")), common.child_env(thr)
+
+    def summary(rec):
+        return (f"{rec['tokens_per_s']:8,.0f} tok/s  {rec['s_per_step']:.3f} s/step  peak RSS "
+                f"{rec['peak_rss_mib']:7,.0f} MiB (polled {rec['peak_rss_mib_polled']:,.0f}, at start "
+                f"{rec['rss_at_train_start_mib']:,.0f})  loss {rec.get('loss_last10') or float('nan'):.3f}")
+
+    cells = [{"threads": t, "variant": v} for t in args.thread_list for v in variants]
+    runs, failed = common.alternate_sides(cells, sides, args.repeats, launch, summary)
     tables = report(args, ws, runs, variants, sides)
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(tables)

@@ -2,8 +2,9 @@
 
 * a tiny random-init Llama and a byte-level BPE tokenizer with a ChatML chat template, both
   built offline (`build_workspace`), and synthetic conversational rows of a chosen length;
-* a child-process runner that measures the peak RSS of *one* run (`run_child`), and the helpers
-  a child uses to report its measurements (`StepClock`, `child_finish`);
+* a child-process runner that measures the peak RSS of *one* run (`run_child`), the driver that
+  alternates the sides (`alternate_sides`), and the helpers a child uses to report its
+  measurements (`StepClock`, `child_finish`);
 * markdown tables, machine / version info, and the writer that replaces one `## ...` section of
   BENCHMARKS.md (`write_section`).
 
@@ -27,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -312,6 +314,53 @@ def run_child(argv: list[str], env: dict, timeout: float = 1800, poll_s: float =
         data = json.loads(result_path.read_text()) if result_path.is_file() else {}
         return ChildResult(ok=proc.returncode == 0 and bool(data), data=data, peak_rss_mib_polled=peak / 2**20,
                            wall_s=wall, returncode=proc.returncode, log_tail=tail)
+
+
+def alternate_sides(cells: list[dict], sides: list[str], repeats: int,
+                    launch: Callable[[dict, str, int], tuple[list[str], dict]], summary: Callable[[dict], str],
+                    sides_for: Callable[[dict], list[str]] | None = None) -> tuple[list[dict], bool]:
+    """The one driver of the side-by-side benchmarks.
+
+    For each cell (the settings one table row compares, e.g. {"variant": "lora"} or {"threads": 2,
+    "variant": "packed"}), `repeats` rounds each run every side once, in the given order, each in a
+    fresh process (`run_child`): alignkit, TRL, alignkit, TRL, ... Alternating inside a round,
+    instead of all runs of one side and then the other, lets both sides see the same drift of the
+    machine's load. `sides_for(cell)` restricts the sides of a cell (default: all).
+
+    `launch(cell, side, repeat)` returns the child's (argv, env); `summary(record)` the progress
+    line's measurements for a successful run. Returns (records, failed): one record per run,
+    the child's JSON report plus the cell's keys, side, repeat, ok, wall_s, peak_rss_mib_polled
+    and returncode; failed is True when any run failed (its log tail is printed)."""
+    runs: list[dict] = []
+    failed = False
+    for cell in cells:
+        label = " ".join(str(v) for v in cell.values())
+        for rep in range(repeats):
+            for side in (sides_for(cell) if sides_for else sides):
+                argv, env = launch(cell, side, rep)
+                res = run_child(argv, env)
+                rec = dict(res.data, **cell, side=side, repeat=rep, ok=res.ok, wall_s=res.wall_s,
+                           peak_rss_mib_polled=res.peak_rss_mib_polled, returncode=res.returncode)
+                runs.append(rec)
+                if res.ok:
+                    print(f"{label} {side} #{rep + 1}: {summary(rec)}  [{res.wall_s:.0f}s]", file=sys.stderr,
+                          flush=True)
+                else:
+                    failed = True
+                    print(f"{label} {side} #{rep + 1}: FAILED (exit {res.returncode})\n{res.log_tail}",
+                          file=sys.stderr, flush=True)
+    return runs, failed
+
+
+def run_dir_launch(workdir: str | os.PathLike, argv_of: Callable[[str, str, str], list[str]],
+                   env: dict) -> Callable[[dict, str, int], tuple[list[str], dict]]:
+    """A `launch` for `alternate_sides` whose child gets its own run folder,
+    `workdir/run-<variant>-<side>-<repeat>`: argv_of(side, variant, run_dir) gives its argv."""
+    def launch(cell: dict, side: str, rep: int) -> tuple[list[str], dict]:
+        v = cell["variant"]
+        return argv_of(side, v, str(Path(workdir) / f"run-{v}-{side}-{rep}")), env
+
+    return launch
 
 
 def current_rss_mib() -> float:

@@ -3,6 +3,7 @@ offline in about a second, so every test exercises the same loading path as a hu
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -91,3 +92,64 @@ def chat_rows(n: int = 16) -> list[dict]:
             {"role": "assistant", "content": f"{2 * (a + b)}"},
         ]})
     return rows
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tensors in the unit tests are tiny: intra-op threads only add synchronisation, which
+    dominates on a busy 2-core machine (5 s vs 25 s for test_losses.py). Restored afterwards.
+    Use per file: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_curve_plots(monkeypatch):
+    """curves.png (matplotlib: seconds per run, ~40 panels for PPO) is not what the recipe tests
+    check. Use per file: `pytestmark = pytest.mark.usefixtures("no_curve_plots")`."""
+    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
+
+
+# ----------------------------------------------------------------------------- toy rewards for RL tests
+
+
+def digits(prompts, completions, **cols):
+    """Easy dense reward for a random tiny model: the share of digit characters."""
+    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
+
+
+# The same function as the source of a reward file, for `reward=FILE.py:digits` on the CLI.
+DIGITS_SRC = inspect.getsource(digits)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    """64 short prompts with an extra column `k` (passed to reward functions as a keyword)."""
+    d = tmp_path_factory.mktemp("prompts")
+    return write_jsonl(d / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?", "k": i} for i in range(64)])
+
+
+def metrics(run_dir, kind: str = "train") -> list[dict]:
+    """The records of one kind (train, eval, ...) from a run folder's metrics.jsonl."""
+    rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
+    return [r for r in rows if r["kind"] == kind]
+
+
+# ----------------------------------------------------------------------------- source checks
+
+
+def assert_only_allowed(found: list[tuple[object, str]], allowed: set, title: str) -> None:
+    """`found`: (key, message) per violation of a source check. Fails listing the messages of the
+    violations whose key is not in `allowed`, and fails when `allowed` names a key that no
+    longer occurs (so allow-lists of known violations shrink as the code is fixed)."""
+    bad = [msg for key, msg in found if key not in allowed]
+    assert not bad, f"{title}:\n" + "\n".join(bad)
+    stale = allowed - {key for key, _ in found}
+    assert not stale, f"the allow-list names violations that no longer occur; remove them: {sorted(stale, key=str)}"

@@ -19,7 +19,7 @@ from alignkit.agents import Agent, ToolEnv, load_tools, make_tool, parse_tool_ca
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, Sample, SamplingParams
 from alignkit.rollout.multiturn import collect, collect_episodes
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CORPUS = [
     "What is the capital of France? The capital of France is Paris.",

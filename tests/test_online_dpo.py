@@ -4,9 +4,6 @@ reward, CLI end to end and bad input."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,32 +16,9 @@ from alignkit.recipes import online as ol
 from alignkit.recipes.online_dpo import build_pairs, online_dpo_loss_fn, pair_batches, train_online_dpo
 from alignkit.rollout.engine import RolloutBatch, Sample
 
-from conftest import write_jsonl
+from conftest import DIGITS_SRC, digits, metrics
 
-DIGITS_SRC = '''
-def digits(prompts, completions, **cols):
-    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
-'''
-
-
-def digits(prompts, completions, **cols):
-    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
-
-
-@pytest.fixture(autouse=True)
-def no_curve_plots(monkeypatch):
-    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("prompts")
-    return write_jsonl(d / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?", "k": i} for i in range(64)])
-
-
-def metrics(run_dir, kind="train") -> list[dict]:
-    rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-    return [r for r in rows if r["kind"] == kind]
+pytestmark = pytest.mark.usefixtures("no_curve_plots")
 
 
 def test_pairs_are_best_vs_worst_and_ties_are_skipped():

@@ -5,9 +5,6 @@ with the critic, CLI end to end and bad input."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -24,34 +21,9 @@ from alignkit.recipes.ppo import (KLController, RunningMoments, _reward_model_pa
 from alignkit.rollout.engine import RolloutBatch, Sample
 from alignkit.training.dist import DistInfo
 
-from conftest import write_jsonl
+from conftest import DIGITS_SRC, digits, metrics, write_jsonl
 
-DIGITS_SRC = '''
-def digits(prompts, completions, **cols):
-    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
-'''
-
-
-def digits(prompts, completions, **cols):
-    """Easy dense reward for a random tiny model: the share of digit characters."""
-    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
-
-
-@pytest.fixture(autouse=True)
-def no_curve_plots(monkeypatch):
-    """curves.png with PPO's ~40 metric panels costs seconds of matplotlib layout; not under test here."""
-    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("prompts")
-    return write_jsonl(d / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?", "k": i} for i in range(64)])
-
-
-def metrics(run_dir, kind="train") -> list[dict]:
-    rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-    return [r for r in rows if r["kind"] == kind]
+pytestmark = pytest.mark.usefixtures("no_curve_plots")
 
 
 def ragged_batch() -> tuple[RolloutBatch, list[tuple[int, int]]]:
@@ -314,7 +286,7 @@ def test_ppo_resume_restores_critic_and_kl_controller(tiny_model_dir, prompt_fil
     a = tmp_path / "a"
     train_ppo(cfg(a, save_every=2), reward_fn=digits)
     mid = a / "checkpoints" / "step-0000004"  # after rollout step 2 of 4 (2 optimizer steps each)
-    assert (mid / "trainer_state.pt").is_file()
+    assert (mid / "trainer_state.json").is_file()
     assert not (mid / "critic").exists()  # checkpoints hold the policy adapter; the critic is in the trainer state
     b = tmp_path / "b"
     train_ppo(cfg(b, resume=str(mid)), reward_fn=digits)

@@ -4,7 +4,6 @@ setting, REINFORCE follows Algorithm 1 exactly, RLOO / rejection sampling run an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,22 +19,7 @@ from alignkit.recipes.rs import best_of_n, train_rs
 from alignkit.rollout.engine import RolloutEngine, SamplingParams
 from alignkit.training.trainer import Trainer
 
-from conftest import write_jsonl
-
-
-def digits(prompts, completions, **cols):
-    """Easy dense reward for a random tiny model: the share of digit characters."""
-    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("prompts")
-    return write_jsonl(d / "p.jsonl", [{"prompt": f"Сколько будет {i} плюс {i}?", "k": i} for i in range(64)])
-
-
-def metrics(run_dir, kind="train") -> list[dict]:
-    return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+from conftest import digits, metrics
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])

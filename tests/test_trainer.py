@@ -151,7 +151,7 @@ def test_nan_loss_stops_before_update_and_keeps_checkpoint(tiny_model_dir, tmp_p
         tr.optimizer_step(m)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    assert (tmp_path / "run" / "checkpoints" / "step-0000000" / "trainer_state.pt").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000000" / "trainer_state.json").exists()
 
 
 def _sft_cmd(model_dir, data, out, *extra):

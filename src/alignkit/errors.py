@@ -6,6 +6,3 @@ class UserError(Exception):
 
     exit_code = 2
 
-
-def fail(msg: str) -> None:
-    raise UserError(msg)

@@ -10,11 +10,14 @@ Conventions:
 
 Contents: sft_loss, bradley_terry_loss, distributional_preference_loss, dpo_loss (sigmoid /
 cDPO, robust, ipo, hinge, simpo), kl_estimate (k1/k2/k3), policy_loss(_terms) (clipped
-surrogate with named aggregations, dual clip, KL penalty), value_loss(_terms).
+surrogate with named aggregations, dual clip, KL penalty, GSPO's sequence-level ratio, CISPO),
+value_loss(_terms), overlong_penalty (DAPO), kto_loss + kto_reference_point, orpo_loss,
+distill_reverse_kl_sampled, generalized_jsd + chunked_distill_divergence (on-policy distillation).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -36,11 +39,23 @@ __all__ = [
     "value_loss",
     "value_loss_terms",
     "ValueLossTerms",
+    "RATIO_LEVELS",
+    "POLICY_LOSS_TYPES",
+    "overlong_penalty",
+    "kto_reference_point",
+    "kto_loss",
+    "log1mexp",
+    "orpo_loss",
+    "distill_reverse_kl_sampled",
+    "generalized_jsd",
+    "chunked_distill_divergence",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+RATIO_LEVELS = ("token", "sequence")
+POLICY_LOSS_TYPES = ("clip", "cispo")
 
 
 def _bool(mask: torch.Tensor) -> torch.Tensor:
@@ -59,8 +74,11 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
 
         loss_sum = -sum_{b,t : mask[b,t]} logps[b, t],     count = sum mask
 
-    logps, mask: same shape (e.g. (B, T)). Returns (loss_sum scalar, count int64 scalar). The
-    caller divides by the count of the whole global batch, not of this micro-batch.
+    logps, mask: same shape (e.g. (B, T)); logps in nats (natural log). Returns (loss_sum scalar,
+    count int64 scalar). The caller divides by the count of the whole global batch, not of this
+    micro-batch. The maximum-likelihood (next-token cross-entropy) objective of supervised
+    fine-tuning (e.g. the SFT stage of Ouyang et al. 2022, arXiv:2203.02155). Raises nothing of
+    its own; mismatched shapes raise torch's RuntimeError.
     """
     m = _bool(mask)
     return -_masked(logps, m).sum(), m.sum()
@@ -69,7 +87,8 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | float | None = None
 ) -> torch.Tensor:
-    """Pairwise reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022; Llama 2's margin).
+    """Pairwise reward-model loss (Bradley & Terry 1952, Biometrika 39; Ouyang et al. 2022,
+    arXiv:2203.02155; the margin term of Llama 2, Touvron et al. 2023, arXiv:2307.09288).
 
         L = mean_b  -log sigmoid(r_w[b] - r_l[b] - margin[b])
 
@@ -94,7 +113,10 @@ def distributional_preference_loss(chosen_logits: torch.Tensor, rejected_logits:
 
     computed in log space: logsumexp_i( log p_i(w) + log cdf_l(< i) ), where the exclusive
     log-CDF is a `logcumsumexp` of log p(l) shifted by one (log 0 = -inf for i = 1).
-    chosen_logits, rejected_logits: (B, K) with K >= 2. Returns a scalar.
+    chosen_logits, rejected_logits: (B, K) with K >= 2. Returns a scalar (nats). Raises
+    ValueError for other shapes or K < 2. The pairwise probability is the Bradley-Terry event
+    "chosen scores higher" taken under two independent score distributions; ties (s_w = s_l)
+    count as not preferred. Derivation: docs/reward-models.md.
     """
     if chosen_logits.shape != rejected_logits.shape or chosen_logits.dim() != 2:
         raise ValueError(f"expected two (B, K) logits tensors, got {tuple(chosen_logits.shape)} "
@@ -149,7 +171,14 @@ def dpo_loss(
                gamma is the paper's absolute target margin (its recommended gamma/beta ~ 0.5).
 
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the implicit rewards are
-    beta (logpi - logref) (beta logpi / |y| for simpo), detached, for logging.
+    beta (logpi - logref) (beta logpi / |y| for simpo), detached, for logging. Log-probs are
+    sums over response tokens in nats; the caller averages the losses.
+
+    Papers: DPO arXiv:2305.18290, robust DPO arXiv:2403.00409, IPO arXiv:2310.12036, SLiC-HF
+    arXiv:2305.10425, SimPO arXiv:2405.14734.
+    Raises ValueError: unknown loss_type; label_smoothing outside [0, 0.5) or given to ipo /
+    hinge; gamma with a loss other than simpo; simpo without lengths; missing reference
+    log-probs for a loss that needs them.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
@@ -199,8 +228,10 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "
         k2 = d^2 / 2                biased, low variance, >= 0
         k3 = exp(-d) - (-d) - 1     unbiased, low variance, >= 0
 
-    Elementwise; shapes broadcast. No clamping: exact for any input (k3 overflows only when the
-    policy gives a sampled token e^-88 less probability than the reference).
+    Elementwise; shapes broadcast; log-probs and the result in nats. No clamping: exact for any
+    input (k3 overflows only when the policy gives a sampled token e^-88 less probability than
+    the reference). Source: J. Schulman, "Approximating KL Divergence", 2020,
+    http://joschu.net/blog/kl-approx.html. Raises ValueError for an unknown estimator.
     """
     d = logps - ref_logps
     if estimator == "k1":
@@ -232,11 +263,14 @@ class PolicyLossTerms(NamedTuple):
     stats: dict
 
     def metrics(self) -> dict:
+        """The token means of this micro-batch's stats (see `stats_to_metrics`)."""
         return stats_to_metrics(self.stats)
 
 
 def stats_to_metrics(stats: dict) -> dict:
-    """Token means from (possibly micro-batch-summed) `PolicyLossTerms.stats`."""
+    """Token means from (possibly micro-batch-summed) `PolicyLossTerms.stats`: clip_frac,
+    ratio_mean, ratio_max, ratio_min, approx_kl (nats per token), plus dual_clip_frac and kl when
+    those stats are present. Raises KeyError when a required stat is missing."""
     n = max(float(stats["tokens"]), 1.0)
     out = {
         "clip_frac": float(stats["clipped"]) / n,
@@ -265,14 +299,38 @@ def policy_loss_terms(
     kl_estimator: str = "k3",
     max_length: int | None = None,
     dual_clip: float | None = None,
+    ratio_level: str = "token",
+    loss_type: str = "clip",
 ) -> PolicyLossTerms:
     """The per-token clipped surrogate of `policy_loss`, summed but not normalised.
 
     Per token (rho = exp(logps - old_logps), A = advantages, both detached except logps):
 
         l = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)        (PPO, Schulman et al. 2017)
-        if dual_clip = c (> 1) and A < 0:  l = min(l, -c A)             (Ye et al. 2020, dual-clip)
+        if dual_clip = c (> 1) and A < 0:  l = min(l, -c A)             (Ye et al. 2020, dual-clip,
+                                                                         arXiv:1912.09729; verl's
+                                                                         clip_ratio_c)
         if ref_logps given:                l = l + kl_coef * kl_estimate(logps, ref_logps, kl_estimator)
+
+    ratio_level (GSPO, Zheng et al. 2025, arXiv:2507.18071):
+        token     rho as above, one ratio per token.
+        sequence  every token of sequence b uses the sequence ratio
+                      s_b = exp( (1/n_b) sum_t (logps - old_logps) ) = (pi/pi_old)(y_b)^(1/|y_b|)
+                  (geometric mean of the token ratios over the mask), so the clip acts on whole
+                  sequences. Written as GSPO-token: rho_{b,t} = sg(s_b) * pi(y_t)/sg(pi(y_t)), whose
+                  value is s_b and whose gradient is s_b grad log pi(y_t); with advantages (B,) and
+                  aggregation=seq_mean_token_mean this is exactly GSPO's gradient A_b grad s_b, and
+                  token-level advantages (B, T) are allowed (the paper's GSPO-token). GSPO's clip
+                  ranges are small (the paper: clip_low 3e-4, clip_high 4e-4).
+    loss_type:
+        clip      the clipped surrogate above.
+        cispo     CISPO (MiniMax-M1, arXiv:2506.13585): the importance weight is clipped from
+                  above and detached, and every token keeps its gradient:
+                      l = -sg(min(rho, 1 + clip_high)) * A * logps
+                  (clip_low is unused; dual_clip is refused: the weight is already bounded). Its
+                  value is not a surrogate of the return; only its gradient
+                  -sg(min(rho, 1 + clip_high)) A grad log pi is meaningful. clip_frac counts
+                  tokens whose weight was capped (their gradient is kept, unlike `clip`).
 
     Aggregations (over masked tokens; n_b = masked tokens of sequence b; only sequences with
     n_b > 0 count as sequences):
@@ -281,9 +339,22 @@ def policy_loss_terms(
         seq_mean_token_sum_norm  loss_sum = sum_b (sum_t l) / max_length, count = #sequences
                                  (Dr. GRPO's constant normaliser; max_length required)
 
-    logps, old_logps, mask, ref_logps: (B, T); advantages: (B,) or (B, T).
+    logps, old_logps, mask, ref_logps: (B, T) log-probs in nats; advantages: (B,) or (B, T).
     clip_frac counts masked tokens whose clipped branch was taken (the gradient is cut there).
+
+    Papers: PPO arXiv:1707.06347; dual clip arXiv:1912.09729; Dr. GRPO (constant normaliser)
+    arXiv:2503.20783; DAPO (token-mean aggregation, clip_high > clip_low) arXiv:2503.14476;
+    GSPO (ratio_level='sequence') arXiv:2507.18071; CISPO (loss_type='cispo') arXiv:2506.13585.
+    Raises ValueError: unknown aggregation / ratio_level / loss_type; seq_mean_token_sum_norm
+    without max_length; dual_clip <= 1 or with loss_type='cispo'; kl_coef without ref_logps;
+    logps not (B, T); any other tensor of another shape.
     """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
+    if loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"unknown policy loss_type {loss_type!r}; valid: {', '.join(POLICY_LOSS_TYPES)}")
+    if loss_type == "cispo" and dual_clip is not None:
+        raise ValueError("dual_clip applies to loss_type='clip'; CISPO's weight is already capped at 1 + clip_high")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
     if aggregation == "seq_mean_token_sum_norm" and not max_length:
@@ -307,12 +378,21 @@ def policy_loss_terms(
     A = A.expand_as(logps)
 
     log_ratio = _masked(logps - old_logps.detach(), m)
+    if ratio_level == "sequence":
+        # GSPO-token: value = the sequence's mean log-ratio, gradient = grad log pi of the token.
+        seq = (log_ratio.sum(-1) / m.sum(-1).clamp(min=1)).detach().unsqueeze(-1)
+        log_ratio = _masked(seq + logps - logps.detach(), m)
     ratio = torch.exp(log_ratio)
-    unclipped = -A * ratio
-    clipped_obj = -A * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    is_clipped = (clipped_obj > unclipped) & m
-    # torch.where (not max) so the unclipped branch gets the whole gradient on ties.
-    per_token = torch.where(clipped_obj > unclipped, clipped_obj, unclipped)
+    if loss_type == "cispo":
+        weight = torch.clamp(ratio.detach(), max=1.0 + clip_high)
+        is_clipped = (ratio.detach() > 1.0 + clip_high) & m
+        per_token = -weight * A * _masked(logps, m)
+    else:
+        unclipped = -A * ratio
+        clipped_obj = -A * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        is_clipped = (clipped_obj > unclipped) & m
+        # torch.where (not max) so the unclipped branch gets the whole gradient on ties.
+        per_token = torch.where(clipped_obj > unclipped, clipped_obj, unclipped)
     dual = None
     if dual_clip is not None:
         bound = -dual_clip * A
@@ -369,10 +449,13 @@ def policy_loss(
     kl_estimator: str = "k3",
     max_length: int | None = None,
     dual_clip: float | None = None,
+    ratio_level: str = "token",
+    loss_type: str = "clip",
 ) -> tuple[torch.Tensor, dict]:
     """Clipped policy-gradient loss of one batch: `policy_loss_terms(...)` loss_sum / count.
 
-    See `policy_loss_terms` for the per-token formula and the aggregations. clip_low != clip_high
+    See `policy_loss_terms` for the per-token formula, the aggregations, GSPO's sequence-level
+    ratio (ratio_level='sequence') and CISPO (loss_type='cispo'). clip_low != clip_high
     gives DAPO's asymmetric "clip-higher". With old_logps = logps.detach() (one update per batch)
     rho = 1 and this is REINFORCE with the given advantages (GRPO / RLOO on-policy).
 
@@ -382,7 +465,7 @@ def policy_loss(
     gives loss 0. To normalise across micro-batches, use `policy_loss_terms`.
     """
     terms = policy_loss_terms(logps, old_logps, advantages, mask, clip_low, clip_high, aggregation, ref_logps,
-                              kl_coef, kl_estimator, max_length, dual_clip)
+                              kl_coef, kl_estimator, max_length, dual_clip, ratio_level, loss_type)
     return terms.loss_sum / terms.count.clamp(min=1), terms.metrics()
 
 
@@ -398,6 +481,8 @@ class ValueLossTerms(NamedTuple):
     stats: dict
 
     def metrics(self) -> dict:
+        """Token means of the stats: value_clip_frac, value_mean, value_mse (squared error of the
+        unclipped prediction)."""
         n = max(float(self.stats["tokens"]), 1.0)
         return {"value_clip_frac": float(self.stats["clipped"]) / n, "value_mean": float(self.stats["value_sum"]) / n,
                 "value_mse": float(self.stats["sq_error_sum"]) / n}
@@ -410,7 +495,10 @@ def value_loss_terms(
     mask: torch.Tensor,
     clip_range: float | None = None,
 ) -> ValueLossTerms:
-    """Summed PPO value loss over masked tokens and the token count (see `value_loss`)."""
+    """Summed PPO value loss over masked tokens and the token count (see `value_loss`).
+
+    values, old_values, returns, mask: (B, T). Raises ValueError for a shape mismatch or for
+    clip_range without old_values."""
     for name, x in {"old_values": old_values, "returns": returns, "mask": mask}.items():
         if x is not None and x.shape != values.shape:
             raise ValueError(f"{name} shape {tuple(x.shape)} must equal values shape {tuple(values.shape)}")
@@ -454,6 +542,292 @@ def value_loss(
 
     Returns (loss, metrics: value_clip_frac (fraction of masked tokens where the clipped error
     was the larger one), value_mean, value_mse). An empty mask gives loss 0.
+
+    Source: the clipped value loss of PPO's reference implementation (OpenAI baselines ppo2),
+    studied in Engstrom et al. 2020, arXiv:2005.12729. Raises ValueError as `value_loss_terms`.
     """
     t = value_loss_terms(values, old_values, returns, mask, clip_range)
     return t.loss_sum / t.count.clamp(min=1), t.metrics()
+
+
+# --------------------------------------------------------------------------- DAPO reward shaping
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, max_new_tokens: int, overlong_buffer: int, penalty: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13), to add to rewards.
+
+    With L = max_new_tokens, c = overlong_buffer and n = the completion's length in tokens:
+
+        shaping(n) = 0                                   n <= L - c
+                   = -penalty * (n - (L - c)) / c         L - c < n <= L   (linear in the buffer)
+                   = -penalty                             n > L
+
+    lengths: (B,) completion token counts (int or float). Returns (B,) float32 (float64 for
+    float64 lengths), in reward units; 0 everywhere when overlong_buffer == 0.
+    Raises ValueError for max_new_tokens < 1, overlong_buffer outside [0, max_new_tokens] or
+    penalty < 0.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= overlong_buffer <= max_new_tokens:
+        raise ValueError(f"overlong_buffer must be in [0, max_new_tokens={max_new_tokens}], got {overlong_buffer}")
+    if penalty < 0:
+        raise ValueError(f"overlong penalty must be >= 0 (it is subtracted), got {penalty}")
+    n = torch.as_tensor(lengths)
+    n = n.to(torch.float64 if n.dtype == torch.float64 else torch.float32)
+    if overlong_buffer == 0:
+        return torch.zeros_like(n)
+    start = max_new_tokens - overlong_buffer
+    return -penalty * torch.clamp((n - start) / overlong_buffer, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- KTO
+
+
+def kto_reference_point(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, arXiv:2402.01306, sec. 4.1):
+
+        z0 = max(0, mean_i [log pi(y_j|x_i) - log pi_ref(y_j|x_i)])      detached
+
+    over mismatched prompt-completion pairs (x_i, y_j), j != i: a biased but cheap estimate of
+    KL(pi || pi_ref) that carries no gradient. kl_policy_logps, kl_ref_logps: (M,) summed answer
+    log-probs in nats; mask: (M,) rows to count (e.g. rows with >= 1 answer token), default all.
+    Returns a 0-dim tensor; 0 when no row counts. To use the same z0 for a whole global batch
+    (equal gradients for any micro-batching), sum `(kl_policy_logps - kl_ref_logps)[mask]` and the
+    row count over micro-batches and ranks and clamp their ratio at 0 instead.
+    Raises ValueError when the shapes differ.
+    """
+    if kl_policy_logps.shape != kl_ref_logps.shape:
+        raise ValueError(f"kl_policy_logps {tuple(kl_policy_logps.shape)} and kl_ref_logps "
+                         f"{tuple(kl_ref_logps.shape)} must have the same shape")
+    d = (kl_policy_logps - kl_ref_logps).detach()
+    m = torch.ones_like(d, dtype=torch.bool) if mask is None else _bool(mask)
+    n = m.sum()
+    return (_masked(d, m).sum() / n.clamp(min=1)).clamp(min=0.0)
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    z0: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kahneman-Tversky optimisation loss per row (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8).
+
+    With r = log pi(y|x) - log pi_ref(y|x) (summed over the completion's tokens) and the detached
+    reference point z0 (`kto_reference_point`):
+
+        desirable rows:    desirable_weight   * (1 - sigmoid(beta (r - z0)))
+        undesirable rows:  undesirable_weight * (1 - sigmoid(beta (z0 - r)))
+
+    policy_logps, ref_logps: (B,) summed log-probs in nats; desirable: (B,) bool (True =
+    desirable); z0: scalar (a float or a 0-dim tensor; detached here). As beta -> 0 every row's
+    loss tends to weight / 2. The caller sums the rows and divides by the global row count.
+    Returns (losses (B,), rewards (B,)) with rewards = beta * r, detached, for logging.
+    Raises ValueError for beta <= 0, negative weights or mismatched shapes.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError("desirable_weight and undesirable_weight must be >= 0")
+    if not (policy_logps.shape == ref_logps.shape == desirable.shape) or policy_logps.dim() != 1:
+        raise ValueError(f"policy_logps, ref_logps and desirable must be (B,) alike, got {tuple(policy_logps.shape)}, "
+                         f"{tuple(ref_logps.shape)}, {tuple(desirable.shape)}")
+    z = torch.as_tensor(z0, dtype=policy_logps.dtype, device=policy_logps.device).detach()
+    r = policy_logps - ref_logps.detach()
+    good = _bool(desirable)
+    # 1 - sigmoid(x) = sigmoid(-x): exact for any |x|.
+    losses = torch.where(good, desirable_weight * torch.sigmoid(-beta * (r - z)),
+                         undesirable_weight * torch.sigmoid(-beta * (z - r)))
+    return losses, (beta * r).detach()
+
+
+# --------------------------------------------------------------------------- ORPO
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate over the whole range (Maechler 2012, "Accurately
+    computing log(1 - exp(-|a|))"): log(-expm1(x)) near 0, log1p(-exp(x)) below -log 2."""
+    near = x > -0.6931471805599453
+    # each branch sees only inputs where it is finite, so the unused one cannot send NaN back
+    hi = torch.where(near, x, torch.full_like(x, -1.0))
+    lo = torch.where(near, torch.full_like(x, -1.0), x)
+    return torch.where(near, torch.log(-torch.expm1(hi)), torch.log1p(-torch.exp(lo)))
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor | int,
+    rejected_lengths: torch.Tensor | int,
+    lam: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Odds-ratio preference optimisation per pair (Hong, Lee & Thorne 2024, arXiv:2403.07691, eq. 6-7).
+
+    Reference-free. With p(y) = exp(log pi(y|x) / |y|), the geometric-mean token probability, and
+    odds(y) = p / (1 - p):
+
+        log odds(y) = log p - log(1 - p)                 (`log1mexp`, stable for p -> 0 and p -> 1)
+        loss        = NLL(y_w) - lam * log sigmoid(log odds(y_w) - log odds(y_l))
+        NLL(y_w)    = -log pi(y_w|x) / |y_w|             (token mean over the chosen answer)
+
+    chosen_logps, rejected_logps: (B,) summed answer log-probs in nats; lengths: (B,) or int,
+    answer token counts (>= 1). log p is kept at or below -tiny so a completion the model is
+    certain of gives a large finite log-odds, not inf. Returns (losses (B,), nll (B,),
+    log_odds_ratio (B,) detached). Raises ValueError for lam < 0 or a zero length.
+    """
+    if lam < 0:
+        raise ValueError(f"lam (the odds-ratio weight) must be >= 0, got {lam}")
+    lw = torch.as_tensor(chosen_lengths, dtype=chosen_logps.dtype, device=chosen_logps.device)
+    ll = torch.as_tensor(rejected_lengths, dtype=rejected_logps.dtype, device=rejected_logps.device)
+    if bool((lw < 1).any()) or bool((ll < 1).any()):
+        raise ValueError("orpo_loss needs every answer to have >= 1 token (a zero-length answer has no probability)")
+    tiny = torch.finfo(chosen_logps.dtype).tiny
+    mean_w = torch.clamp(chosen_logps / lw, max=-tiny)
+    mean_l = torch.clamp(rejected_logps / ll, max=-tiny)
+    log_odds = (mean_w - log1mexp(mean_w)) - (mean_l - log1mexp(mean_l))
+    nll = -chosen_logps / lw
+    losses = nll - lam * F.logsigmoid(log_odds)
+    return losses, nll, log_odds.detach()
+
+
+# --------------------------------------------------------------------------- on-policy distillation
+
+
+def distill_reverse_kl_sampled(student_logps: torch.Tensor, teacher_logps: torch.Tensor,
+                               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token reverse KL(pi_student || pi_teacher) on the student's own samples, sampled-token
+    estimator (on-policy distillation: Agarwal et al. 2024, arXiv:2306.13649; Gu et al. 2024, MiniLLM).
+
+    With d_t = log pi_s(y_t) - log pi_t(y_t) at the sampled token y_t ~ pi_s (d_t detached):
+
+        l_t = d_t + d_t * (log pi_s(y_t) - sg(log pi_s(y_t)))
+
+    Its value is d_t, the k1 estimate of the token's reverse KL; its gradient d_t grad log pi_s(y_t)
+    is the score-function gradient of KL(pi_s(.|prefix) || pi_t(.|prefix)) at that position (the
+    effect on later positions is not included: each token is its own one-step problem). The
+    teacher gets no gradient.
+
+    student_logps, teacher_logps, mask: (B, T), log-probs in nats. Returns (loss_sum, count): the
+    sum over masked tokens and their number, for global token-mean normalisation. Raises
+    ValueError for mismatched shapes.
+    """
+    if not (student_logps.shape == teacher_logps.shape == mask.shape):
+        raise ValueError(f"student_logps {tuple(student_logps.shape)}, teacher_logps {tuple(teacher_logps.shape)} "
+                         f"and mask {tuple(mask.shape)} must have the same shape")
+    m = _bool(mask)
+    d = _masked(student_logps.detach() - teacher_logps.detach(), m)
+    per_token = d + d * (student_logps - student_logps.detach())
+    return _masked(per_token, m).sum(), m.sum()
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence per row over the full vocabulary (GKD, Agarwal et al.
+    2024, arXiv:2306.13649, eq. 4), P = teacher, Q = student (both softmax(logits / temperature)):
+
+        M         = beta P + (1 - beta) Q
+        JSD_beta  = beta KL(P || M) + (1 - beta) KL(Q || M)          0 < beta < 1
+        beta = 0: KL(P || Q)  (forward KL, the limit of JSD_beta / beta)
+        beta = 1: KL(Q || P)  (reverse KL, the limit of JSD_beta / (1 - beta))
+
+    logits: (..., V), any float dtype (computed in float32, float64 stays float64). Returns (...)
+    in nats; the teacher's logits are detached. Holds a few (..., V) tensors: call it on chunks of
+    tokens (`chunked_distill_divergence`). Raises ValueError for beta outside [0, 1], temperature
+    <= 0 or mismatched shapes.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (same vocabulary)")
+    dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_q = F.log_softmax(student_logits.to(dt) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().to(dt) / temperature, dim=-1)
+    # a -inf logit (a masked vocabulary entry) becomes the most negative float: probability 0
+    # as before, but log M stays finite, so no NaN reaches the gradient
+    low = torch.finfo(dt).min
+    log_q, log_p = log_q.clamp(min=low), log_p.clamp(min=low)
+
+    def kl(log_a, log_b):  # KL(A || B), 0 log 0 = 0
+        a = log_a.exp()
+        # select before multiplying: a masked (-inf) logit must give 0, not 0 * inf = NaN
+        diff = torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=dt, device=a.device))
+        return (a * diff).sum(-1)
+
+    if beta == 0.0:
+        return kl(log_p, log_q)
+    if beta == 1.0:
+        return kl(log_q, log_p)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+
+
+def chunked_distill_divergence(
+    student_hidden: torch.Tensor,
+    student_head,
+    teacher_hidden: torch.Tensor,
+    teacher_head,
+    mask: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed full-vocabulary `generalized_jsd` over masked tokens, never holding the (tokens x V)
+    logits of all tokens at once.
+
+    student_hidden: (B, T, H_s) or (N, H_s); teacher_hidden: same leading shape, (..., H_t);
+    student_head / teacher_head: an `nn.Module` or function mapping hidden -> logits (..., V), or a
+    (V, H) weight tensor (applied as `F.linear`); mask: the leading shape, True = scored token.
+    Only masked rows are taken; they are processed `chunk_size` at a time under
+    `torch.utils.checkpoint` (as `alignkit.ops.logprobs` does for log-probs), so a chunk's two
+    (chunk, V) logits blocks are built, reduced to one number per row and freed, and backward
+    rebuilds them one chunk at a time. The teacher gets no gradient.
+
+    Returns (loss_sum, count): the sum of the per-token divergences (nats) and the number of masked
+    tokens, for global token-mean normalisation. An empty mask gives (0 connected to the
+    student's graph, 0). Raises ValueError for mismatched leading shapes, chunk_size < 1 and the
+    `generalized_jsd` argument errors.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1] or student_hidden.shape[:-1] != mask.shape:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)} "
+                         f"and mask {tuple(mask.shape)} must share their leading shape")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+    def as_fn(head):
+        if isinstance(head, torch.Tensor):
+            return lambda h: F.linear(h, head)
+        return head
+
+    s_fn, t_fn = as_fn(student_head), as_fn(teacher_head)
+    m = _bool(mask).reshape(-1)
+    idx = m.nonzero().squeeze(-1)
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, idx)
+
+    def chunk(a, b):
+        with torch.no_grad():
+            zt = t_fn(b)
+        return generalized_jsd(s_fn(a), zt, beta, temperature).sum()
+
+    total = None
+    for s in range(0, hs.shape[0], chunk_size):
+        args = (hs[s:s + chunk_size], ht[s:s + chunk_size])
+        part = checkpoint(chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk(*args)
+        total = part if total is None else total + part
+    if total is None:  # nothing scored: a zero still connected to the student's graph
+        total = student_hidden.sum() * 0.0
+    return total, m.sum()

@@ -17,7 +17,12 @@ def _targets(labels: list[int]) -> list[int]:
 
 
 def pad_collate(rows: list, pad_id: int) -> dict:
-    """rows: objects with input_ids/labels lists. Right padding; attention_mask marks real tokens."""
+    """Right-padded batch of B rows (objects with `input_ids` / `labels` lists, e.g. `Encoded`).
+
+    Returns int64 tensors, all (B, T) with T the longest row: input_ids (pad_id after the row),
+    attention_mask (1 on real tokens), position_ids (0..n-1, then n-1 on padding) and targets
+    (labels shifted left by one: targets[b, t] = labels[b, t + 1]; -100 at each row's last token,
+    on untrained tokens and on padding)."""
     T = max(len(r.input_ids) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -52,20 +57,7 @@ def pack_collate(rows: list) -> dict:
 
 
 def n_trained(batch: dict) -> int:
+    """Tokens of a collated batch that carry loss (targets != -100): the unit a token-mean loss
+    is normalised by (summed over micro-batches and ranks by the trainer)."""
     return int((batch["targets"] != IGNORE).sum())
 
-
-def pack_groups(lengths: list[int], budget: int) -> list[list[int]]:
-    """Greedy first-fit grouping of row indices (in the given order) under a token budget."""
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups

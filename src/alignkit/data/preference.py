@@ -14,6 +14,7 @@ encodes a row, so a pair's two sequences share their prompt tokens.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,11 @@ TURN_MARKERS = ("\n\nAssistant:", "\nAssistant:", "<|im_start|>assistant\n", "[/
 
 @dataclass
 class Pair:
+    """One preference pair, tokenised: `chosen` / `rejected` share their first `prompt_len`
+    tokens (the prompt; labels -100 there) and train only the response tokens. `margin`: the
+    row's optional preference strength (reward-model margin loss), None when absent; `extra`:
+    the row's other columns."""
+
     chosen: Encoded
     rejected: Encoded
     prompt_len: int
@@ -37,6 +43,9 @@ class Pair:
 
 
 def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of two texts with an implicit shared prompt:
+    the prompt ends after the last assistant turn marker (TURN_MARKERS) inside their common
+    prefix. Raises ValueError when the common prefix holds no marker."""
     n = len(os.path.commonprefix([chosen, rejected]))
     common = chosen[:n]
     best = -1
@@ -51,6 +60,10 @@ def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def split_implicit_messages(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """(prompt turns, chosen turns, rejected turns) of two conversations with shared leading
+    turns: the prompt is the longest common run of messages, backed up to the start of the
+    assistant turns where they differ. Raises ValueError when nothing is shared or one side has
+    no turn left after the prompt."""
     k = 0
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
         k += 1
@@ -103,6 +116,9 @@ def pair_parts(row: dict, where: str):
 
 
 def encode_pair(tokenizer, prompt, chosen, rejected) -> tuple[Encoded, Encoded, int]:
+    """Encode prompt + chosen and prompt + rejected (text or messages, through the chat
+    template) with response-only labels; returns (chosen, rejected, prompt_len), prompt_len
+    being the shared run of untrained leading tokens."""
     ce = encode_prompt_completion(tokenizer, prompt, chosen)
     re_ = encode_prompt_completion(tokenizer, prompt, rejected)
     # prompt tokens: the shared run of untrained tokens at the start
@@ -137,16 +153,25 @@ def _fit_pair(ce: Encoded, re_: Encoded, plen: int, max_length: int, max_prompt_
 
 def load_pairs(path: str, split: str, tokenizer, max_length: int, truncation: str = "truncate",
                max_prompt_length: int | None = None, what: str = "data") -> tuple[list[Pair], EncodeStats]:
+    """Read and encode the preference file `path` (split `split`) into Pairs.
+
+    Rows: `prompt` + `chosen` + `rejected` (text or messages) or `chosen` + `rejected` with an
+    implicit shared prompt; optional numeric `margin`. Pairs longer than `max_length` tokens are
+    truncated (the prompt's start first, down to `max_prompt_length`, default max_length // 2;
+    then the responses' ends) or dropped (truncation="drop"). Returns (pairs, stats).
+    Raises UserError (naming file and row) for a bad row, and when every pair was dropped."""
     ds = load_rows(path, split, what)
     require_format(ds, path, ("preference",))
     has_margin = "margin" in ds.column_names
     max_prompt_length = max_prompt_length or max_length // 2
     stats = EncodeStats()
     out: list[Pair] = []
+    same = 0  # pairs whose chosen equals their rejected: no preference signal
     for i, row in enumerate(ds):
         where = f"{path} row {i + 1}"
         stats.rows += 1
         p, c, r = pair_parts(row, where)
+        same += c == r
         ce, re_, plen = encode_pair(tokenizer, p, c, r)
         fitted = _fit_pair(ce, re_, plen, max_length, max_prompt_length, truncation, stats)
         if fitted is None:
@@ -165,6 +190,9 @@ def load_pairs(path: str, split: str, tokenizer, max_length: int, truncation: st
         stats.trained_tokens += ce.n_trained + re_.n_trained
     if not out:
         raise UserError(f"{path}: every pair was dropped ({stats.summary()}); raise max_length")
+    if same == stats.rows:
+        print(f"alignkit: warning: {path}: every 'chosen' equals its 'rejected' ({same} pairs), so the preference loss "
+              f"has no signal; check the columns", file=sys.stderr, flush=True)
     return out, stats
 
 
@@ -175,3 +203,98 @@ def pair_collate(pairs: list[Pair], pad_id: int) -> dict:
     if any(p.margin is not None for p in pairs):
         batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
     return batch
+
+
+# ---------------------------------------------------------------------------------------------- KTO
+
+
+def _kto_label(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise UserError(f"{where}: 'label' must be true (desirable) or false (undesirable), got {value!r}")
+
+
+def _prompt_len(enc: Encoded) -> int:
+    n = 0
+    while n < len(enc) and enc.labels[n] == IGNORE:
+        n += 1
+    return n
+
+
+def load_kto_examples(path: str, split: str, tokenizer, max_length: int, truncation: str = "truncate",
+                      max_prompt_length: int | None = None,
+                      what: str = "data") -> tuple[list[Pair], EncodeStats, tuple[int, int]]:
+    """KTO rows as `Pair`s: `chosen` = the row's prompt + completion, `rejected` = the same prompt
+    with another row's completion (the mismatched pair behind KTO's reference point z0), and
+    `extra["label"]` = True for a desirable row.
+
+    Accepted rows: unpaired {prompt, completion, label: true|false} (text or message lists), or
+    preference pairs (explicit or implicit prompt), each split into a desirable row (chosen) and
+    an undesirable one (rejected). The mismatched completion of row i is that of row
+    (i + N/2) mod N, moved on to the next row with a different prompt if it has the same one.
+    Returns (examples, stats, (n_desirable, n_undesirable)). Raises UserError (one line, file and
+    row) for unlabelled prompt/completion data, a bad label, and a dataset left empty.
+    """
+    ds = load_rows(path, split, what)
+    fmt = require_format(ds, path, ("preference", "prompt_completion"))
+    if fmt == "prompt_completion" and "label" not in ds.column_names:
+        raise UserError(f"{path}: KTO rows need a 'label' column (true = desirable answer, false = undesirable) "
+                        f"next to 'prompt' and 'completion'; or give prompt/chosen/rejected pairs")
+    items: list[tuple] = []  # (prompt, completion, label, where)
+    for i, row in enumerate(ds):
+        where = f"{path} row {i + 1}"
+        if fmt == "preference":
+            p, c, r = pair_parts(row, where)
+            items += [(p, c, True, where), (p, r, False, where)]
+            continue
+        p, c = row["prompt"], row["completion"]
+        if row["label"] is None:
+            raise UserError(f"{where}: 'label' is missing; set it to true (desirable) or false (undesirable)")
+        label = _kto_label(row["label"], where)
+        if isinstance(p, list):
+            p = _as_messages(p, f"{where} prompt", False)
+            c = _as_messages([{"role": "assistant", "content": c}] if isinstance(c, str) else c, f"{where} completion",
+                             True)
+        elif not isinstance(p, str) or not isinstance(c, str):
+            raise UserError(f"{where}: 'prompt' and 'completion' must be text or message lists")
+        if not c:
+            raise UserError(f"{where}: 'completion' is empty")
+        items.append((p, c, label, where))
+    max_prompt_length = max_prompt_length or max_length // 2
+    stats, quiet = EncodeStats(), EncodeStats()
+    encoded: list[tuple] = []
+    for p, c, label, where in items:
+        stats.rows += 1
+        try:
+            enc = encode_prompt_completion(tokenizer, p, c)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        fitted = _fit_pair(enc, enc, _prompt_len(enc), max_length, max_prompt_length, truncation, stats)
+        if fitted is None:
+            continue
+        encoded.append((p, c, label, where, fitted[0]))
+        stats.kept += 1
+        stats.tokens += len(fitted[0])
+        stats.trained_tokens += fitted[0].n_trained
+    if not encoded:
+        raise UserError(f"{path}: every row was dropped ({stats.summary()}); raise max_length")
+    N = len(encoded)
+    out: list[Pair] = []
+    for i, (p, _, label, where, enc) in enumerate(encoded):
+        j = (i + N // 2) % N
+        for k in range(N):  # the first row from there on with another prompt (any, if all share one)
+            if encoded[(j + k) % N][0] != p:
+                j = (j + k) % N
+                break
+        try:
+            mis = encode_prompt_completion(tokenizer, p, encoded[j][1])
+        except UserError as e:
+            raise UserError(f"{where}: mismatched with {encoded[j][3]}: {e}") from None
+        fitted = _fit_pair(mis, mis, _prompt_len(mis), max_length, max_prompt_length, "truncate", quiet)
+        # a mismatched pair with no answer token left counts for nothing in z0 (kl_ok False)
+        mis_enc = fitted[0] if fitted is not None else Encoded(enc.input_ids, [IGNORE] * len(enc))
+        out.append(Pair(enc, mis_enc, _prompt_len(enc), None, {"label": label}))
+    n_good = sum(1 for e in out if e.extra["label"])
+    return out, stats, (n_good, len(out) - n_good)

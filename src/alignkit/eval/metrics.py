@@ -7,12 +7,14 @@ score given tokens. Everything here is independent of how the samples were gener
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
 from alignkit.losses import kl_estimate
 from alignkit.ops.logprobs import IGNORE_INDEX, causal_lm_token_logps
+from alignkit.rewards import answer_format_ok, extract_answer, numbers_equal, reference_number
+from alignkit.training.dist import DistInfo, all_reduce_sum
 
 __all__ = [
     "mean_std",
@@ -20,6 +22,7 @@ __all__ = [
     "win_rate",
     "kl_metrics",
     "completion_logps",
+    "eval_nll",
     "task_metrics",
 ]
 
@@ -150,6 +153,40 @@ def completion_logps(model, segments: Sequence[tuple[Sequence[int], Sequence[int
     return out
 
 
+@torch.no_grad()
+def eval_nll(model, rows: Sequence, make_batch: Callable[[list[int]], dict], batch_size: int, chunk_size: int,
+             dist: DistInfo, autocast: Callable[[], ContextManager]) -> dict:
+    """Token-mean negative log-likelihood of the trained tokens of `rows`, and its perplexity.
+
+    Rows are split across data-parallel ranks (rank r takes rows r, r + world, ...);
+    `make_batch(indices)` collates rows into a batch with `input_ids`, `attention_mask`,
+    `position_ids` (B, T) and `targets` (B, T, already shifted; IGNORE_INDEX where not trained).
+    Summed NLL and token count are all-reduced before dividing, so the result is the mean over
+    every trained token of the set, whatever the number of ranks:
+
+        eval_loss = - sum log p(target token) / #trained tokens     (nats per token)
+        eval_ppl  = exp(eval_loss)   (exponent capped at 50 so a diverged model stays finite)
+
+    Returns {"eval_loss", "eval_ppl", "eval_tokens"}. Leaves `model` in eval mode.
+    `autocast`: a factory of the context the forward runs in (the trainer's mixed precision, or
+    contextlib.nullcontext)."""
+    model.eval()
+    total, count = 0.0, 0
+    mine = list(range(dist.rank, len(rows), dist.world))
+    for i in range(0, len(mine), batch_size):
+        mb = make_batch(mine[i:i + batch_size])
+        mb = {k: (v.to(dist.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        with autocast():
+            lp = causal_lm_token_logps(model, mb["input_ids"], attention_mask=mb["attention_mask"],
+                                       position_ids=mb["position_ids"], targets=mb["targets"], chunk_size=chunk_size)
+        mask = mb["targets"] != IGNORE_INDEX
+        total += float(-(lp.float() * mask).sum())
+        count += int(mask.sum())
+    summed = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64), dist)
+    nll = float(summed[0] / max(summed[1], 1))
+    return {"eval_loss": nll, "eval_ppl": math.exp(min(nll, 50.0)), "eval_tokens": int(summed[1])}
+
+
 def task_metrics(answers: Sequence[str], references: Sequence, mode: str) -> dict:
     """Exact accuracy and format rate of answers on a verifiable task (`mode`: toy, gsm8k or
     last_number; see `alignkit.rewards.extract_answer` / `answer_format_ok`).
@@ -157,8 +194,6 @@ def task_metrics(answers: Sequence[str], references: Sequence, mode: str) -> dic
     accuracy    = correct / scored, correct: the answer's number equals the reference number
     format_rate = answers in the task's format / scored
     Samples whose reference has no number are not scored (`unscored`)."""
-    from alignkit.rewards import answer_format_ok, extract_answer, numbers_equal, reference_number
-
     correct = fmt = scored = 0
     for a, ref in zip(answers, references):
         r = reference_number(ref)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from alignkit.data.loading import check_messages, load_rows
 from alignkit.errors import UserError
 
 MODES = ("zero_shot", "few_shot", "cot", "reflect")
@@ -43,8 +44,6 @@ def load_pool(path: str, prompt_column: str = "prompt", chat: bool = True) -> li
     """Worked examples for few-shot prompting. Rows are `messages` (the last assistant message is
     the answer, the turns before it the question), or `<prompt_column>` with a `completion` or
     `answer` column (text, or an assistant message list)."""
-    from alignkit.data.loading import check_messages, load_rows
-
     ds = load_rows(path, "train", "few_shot_pool")
     cols = ds.column_names
     if "messages" in cols:

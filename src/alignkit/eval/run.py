@@ -20,37 +20,48 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from alignkit.config import EvalConfig
+from alignkit.data.chat import setup_chat_template
+from alignkit.data.collate import pad_collate
+from alignkit.data.sft import load_sft_data
 from alignkit.errors import UserError
 from alignkit.eval import prompting
-from alignkit.eval.metrics import completion_logps, distinct_n, kl_metrics, mean_std, task_metrics, win_rate
+from alignkit.eval.metrics import (completion_logps, distinct_n, eval_nll, kl_metrics, mean_std, task_metrics,
+                                   win_rate)
+from alignkit.models import load_model, load_tokenizer
+from alignkit.rewards import build_reward, load_prompt_set
+from alignkit.rollout.engine import RolloutEngine, SamplingParams
+from alignkit.training.dist import DistInfo
+from alignkit.training.logging import progress_bar
 
 __all__ = ["evaluate", "EvalConfig", "sample", "format_table"]
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from alignkit.training.logging import say
+
+    say(msg)  # above any progress bar
 
 
 # --------------------------------------------------------------------------- generation
 # The one place evaluation samples from a model: swap the engine here and nothing else changes.
 
 
-def sample(model, engine, prompts: list, n: int, cfg: EvalConfig, seed: int):
+def sample(model, engine, prompts: list, n: int, cfg: EvalConfig, seed: int, desc: str | None = None):
     """n samples per prompt (grouped by prompt: prompt i's samples at [i*n, (i+1)*n)), each with
     prompt_ids, completion_ids (ending with the stop token when it stopped), text and
-    finish_reason ("eos" or "length")."""
-    from alignkit.rollout.engine import SamplingParams
-
+    finish_reason ("eos" or "length"). desc: show a progress bar over the prompts with this label."""
     params = SamplingParams(n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=0, seed=seed, batch_size=cfg.batch_size)
-    return engine.generate(model, prompts, params).samples
+    if desc is None:
+        return engine.generate(model, prompts, params).samples
+    with progress_bar(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+        return engine.generate(model, prompts, params, on_chunk=bar.update).samples
 
 
 # --------------------------------------------------------------------------- setup
@@ -104,20 +115,18 @@ class _Side:
     """A model with its tokenizer and engine (policy or reference)."""
 
     def __init__(self, name, model, tok):
-        from alignkit.rollout.engine import RolloutEngine
-
         self.name, self.model, self.tok = name, model, tok
         self.engine = RolloutEngine(tok)
         self.pad_id = self.engine.pad_id
         self.agent = None  # multi-turn episodes (tools= / env=) when set
 
 
-def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig) -> list[dict]:
+def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig, desc: str | None = None) -> list[dict]:
     """Sample a mode's answers. Per sample: text (final turn), answer (what is scored), segments
     [(context ids, generated ids)] for log-probs, first_text (reflect), finish."""
     if getattr(side, "agent", None) is not None:  # multi-turn episodes with tools / an environment
         return _run_episodes(side, prompts, cfg)
-    first = sample(side.model, side.engine, prompts, cfg.n_samples, cfg, cfg.seed)
+    first = sample(side.model, side.engine, prompts, cfg.n_samples, cfg, cfg.seed, desc=desc)
     out = []
     for s in first:
         out.append({"prompt_index": s.prompt_index, "text": s.text, "segments": [(s.prompt_ids, s.completion_ids)],
@@ -125,7 +134,8 @@ def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig) -> list[di
     if mode == "reflect":
         second_prompts = [prompting.reflect_prompt(prompts[o["prompt_index"]], o["text"], cfg.reflect_instruction)
                           for o in out]
-        second = sample(side.model, side.engine, second_prompts, 1, cfg, cfg.seed + 1)
+        second = sample(side.model, side.engine, second_prompts, 1, cfg, cfg.seed + 1,
+                        desc=desc and desc + " (2nd turn)")
         for o, s in zip(out, second):
             o["first_text"] = o["text"]
             o["text"] = s.text
@@ -167,13 +177,13 @@ def _score(reward, prompts: list, answers: list[str], columns: dict, chunk: int)
 
 
 def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, reward, judge, task: str,
-               pool, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+               pool, cfg: EvalConfig, progress: bool = False) -> tuple[dict, list[dict]]:
     t0 = time.time()
     base_prompts = [r["prompt"] for r in rows]
     mode_prompts = prompting.build_prompts(base_prompts, mode, pool=pool, k=cfg.few_shot_k,
                                            layout=cfg.few_shot_layout, seed=cfg.seed,
                                            cot_instruction=cfg.cot_instruction)
-    samples = _run_mode(pol, mode_prompts, mode, cfg)
+    samples = _run_mode(pol, mode_prompts, mode, cfg, desc=f"eval {mode}: model" if progress else None)
     idx = [s["prompt_index"] for s in samples]
     prompts = [base_prompts[i] for i in idx]
     columns = {k: [rows[i].get(k) for i in idx] for k in rows[0] if k != "prompt"}
@@ -220,7 +230,7 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
 
     ref_samples = None
     if ref is not None and judge is not None:
-        ref_samples = _run_mode(ref, mode_prompts, mode, cfg)
+        ref_samples = _run_mode(ref, mode_prompts, mode, cfg, desc=f"eval {mode}: reference" if progress else None)
         ref_answers = [s["answer"] for s in ref_samples]
         mine = rewards if judge is reward else _score(judge, prompts, answers, columns, chunk)[1]
         theirs = _score(judge, prompts, ref_answers, columns, chunk)[1]
@@ -234,39 +244,51 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
 
     show = len(samples) if cfg.num_show < 0 else min(cfg.num_show, len(samples))
     shown = []
+    ref_col = _task_column(task, rows) if task != "none" else ("answer" if "answer" in columns else None)
     for j in range(show):
         s = samples[j]
-        item = {"prompt": prompting.prompt_text(prompts[j]), "completion": s["text"]}
+        # ref_answer: the reference answer from the data; ref_model_*: what the reference model wrote
+        item = {"prompt": prompting.prompt_text(prompts[j])}
+        if ref_col is not None and columns.get(ref_col) and columns[ref_col][j] is not None:
+            row = rows[idx[j]]
+            item["ref_answer"] = row["answer"] if isinstance(row.get("answer"), str) else str(columns[ref_col][j])
+        item["completion"] = s["text"]
         if mode == "reflect":
             item["first_completion"] = s["first_text"]
         if mode in prompting.FINAL_LINE_MODES:
             item["answer"] = s["answer"]
+        if task != "none":
+            item["correct"] = _is_correct(s["answer"], columns[_task_column(task, rows)][j], task)
         if rewards is not None:
             item["reward"] = rewards[j]
         if ref_samples is not None:
-            item["ref_completion"] = ref_samples[j]["text"]
-            item["ref_answer"] = ref_samples[j]["answer"]
+            item["ref_model_completion"] = ref_samples[j]["text"]
+            if mode in prompting.FINAL_LINE_MODES:
+                item["ref_model_answer"] = ref_samples[j]["answer"]
+            if task != "none":
+                item["ref_model_correct"] = _is_correct(ref_samples[j]["answer"],
+                                                        columns[_task_column(task, rows)][j], task)
         shown.append(item)
     res["seconds"] = time.time() - t0
     return res, shown
+
+
+def _is_correct(answer: str, reference, task: str) -> bool | None:
+    """Whether one answer is exactly right (None: the reference has no number to compare)."""
+    tm = task_metrics([answer], [reference], task)
+    return None if tm["accuracy"] is None else tm["accuracy"] == 1.0
 
 
 # --------------------------------------------------------------------------- perplexity
 
 
 def _ppl_rows(tok, cfg: EvalConfig) -> list:
-    from alignkit.data.sft import load_sft_data
-
     rows, _ = load_sft_data(cfg.ppl_data, cfg.ppl_split, tok, cfg.max_length, "truncate", False, what="ppl_data")
     return rows
 
 
 def _perplexity(model, tok, rows: list, cfg: EvalConfig) -> dict:
     """Token-mean NLL over the answer tokens of `rows` (SFT masks) and its exp."""
-    from alignkit.data.collate import pad_collate
-    from alignkit.recipes.sft import eval_nll
-    from alignkit.training.dist import DistInfo
-
     device = next(model.parameters()).device
     res = eval_nll(model, rows, lambda idx: pad_collate([rows[i] for i in idx], tok.pad_token_id), cfg.batch_size,
                    cfg.logits_chunk_size, DistInfo(device=device), contextlib.nullcontext)
@@ -295,10 +317,6 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, ref_model=None, ref_to
 
     `model` / `tokenizer` (and `ref_model` / `ref_tokenizer`) may be passed in already loaded;
     otherwise they are loaded from cfg.model / cfg.ref_model."""
-    from alignkit.data.chat import setup_chat_template
-    from alignkit.models import load_model, load_tokenizer
-    from alignkit.rewards import build_reward, load_prompt_set
-
     modes = list(cfg.modes or [cfg.mode])
     _check(cfg, modes, need_model=model is None or tokenizer is None)
     t0 = time.time()
@@ -356,7 +374,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, ref_model=None, ref_to
     for mode in modes if rows else []:
         if verbose:
             _say(f"eval: {mode}: {len(rows)} prompts x {cfg.n_samples} samples")
-        res, shown = _eval_mode(mode, rows, pol, ref, reward, judge, task, pool, cfg)
+        res, shown = _eval_mode(mode, rows, pol, ref, reward, judge, task, pool, cfg, progress=verbose)
         result["modes"][mode] = res
         result["samples"][mode] = shown
 
@@ -444,22 +462,25 @@ def _clip(s: str, n: int = 160) -> str:
     return s if len(s) <= n else s[:n] + "…"
 
 
+def _verdict(correct) -> str:
+    return "" if correct is None else ("  [right]" if correct else "  [wrong]")
+
+
 def format_samples(result: dict) -> str:
     lines = []
     for mode, items in result.get("samples", {}).items():
         if not items:
             continue
         lines.append(f"samples ({mode}):")
-        for it in items:
+        for k, it in enumerate(items, 1):
             r = f" [reward {it['reward']:.3g}]" if isinstance(it.get("reward"), float) else ""
-            lines.append(f"  prompt:     {_clip(it['prompt'])}")
-            lines.append(f"  completion: {_clip(it['completion'])}{r}")
-            if "ref_completion" in it:
-                lines.append(f"  reference:  {_clip(it['ref_completion'])}")
+            lines.append(f"  #{k} prompt:                        {_clip(it['prompt'])}")
+            if "ref_answer" in it:
+                lines.append(f"     reference answer (from data):  {_clip(it['ref_answer'])}")
+            lines.append(f"     completion (model):            {_clip(it['completion'])}{r}"
+                         f"{_verdict(it.get('correct'))}")
+            if "ref_model_completion" in it:
+                lines.append(f"     completion (reference model):  {_clip(it['ref_model_completion'])}"
+                             f"{_verdict(it.get('ref_model_correct'))}")
     return "\n".join(lines)
-
-
-def run_eval(cfg: EvalConfig) -> dict:
-    """CLI entry point."""
-    return evaluate(cfg)
 

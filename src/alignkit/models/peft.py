@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -31,6 +30,10 @@ from pydantic import Field
 
 from alignkit.config import PeftConfig, Section, TrainConfig
 from alignkit.errors import UserError
+from alignkit.io import atomic_dir_write
+from alignkit.models.arch import is_peft_model, quiet_peft, transformer_blocks, unwrap
+from alignkit.models.load import DTYPES, _first_line, load_model, load_tokenizer
+from alignkit.models.sharding import check_fsdp_config, empty_model_for_fsdp
 
 __all__ = [
     "PeftConfig",
@@ -48,44 +51,16 @@ ADAPTER_METHODS = ("lora", "dora", "qlora", "oft", "boft", "ia3")
 PROMPT_METHODS = ("prefix", "prompt")
 
 
-def _unwrap(model):
-    """The model inside a DDP wrapper / the trainer's forward wrapper."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    if type(model).__name__ == "_Forward":  # alignkit.training.trainer._Forward
-        model = model.model
-    return model
-
-
-def is_peft_model(model) -> bool:
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(_unwrap(model), peft.PeftModel)
-
-
-@contextlib.contextmanager
-def _quiet_peft():
-    # peft 0.21 calls a transformers method deprecated in 5.x on every wrap/load: not the user's concern.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
 # ----------------------------------------------------------------------------------- loading
 
 
 def load_base_model(cfg: TrainConfig, dtype: str = "float32"):
     """The base model a recipe trains: `cfg.model` in `dtype`, or for QLoRA its 4-bit quantised
     form placed on this process's GPU (bitsandbytes). Not yet wrapped: pass it to `prepare_trainable`."""
-    from alignkit.models.load import load_model
-
     if cfg.peft.method != "qlora":
-        from alignkit.training.fsdp import empty_model_for_fsdp
-
         # Under FSDP only rank 0 reads the weights; the others get an empty (meta) model to shard.
         return empty_model_for_fsdp(cfg, dtype) or load_model(cfg.model, dtype)
     if getattr(cfg, "distributed", None) == "fsdp":  # say so before loading anything
-        from alignkit.training.fsdp import check_fsdp_config
-
         check_fsdp_config(cfg)
     _check_qlora_possible()
     from transformers import BitsAndBytesConfig
@@ -118,25 +93,6 @@ def _is_4bit(model) -> bool:
 
 
 # ----------------------------------------------------------------------------------- freezing
-
-
-def transformer_blocks(model) -> tuple[str, torch.nn.ModuleList]:
-    """(qualified name, ModuleList) of the model's stack of transformer blocks: the module list
-    whose length is the config's number of layers (e.g. `model.layers` in Llama, `transformer.h`
-    in GPT-2)."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    config = getattr(base, "config", None)
-    n = None
-    if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        n = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    lists = [(name, m) for name, m in base.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    if n is not None:
-        lists = [(name, m) for name, m in lists if len(m) == n] or lists
-    if not lists:
-        raise UserError(f"{type(base).__name__}: found no stack of transformer blocks; use train_modules=REGEX instead")
-    # Outermost first: the decoder's list, not a list nested inside a block.
-    return min(lists, key=lambda nm: (nm[0].count("."), -len(nm[1])))
 
 
 def _last_blocks_params(model, k: int) -> tuple[set[int], str]:
@@ -196,7 +152,16 @@ def _mark_adapter_trainable(model) -> int:
 
 
 def build_peft_config(pc: PeftConfig, model, cfg: TrainConfig | None = None):
-    """The `peft` config object for `pc` (task CAUSAL_LM)."""
+    """The `peft` config object for `pc` (task CAUSAL_LM).
+
+    Methods and their papers: lora (Hu et al. 2021, arXiv:2106.09685; `rslora` scaling,
+    Kalajdzievski 2023, arXiv:2312.03732), dora (Liu et al. 2024, arXiv:2402.09353), qlora
+    (Dettmers et al. 2023, arXiv:2305.14314: LoRA on a 4-bit base), oft (Qiu et al. 2023,
+    arXiv:2306.07280), boft (Liu et al. 2023, arXiv:2311.06243), ia3 (Liu et al. 2022,
+    arXiv:2205.05638), prefix (Li & Liang 2021, arXiv:2101.00190), prompt (Lester et al. 2021,
+    arXiv:2104.08691). `cfg.train_last_layers` restricts the target modules to the last k
+    blocks. Raises UserError when train_last_layers cannot apply (prompt methods, a regex
+    target, more layers than the model has), ValueError for an unknown method."""
     import peft
 
     method = pc.method
@@ -294,6 +259,8 @@ def _last_layers_regex(model, targets, k: int) -> str:
 
 
 def ia3_default_ff(model) -> list[str]:
+    """peft's default IA3 feed-forward module names for `model`'s architecture ([] when peft
+    has none for its model_type). IA3: Liu et al. 2022, arXiv:2205.05638."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as ff_default
 
     return list(ff_default.get(getattr(model.config, "model_type", ""), []))
@@ -373,7 +340,7 @@ def prepare_trainable(model, cfg: TrainConfig, log=None):
         )
     pconf = build_peft_config(pc, model, cfg)
     try:
-        with _quiet_peft():
+        with quiet_peft():
             wrapped = peft.get_peft_model(model, pconf)
     except UserError:
         raise
@@ -402,7 +369,7 @@ def reference_logps_context(model) -> Iterator[torch.nn.Module]:
 
     Yields the unwrapped PeftModel. Train mode is restored on exit.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if not is_peft_model(inner):
         raise ValueError("reference_logps_context needs a peft model (an adapter to switch off)")
     was_training = inner.training
@@ -433,10 +400,12 @@ class MergeConfig(Section):
 
 
 def merge_adapter(cfg: MergeConfig, log=None) -> Path:
-    """Merge `cfg.adapter` into its base; returns the output folder."""
-    from alignkit.models.load import DTYPES, _first_line, load_model, load_tokenizer
-    from alignkit.training import checkpoint as ckpt
-
+    """Merge `cfg.adapter` into its base (W + the adapter's update, peft's `merge_and_unload`)
+    and write a plain transformers model with the adapter's (or the base's) tokenizer to
+    `cfg.output`, atomically; returns the output folder. Raises UserError, one line, for a
+    missing adapter / output, an unreadable adapter_config.json, prompt-learning adapters
+    (nothing to merge), a non-empty output without overwrite=true, no recorded base, or an
+    adapter that does not load onto the base."""
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not cfg.adapter:
         raise UserError("no adapter given; pass adapter=DIR (a folder with adapter_config.json)")
@@ -471,7 +440,7 @@ def merge_adapter(cfg: MergeConfig, log=None) -> Path:
     say(f"merge: loading base {base}")
     base_model = load_model(base, cfg.dtype)
     try:
-        with _quiet_peft():
+        with quiet_peft():
             model = PeftModel.from_pretrained(base_model, str(adir))
     except Exception as e:
         raise UserError(f"adapter={cfg.adapter}: could not load onto {base} ({_first_line(e)})") from None
@@ -486,9 +455,12 @@ def merge_adapter(cfg: MergeConfig, log=None) -> Path:
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        from alignkit.models.generation import write_generation_config
+
+        write_generation_config(tmp, tok, merged)  # stop at the end of a turn, not only at eos
 
     if out.exists() and not out.is_dir():
         out.unlink()  # overwrite=true of a plain file
-    ckpt.atomic_dir_write(out, write)
-    say(f"merged {cfg.adapter} into {base}: {out}")
+    atomic_dir_write(out, write)
+    say(f"merge: folded adapter {cfg.adapter} into base {base}; wrote the merged model to {out.resolve()}")
     return out

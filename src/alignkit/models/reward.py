@@ -38,7 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from alignkit.data.chat import Encoded, encode_prompt_completion, end_of_turn_ids, setup_chat_template
+from alignkit.data.collate import pad_collate
+from alignkit.data.preference import _fit_pair
+from alignkit.data.sft import EncodeStats
 from alignkit.errors import UserError
+from alignkit.models.arch import quiet_peft
+from alignkit.models.load import (DTYPES, _check_source, _first_line, hf_load_kwargs, load_model, load_tokenizer,
+                                  save_pretrained)
 from alignkit.ops.masks import last_token_index as mask_last_index
 
 __all__ = [
@@ -72,7 +79,12 @@ CONFIG_KEY = "alignkit_reward"
 
 @dataclass
 class RewardSpec:
-    """What the head means; stored as `alignkit_reward` in config.json."""
+    """What the head means; stored as `alignkit_reward` in config.json.
+
+    kind "scalar": one output, the Bradley-Terry reward (Bradley & Terry 1952; Ouyang et al.
+    2022, arXiv:2203.02155); kind "distributional": `num_scores` = K >= 2 outputs, a
+    distribution over scores 1..K read out by `reward_stat` at `temperature` (see the module
+    docstring). Raises ValueError for an inconsistent combination."""
 
     kind: str = "scalar"
     num_scores: int = 1  # outputs of the head: 1 for scalar, K for distributional
@@ -94,10 +106,13 @@ class RewardSpec:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     def to_dict(self) -> dict:
+        """The spec as the plain dict stored under config.json's `alignkit_reward`."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewardSpec":
+        """The spec of a saved config dict; unknown keys (from newer versions) are ignored.
+        Raises ValueError for inconsistent values (see __post_init__)."""
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -130,14 +145,12 @@ def load_reward_backbone(name_or_path: str, spec: RewardSpec, dtype: str = "floa
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from alignkit.models.load import DTYPES, _check_source, _first_line
-
     _check_source(name_or_path)
     path = os.path.expanduser(name_or_path)
     if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
         path = _merged_adapter_copy(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hf_load_kwargs(path))
     except Exception as e:
         raise UserError(f"{name_or_path}: could not read the model config ({_first_line(e)})") from None
     saved = getattr(config, CONFIG_KEY, None)
@@ -155,7 +168,8 @@ def load_reward_backbone(name_or_path: str, spec: RewardSpec, dtype: str = "floa
     try:
         with _quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, dtype=DTYPES.get(dtype, torch.float32), output_loading_info=True
+                path, config=config, dtype=DTYPES.get(dtype, torch.float32), output_loading_info=True,
+                **hf_load_kwargs(path, weights=True)
             )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -181,8 +195,6 @@ def _merged_adapter_copy(path: str) -> str:
     """Merge a peft adapter into its base and save the result to a temporary folder."""
     import tempfile
 
-    from alignkit.models.load import load_model, load_tokenizer
-
     model = load_model(path)
     model = model.merge_and_unload()
     out = tempfile.mkdtemp(prefix="alignkit-merged-")
@@ -192,6 +204,8 @@ def _merged_adapter_copy(path: str) -> str:
 
 
 def is_adapter_model(model) -> bool:
+    """True when `model` (possibly DDP-wrapped) is a peft.PeftModel, i.e. a reward model trained
+    as an adapter on a frozen backbone."""
     model = getattr(model, "module", model)  # DDP
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
@@ -431,8 +445,6 @@ def fit_temperature(chosen_logits: torch.Tensor, rejected_logits: torch.Tensor, 
 def hf_pad_token_id(tokenizer) -> int | None:
     """pad_token_id for the saved config: the tokenizer's pad id when transformers' "rightmost
     non-pad token" rule finds the same token as ours, else None (see the module docstring)."""
-    from alignkit.data.chat import end_of_turn_ids
-
     pad = tokenizer.pad_token_id
     if pad is None:
         return None
@@ -468,9 +480,6 @@ class RewardModel(torch.nn.Module):
         reward model with one output)."""
         from transformers import AutoModelForSequenceClassification
 
-        from alignkit.data.chat import setup_chat_template
-        from alignkit.models.load import DTYPES, _check_source, _first_line, load_tokenizer
-
         path = os.path.expanduser(str(path))
         _check_source(path)
         tok = load_tokenizer(path)
@@ -481,7 +490,8 @@ class RewardModel(torch.nn.Module):
             return cls(model, tok)
         try:
             with _quiet_transformers():
-                model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES.get(dtype, torch.float32))
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, dtype=DTYPES.get(dtype, torch.float32), **hf_load_kwargs(path, weights=True))
         except Exception as e:
             raise UserError(f"{path}: could not load a reward model ({_first_line(e)})") from None
         model.to(device).eval()
@@ -489,14 +499,13 @@ class RewardModel(torch.nn.Module):
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """A transformers folder (weights, config.json with `alignkit_reward`, tokenizer)."""
-        from alignkit.models.load import save_pretrained
-
         model = getattr(self.model, "module", self.model)
         model.config.update({CONFIG_KEY: self.spec.to_dict()})
         save_pretrained(model, self.tokenizer, out_dir)
 
     @property
     def device(self) -> torch.device:
+        """The device of the backbone's parameters (where `score` puts its batches)."""
         return next(self.model.parameters()).device
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -508,10 +517,9 @@ class RewardModel(torch.nn.Module):
         return rewards_from_logits(self.forward(input_ids, attention_mask, position_ids), self.spec)
 
     def encode(self, prompt, response) -> list[int]:
-        from alignkit.data.chat import encode_prompt_completion
-        from alignkit.data.preference import _fit_pair
-        from alignkit.data.sft import EncodeStats
-
+        """Token ids of prompt + response as the reward model was trained on them
+        (`data.chat.encode_prompt_completion`), cut to the spec's max_length by the rule that cuts
+        training pairs (the prompt's start first, then the response's end)."""
         if isinstance(prompt, list) and isinstance(response, str):
             response = [{"role": "assistant", "content": response}]
         enc = encode_prompt_completion(self.tokenizer, prompt, response)
@@ -527,9 +535,6 @@ class RewardModel(torch.nn.Module):
     def _logits(self, prompts: list, responses: list, batch_size: int) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts and {len(responses)} responses; pass one prompt per response")
-        from alignkit.data.chat import Encoded
-        from alignkit.data.collate import pad_collate
-
         ids = [self.encode(p, r) for p, r in zip(prompts, responses)]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
         out = torch.empty(len(ids), self.spec.num_scores)
@@ -565,8 +570,6 @@ def _load_adapter_reward_model(path: str, dtype: str):
 
     from peft import PeftModel
 
-    from alignkit.models.load import _first_line
-
     spec_file = Path(path) / "reward_config.json"
     if not spec_file.is_file():
         raise UserError(f"{path}: an adapter folder without reward_config.json is not a reward model saved by alignkit")
@@ -579,9 +582,7 @@ def _load_adapter_reward_model(path: str, dtype: str):
     if not hasattr(model, "prepare_inputs_for_generation"):  # see recipes.rm.prepare_reward_trainable
         model.prepare_inputs_for_generation = _no_generation
     try:
-        from alignkit.models.peft import _quiet_peft
-
-        with _quiet_peft():
+        with quiet_peft():
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
     except Exception as e:
         raise UserError(f"{path}: could not load the adapter onto {base} ({_first_line(e)})") from None

@@ -107,10 +107,11 @@ class ValueModel(torch.nn.Module):
         return contextlib.nullcontext()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Activation checkpointing in the backbone's blocks (non-reentrant by default)."""
-        if hasattr(self.backbone, "gradient_checkpointing_enable"):
-            self.backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+        """Activation checkpointing in the backbone's blocks (non-reentrant; the kwargs the trainer
+        passes are accepted for the transformers-style signature)."""
+        from alignkit.models.generation import enable_activation_checkpointing
+
+        enable_activation_checkpointing(self.backbone)
 
     def weights(self) -> dict:
         """CPU copy of the state dict (for the trainer's checkpoints)."""

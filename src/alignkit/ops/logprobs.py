@@ -145,6 +145,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size:
     fit in 2**24 logits elements), each upcast to float32 on its own, under activation
     checkpointing, so neither forward nor backward holds more than one chunk's temporaries
     beyond the input itself. Exact (same math) versus `log_softmax(logits.float()).gather(...)`.
+    Log-probs in nats. Raises ValueError when index.shape != logits.shape[:-1].
     """
     if logits.shape[:-1] != index.shape:
         raise ValueError(f"index shape {tuple(index.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}")
@@ -195,7 +196,11 @@ def chunked_token_logps(
 
     Each chunk runs under `torch.utils.checkpoint`, so autograd keeps only the (N, H) inputs and
     backward rebuilds one (chunk, V) block at a time: memory O(chunk x V), not O(N x V).
-    Gradients w.r.t. hidden, weight and bias equal those of the naive computation.
+    Gradients w.r.t. hidden, weight and bias equal those of the naive computation. Log-probs and
+    entropies in nats. The idea (never materialise the logits of all rows) is that of fused
+    linear cross-entropy kernels (Liger Kernel, Hsu et al. 2024, arXiv:2410.10989), here in plain
+    PyTorch with activation checkpointing. Raises ValueError when weight's last dimension is not
+    hidden's or targets.shape != hidden.shape[:-1].
     """
     H = hidden.shape[-1]
     if weight.shape[-1] != H:
@@ -215,7 +220,8 @@ def chunked_token_logps(
 
 def shift_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """targets[b, t] = input_ids[b, t + 1]; -100 at the last position and wherever position t or
-    t + 1 is padding (attention_mask == 0)."""
+    t + 1 is padding (attention_mask == 0). input_ids, attention_mask: (B, T); returns (B, T)
+    int64, aligned so that logits at position t score targets[:, t]."""
     targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
     if attention_mask is not None:
         real = attention_mask.bool()
@@ -336,8 +342,10 @@ def causal_lm_token_logps(
     positions (prompt tuning prepends virtual tokens), then the chunked log-softmax on them;
     exact but holds the (B, T, V) logits like any plain forward.
 
-    Returns logps (B, T), or (logps, entropy) with `return_entropy=True`.
-    `temperature` divides the logits (after any softcapping), as sampling does.
+    Returns logps (B, T), or (logps, entropy) with `return_entropy=True`, in nats.
+    `temperature` divides the logits (after any softcapping), as sampling does, so "old" and
+    reference log-probs computed here match the sampler's numerics (DESIGN.md rule 6).
+    Raises ValueError when targets.shape != input_ids.shape.
     """
     if targets is None:
         targets = shift_targets(input_ids, attention_mask)

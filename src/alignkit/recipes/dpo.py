@@ -19,7 +19,7 @@ The derivation and every variant's formula are in docs/dpo.md. The recipe, top t
      hash of everything they depend on (model files, data, tokenisation) and reused on resume;
    - `adapter_off`: with an adapter, the reference is the same network with the adapter switched
      off, run per micro-batch without gradients;
-   - `simpo` is reference-free: no reference is loaded or computed.
+   - `simpo` and `orpo` are reference-free: no reference is loaded or computed.
 3. Each micro-batch is ONE forward pass over the chosen rows followed by the rejected rows
    (`pair_collate`); per-token log-probs come from `causal_lm_token_logps` (chunked through the
    LM head, never the full tokens x vocab log-softmax) and are summed over the answer tokens.
@@ -44,7 +44,7 @@ from alignkit.data.chat import setup_chat_template
 from alignkit.data.collate import IGNORE
 from alignkit.data.preference import Pair, load_pairs, pair_collate
 from alignkit.errors import UserError
-from alignkit.losses import dpo_loss
+from alignkit.losses import dpo_loss, log1mexp, orpo_loss
 from alignkit.models import load_tokenizer
 from alignkit.models.peft import is_peft_model, load_base_model, prepare_trainable, reference_logps_context
 from alignkit.ops.logprobs import causal_lm_token_logps
@@ -68,6 +68,7 @@ __all__ = [
 ]
 
 REF_FILE = "ref_logps.pt"
+REFERENCE_FREE = ("simpo", "orpo")  # losses that load and compute no reference
 CACHE_VERSION = 1
 
 # Logged for every step and every evaluation (means over pairs), plus `nll` when sft_weight > 0.
@@ -102,8 +103,8 @@ def _has_adapter(model) -> bool:
 
 
 def resolve_reference(cfg: DPOConfig, model) -> str:
-    """'none' (simpo), 'precompute' or 'adapter_off', from `cfg.reference` and the model."""
-    if cfg.loss == "simpo":
+    """'none' (simpo, orpo), 'precompute' or 'adapter_off', from `cfg.reference` and the model."""
+    if cfg.loss in REFERENCE_FREE:
         return "none"
     adapter = _has_adapter(model)
     if cfg.reference == "auto":
@@ -139,6 +140,8 @@ def pair_loss(model, mb: dict, cfg: DPOConfig, reference: str) -> tuple[torch.Te
     nc, nr = lengths[:B], lengths[B:]
     if rc is not None:
         rc, rr = rc.to(pc.dtype), rr.to(pr.dtype)
+    if cfg.loss == "orpo":
+        return _orpo_pair_loss(pc, pr, nc, nr, cfg)
     losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss,
                                 label_smoothing=cfg.label_smoothing,
                                 gamma=cfg.simpo_gamma if cfg.loss == "simpo" else 0.0,
@@ -163,6 +166,29 @@ def pair_loss(model, mb: dict, cfg: DPOConfig, reference: str) -> tuple[torch.Te
         loss_sum = loss_sum + cfg.sft_weight * nll.sum()
         metrics["nll"] = nll.detach().sum()
     return loss_sum, metrics
+
+
+def _orpo_pair_loss(pc, pr, nc, nr, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
+    """ORPO (`alignkit.losses.orpo_loss`): summed over pairs; the 'rewards' logged are the answers'
+    log-odds, log p/(1-p) with p the geometric-mean token probability."""
+    losses, nll, log_odds_ratio = orpo_loss(pc, pr, nc, nr, cfg.orpo_lambda)
+    with torch.no_grad():
+        mean_c, mean_r = pc.detach() / nc.clamp(min=1), pr.detach() / nr.clamp(min=1)
+        tiny = torch.finfo(mean_c.dtype).tiny
+        odds_c = mean_c - log1mexp(mean_c.clamp(max=-tiny))
+        odds_r = mean_r - log1mexp(mean_r.clamp(max=-tiny))
+        metrics = {
+            "rewards/chosen": odds_c.sum(),
+            "rewards/rejected": odds_r.sum(),
+            "rewards/accuracy": (log_odds_ratio > 0).sum(),
+            "rewards/margin": log_odds_ratio.sum(),
+            "logps/chosen": pc.detach().sum(),
+            "logps/rejected": pr.detach().sum(),
+            "logps/chosen_mean": mean_c.sum(),
+            "logps/rejected_mean": mean_r.sum(),
+            "nll": nll.detach().sum(),
+        }
+    return losses.sum(), metrics
 
 
 def dpo_loss_fn(cfg: DPOConfig, reference: str):
@@ -331,7 +357,7 @@ def evaluate_pairs(model, pairs: list[Pair], cfg: DPOConfig, reference: str, pad
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    keys = ["loss", *METRICS] + (["nll"] if cfg.sft_weight > 0 else [])
+    keys = ["loss", *METRICS] + (["nll"] if cfg.sft_weight > 0 or cfg.loss == "orpo" else [])
     sums = dict.fromkeys(keys, 0.0)
     mine = list(range(dist.rank, len(pairs), dist.world))
     try:
@@ -357,18 +383,28 @@ def evaluate_pairs(model, pairs: list[Pair], cfg: DPOConfig, reference: str, pad
 def _check(cfg: DPOConfig) -> None:
     if not cfg.data:
         raise UserError("no training data; pass data=PATH (rows with prompt/chosen/rejected, or chosen/rejected)")
-    if (cfg.reference == "adapter_off" and cfg.loss != "simpo" and cfg.peft.method == "none"
+    if cfg.loss == "orpo" and cfg.reference != "auto":
+        raise UserError(f"loss=orpo is reference-free: reference={cfg.reference} is not used; drop it (or pick a "
+                        "loss with a reference: sigmoid, ipo, hinge, robust)")
+    if cfg.loss == "orpo" and cfg.sft_weight:
+        raise UserError("loss=orpo already holds the chosen answer's NLL; set sft_weight=0 and weigh the odds-ratio "
+                        "term with orpo_lambda")
+    if (cfg.reference == "adapter_off" and cfg.loss not in REFERENCE_FREE and cfg.peft.method == "none"
             and not (Path(os.path.expanduser(cfg.model)) / "adapter_config.json").is_file()):
         raise UserError("reference=adapter_off needs an adapter (set peft.method=lora, ...); without one use "
                         "reference=precompute")
-    if cfg.label_smoothing and cfg.loss in ("ipo", "hinge"):
+    if cfg.label_smoothing and cfg.loss in ("ipo", "hinge", "orpo"):
         raise UserError(f"label_smoothing is not defined for loss={cfg.loss}; use loss=sigmoid (cDPO), robust or "
                         "simpo, or set label_smoothing=0")
 
 
 def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
     """Run DPO (or a variant) as configured; returns the final evaluation metrics (empty without
-    eval_data). `model` / `tokenizer` may be passed in already loaded."""
+    eval_data). `model` / `tokenizer` may be passed in already loaded. loss=kto is a recipe of
+    its own (`alignkit.recipes.kto.train_kto`, which builds on this file); `alignkit dpo
+    loss=kto` dispatches there in the CLI."""
+    if cfg.loss == "kto":
+        raise ValueError("loss=kto: call alignkit.recipes.kto.train_kto (KTO trains on unpaired rows)")
     _check(cfg)
     dist = init_distributed()
     seed_everything(cfg.seed)
@@ -389,6 +425,7 @@ def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
     trainer = Trainer(cfg, model, tok, recipe="dpo", total_steps=total_steps, dist_info=dist)
     trainer.info(f"data: {cfg.data}: {stats.summary()}")
     extra = f", simpo_gamma={cfg.simpo_gamma}" if cfg.loss == "simpo" else ""
+    extra += f", orpo_lambda={cfg.orpo_lambda}" if cfg.loss == "orpo" else ""
     trainer.info(f"dpo: loss={cfg.loss}, beta={cfg.beta}{extra}, label_smoothing={cfg.label_smoothing}, "
                  f"sft_weight={cfg.sft_weight}, reference={reference}")
     pad = tok.pad_token_id
@@ -413,27 +450,3 @@ def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
 
     return run_offline(trainer, len(pairs), make_batch, dpo_loss_fn(cfg, reference), lambda mb: mb["n_pairs"],
                        eval_fn=eval_fn, prepare=prepare)
-
-
-# ---------------------------------------------------------------------------------------------- toy pairs
-
-def onpolicy_pairs(model_dir: str, prompts: list[dict], samples: int = 1, temperature: float = 1.0,
-                   seed: int = 0, max_new_tokens: int = 24) -> list[dict]:
-    """Toy preference pairs from the model's own mistakes: for each prompt, `samples` completions
-    at `temperature`; every completion that is not fully right (wrong total or wrong format)
-    becomes the rejected answer of a pair whose chosen answer is the reference answer."""
-    from alignkit.eval.generate import generate_texts
-    from alignkit.models import load_model
-    from alignkit.toy import world
-
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir)
-    rows = []
-    for s in range(samples):
-        texts = generate_texts(model, tok, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens,
-                               batch_size=64, temperature=temperature, seed=seed * 1000 + s)
-        for p, text in zip(prompts, texts):
-            if world.score(text, p["total"])["reward"] < world.CORRECT_REWARD:
-                rows.append({"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["answer"]}],
-                             "rejected": [{"role": "assistant", "content": text}], "total": p["total"]})
-    return rows

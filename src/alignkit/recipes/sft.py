@@ -10,19 +10,16 @@ log-likelihood over the trained tokens of the whole global batch divided by thei
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from alignkit.config import SFTConfig
 from alignkit.data.chat import setup_chat_template
 from alignkit.data.collate import IGNORE, n_trained, pack_collate, pad_collate
 from alignkit.data.sft import load_sft_data
+from alignkit.eval.metrics import eval_nll
 from alignkit.models import load_tokenizer
 from alignkit.models.peft import load_base_model, prepare_trainable
 from alignkit.ops.logprobs import causal_lm_token_logps
-from alignkit.training.dist import all_reduce_sum, init_distributed
-from alignkit.training.loop import run_offline, steps_for, to_device
+from alignkit.training.dist import init_distributed
+from alignkit.training.loop import run_offline, steps_for
 from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = ["SFTConfig", "train_sft", "sft_loss_fn"]
@@ -42,24 +39,6 @@ def sft_loss_fn(chunk_size: int):
     return loss_fn
 
 
-@torch.no_grad()
-def eval_nll(model, rows, make_batch, batch_size: int, chunk_size: int, dist, autocast) -> dict:
-    """Token-mean NLL and perplexity over `rows`, split across ranks."""
-    model.eval()
-    total, count = 0.0, 0
-    mine = list(range(dist.rank, len(rows), dist.world))
-    for i in range(0, len(mine), batch_size):
-        mb = make_batch(mine[i:i + batch_size])
-        mb = to_device(mb, dist.device)
-        with autocast():
-            lp = causal_lm_token_logps(model, mb["input_ids"], attention_mask=mb["attention_mask"],
-                                       position_ids=mb["position_ids"], targets=mb["targets"], chunk_size=chunk_size)
-        mask = mb["targets"] != IGNORE
-        total += float(-(lp.float() * mask).sum())
-        count += int(mask.sum())
-    red = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64), dist)
-    nll = float(red[0] / max(red[1], 1))
-    return {"eval_loss": nll, "eval_ppl": math.exp(min(nll, 50.0)), "eval_tokens": int(red[1])}
 
 
 def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
@@ -71,7 +50,7 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
     tok = tokenizer or load_tokenizer(cfg.model)
     from alignkit.agents import resolve_chat_template
 
-    setup_chat_template(tok, resolve_chat_template(cfg.chat_template))
+    template_note = setup_chat_template(tok, resolve_chat_template(cfg.chat_template))
     rows, stats = load_sft_data(cfg.data, cfg.data_split, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt)
     eval_rows = None
     if cfg.eval_data:
@@ -84,6 +63,8 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
         model.config.use_cache = False
     total_steps = steps_for(cfg, len(rows), dist.world)
     trainer = Trainer(cfg, model, tok, recipe="sft", total_steps=total_steps, dist_info=dist)
+    if template_note:
+        trainer.info(template_note)
     trainer.info(f"data: {cfg.data}: {stats.summary()}")
     def make_batch(idx, source=rows):
         picked = [source[i] for i in idx]

@@ -22,7 +22,10 @@ Randomness comes from one `torch.Generator` seeded per call, so a seed gives the
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -31,6 +34,12 @@ from alignkit.data.chat import encode_prompt, end_of_turn_ids
 
 @dataclass
 class SamplingParams:
+    """How to sample: `n` completions per prompt of at most `max_new_tokens` tokens, from
+    softmax(logits / temperature) (0 = greedy) truncated to the `top_k` most likely tokens (0 =
+    off) and to the smallest set of mass >= `top_p` (nucleus sampling, Holtzman et al. 2019,
+    arXiv:1904.09751); `stop`: strings that end a completion; `seed`: the call's generator seed;
+    `batch_size`: prompts prefilled together (each becomes n sequences)."""
+
     n: int = 1
     max_new_tokens: int = 128
     temperature: float = 1.0  # 0 = greedy
@@ -43,6 +52,12 @@ class SamplingParams:
 
 @dataclass
 class Sample:
+    """One completion: which prompt it answers (`prompt_index` into the call's prompts), the
+    prompt's and the completion's token ids, `logprobs` (one per completion token, nats, under
+    softmax(logits / temperature) before truncation), the decoded `text` and why it ended
+    (`finish_reason`: "eos" = an end-of-turn token, kept as the last id; "stop" = a stop
+    string; "length" = max_new_tokens reached without either)."""
+
     prompt_index: int
     prompt_ids: list[int]
     completion_ids: list[int]
@@ -53,6 +68,10 @@ class Sample:
 
 @dataclass
 class RolloutBatch:
+    """The samples of one `RolloutEngine.generate` call, grouped by prompt (prompt i's
+    `group_size` samples at [i * group_size, (i + 1) * group_size)), and the call's counters
+    (`stats`: prefill_tokens, decode_steps, decode_tokens)."""
+
     samples: list[Sample]
     group_size: int
     stats: dict = field(default_factory=dict)
@@ -62,6 +81,7 @@ class RolloutBatch:
 
     @property
     def texts(self) -> list[str]:
+        """The decoded completions, in sample order."""
         return [s.text for s in self.samples]
 
     def tensors(self, pad_id: int) -> dict:
@@ -131,7 +151,10 @@ def _needs_hf_generate(model) -> bool:
 
 
 class RolloutEngine:
-    """Holds the tokenizer-derived settings; `generate` samples completions."""
+    """Batched, KV-cached sampling from a causal LM (see the module docstring).
+
+    Holds the tokenizer-derived settings: the ids that end a turn (`stop_token_ids`, default the
+    tokenizer's end-of-turn / eos ids) and the pad id. `generate` samples completions."""
 
     def __init__(self, tokenizer, stop_token_ids: set[int] | None = None):
         self.tok = tokenizer
@@ -139,12 +162,16 @@ class RolloutEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
 
     def encode(self, prompts: list) -> list[list[int]]:
+        """Token ids of each prompt: message lists through the chat template with the generation
+        prompt, text as is (see `data.chat.encode_prompt`), token-id lists unchanged."""
         return [list(p) if _is_ids(p) else encode_prompt(self.tok, p) for p in prompts]
 
     @torch.inference_mode()
-    def generate(self, model, prompts: list, params: SamplingParams) -> RolloutBatch:
+    def generate(self, model, prompts: list, params: SamplingParams,
+                 on_chunk: Callable[[int], None] | None = None) -> RolloutBatch:
         """prompts: message lists, text, or token-id lists. Samples come grouped by prompt:
-        prompt i's n samples are at positions [i*n, (i+1)*n)."""
+        prompt i's n samples are at positions [i*n, (i+1)*n). on_chunk(k) is called after each
+        chunk of k prompts (a progress bar's update)."""
         was_training = model.training
         model.eval()
         gen = torch.Generator().manual_seed(params.seed)
@@ -155,6 +182,8 @@ class RolloutEngine:
             for start in range(0, len(ids), params.batch_size):
                 chunk = ids[start:start + params.batch_size]
                 samples += self._generate_chunk(model, chunk, start, params, gen, stats)
+                if on_chunk is not None:
+                    on_chunk(len(chunk))
         finally:
             model.train(was_training)
         return RolloutBatch(samples, params.n, stats)
@@ -176,10 +205,11 @@ class RolloutEngine:
         input_ids, attn = input_ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=getattr(model, "config", None))
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        cache_kw = _cache_kwarg(model)
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **{cache_kw: cache})
         stats["prefill_tokens"] += int(attn.sum())
-        cache = out.past_key_values
+        cache = _out_cache(out)
         logits = out.logits[:, -1]
         # share the prefill (repeat the cache, not the computation) and give each layer room for every
         # token still to come, so decoding writes in place instead of re-concatenating the cache
@@ -195,7 +225,7 @@ class RolloutEngine:
         lps: list[list[float]] = [[] for _ in range(B)]
         reason: list[str | None] = [None] * B
         stop_ids = torch.tensor(sorted(self.stop_ids), device=device)
-        max_stop = max((len(s) for s in p.stop), default=0)
+        max_stop = max((len(s) for s in p.stop), default=0)  # characters
         for step in range(p.max_new_tokens):
             tok, lp = sample_tokens(logits, p, gen)
             stats["decode_tokens"] += int(tok.numel())
@@ -221,17 +251,28 @@ class RolloutEngine:
                 live, tok, attn, next_pos = live[k], tok[k], attn[k], next_pos[k]
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True)
+                        use_cache=True, **{cache_kw: cache})
             stats["decode_steps"] += 1
-            cache = out.past_key_values
+            cache = _out_cache(out)
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
         return [self._finish(offset + b // n, chunk[b // n], comp[b], lps[b], reason[b] or "length", p)
                 for b in range(B)]
 
     def _hit_stop(self, comp: list[int], stops, max_stop: int) -> bool:
-        tail = self.tok.decode(comp[-(max_stop + 8):], skip_special_tokens=False)
-        return any(s in tail for s in stops)
+        """Whether a stop string appears in the decoded completion. Only its end can be new, so
+        only a tail is decoded: a window of tokens grown until its text holds the longest stop
+        string plus a guard of characters. A token can carry a fraction of a character (byte-level
+        tokenizers split CJK and emoji into up to 4 byte tokens), so the window is counted in
+        decoded characters, never assumed from the stop string's length; the guard covers the
+        partial character a window can start inside."""
+        need = max_stop + _WINDOW_GUARD_CHARS
+        w = 4 * max_stop + 8  # enough tokens for most tokenizers at once
+        while True:
+            tail = self.tok.decode(comp[-w:], skip_special_tokens=False)
+            if w >= len(comp) or len(tail) >= need:
+                return any(s in tail for s in stops)
+            w *= 2
 
     def _finish(self, pi: int, prompt: list[int], comp: list[int], lps: list[float], reason: str,
                 p: SamplingParams) -> Sample:
@@ -258,17 +299,60 @@ class RolloutEngine:
                   return_dict_in_generate=True)
         if p.temperature > 0:
             kw.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0)
-        res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
+        with warnings.catch_warnings():
+            # peft's generate passes position ids it then ignores (virtual tokens shift them): not the user's concern
+            warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
+            res = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
         seqs = res.sequences[:, Tp:]
         out = []
         for b in range(seqs.shape[0]):
             row = seqs[b].tolist()
             cut = next((k + 1 for k, t in enumerate(row) if t in self.stop_ids), len(row))
             comp = row[:cut]
-            lps = [float(torch.log_softmax(res.scores[k][b].float(), -1)[t]) for k, t in enumerate(comp)]
             reason = "eos" if comp and comp[-1] in self.stop_ids else "length"
+            if p.stop and reason != "eos":  # stop strings, as the engine applies them token by token
+                max_stop = max(len(s) for s in p.stop)
+                end = next((k for k in range(1, len(comp) + 1) if self._hit_stop(comp[:k], p.stop, max_stop)), None)
+                if end is not None:
+                    comp, reason = comp[:end], "stop"
+            lps = [float(torch.log_softmax(res.scores[k][b].float(), -1)[t]) for k, t in enumerate(comp)]
             out.append(self._finish(offset + b // p.n, chunk[b // p.n], comp, lps, reason, p))
         return out
+
+
+# Characters of decoded text ahead of the longest stop string in the window `_hit_stop` decodes:
+# the window's first token may start inside a character and decode to replacement characters.
+_WINDOW_GUARD_CHARS = 4
+
+
+@functools.cache
+def _cache_renamed() -> bool:
+    """Whether this transformers names the KV cache `cache` (its forward and outputs), as
+    transformers 5.x does, where `past_key_values` still works but emits a FutureWarning."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+
+
+def _cache_kwarg(model) -> str:
+    """The forward keyword that takes the KV cache for this model: the name its own forward
+    declares (a model from the hub may predate the rename), else this transformers' name."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    return "cache" if _cache_renamed() else "past_key_values"
+
+
+def _out_cache(out):
+    """The KV cache a forward returned, under either name, without touching a deprecated one."""
+    cache = getattr(out, "cache", None) if _cache_renamed() else None
+    return cache if cache is not None else out.past_key_values
 
 
 @functools.cache

@@ -11,6 +11,9 @@ import torch.distributed as dist
 
 @dataclass
 class DistInfo:
+    """This process's place in a data-parallel run: `rank` of `world` processes, `local_rank` on
+    its node, and the `device` it computes on. The default is one process on the CPU."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -18,14 +21,19 @@ class DistInfo:
 
     @property
     def main(self) -> bool:
+        """True on rank 0, the process that writes logs, checkpoints and the final model."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """True when more than one process runs (collectives are real, not no-ops)."""
         return self.world > 1
 
 
 def init_distributed() -> DistInfo:
+    """Read WORLD_SIZE / RANK / LOCAL_RANK (set by torchrun; absent: one process), pick the device
+    (cuda:LOCAL_RANK when CUDA is available, else CPU) and, with several processes, start the
+    process group once (nccl on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,6 +48,8 @@ def init_distributed() -> DistInfo:
 
 
 def all_reduce_sum(x: torch.Tensor | float, info: DistInfo) -> torch.Tensor:
+    """The sum of `x` over all processes, as a new CPU tensor (a float becomes a float64 scalar);
+    `x` itself is not modified. One process: a copy of `x`. A collective: every rank must call it."""
     t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
     if info.enabled:
         dev = info.device if info.device.type == "cuda" else torch.device("cpu")
@@ -49,11 +59,13 @@ def all_reduce_sum(x: torch.Tensor | float, info: DistInfo) -> torch.Tensor:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait until every process gets here (no-op with one process)."""
     if info.enabled:
         dist.barrier()
 
 
 def broadcast_object(obj, info: DistInfo):
+    """Rank 0's `obj` (any picklable value) on every process; `obj` itself with one process."""
     if not info.enabled:
         return obj
     box = [obj]

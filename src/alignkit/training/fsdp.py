@@ -31,81 +31,23 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
+from alignkit.models.arch import transformer_blocks
+
+# Which mode a run uses and what each rank loads are decided while loading, one layer down, and
+# re-exported here for the trainer and the recipes.
+from alignkit.models.sharding import (  # noqa: F401
+    check_fsdp_config,
+    empty_model_for_fsdp,
+    meta_model,
+    resolve_mode,
+    total_params,
+)
+from alignkit.training import checkpoint as ckpt
 
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint folder inside a checkpoint
 
 
-def total_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def resolve_mode(cfg, world: int, model: torch.nn.Module) -> str:
-    """'none' | 'ddp' | 'fsdp' for `cfg.distributed` with `world` processes."""
-    mode = cfg.distributed
-    if world <= 1:
-        return "none"
-    if mode == "none":
-        raise UserError(f"distributed=none, but {world} processes were started; use distributed=ddp or "
-                        "distributed=fsdp, or start one process")
-    if mode == "auto":
-        if cfg.peft.method in ("qlora", "prefix", "prompt"):
-            return "ddp"
-        return "fsdp" if total_params(model) >= cfg.fsdp.auto_min_params else "ddp"
-    return mode
-
-
-def empty_model_for_fsdp(cfg, dtype: str = "float32") -> torch.nn.Module | None:
-    """On ranks other than 0 of a run that will use FSDP: the model built on the meta device (no
-    memory, no reading of the weights); `FSDPModel` fills its shards from rank 0. None otherwise
-    (load as usual). Each process would otherwise hold the whole float32 model in CPU memory before
-    sharding: 8 x 282 GB on a node for a 70B model."""
-    import os
-
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world <= 1 or rank == 0 or getattr(cfg, "distributed", "none") not in ("fsdp", "auto"):
-        return None
-    model = meta_model(cfg.model, dtype)
-    if model is None or resolve_mode(cfg, world, model) != "fsdp":
-        return None
-    return model
-
-
-def meta_model(name_or_path: str, dtype: str = "float32") -> torch.nn.Module | None:
-    """The causal LM of `name_or_path`'s config on the meta device (shapes only), or None when it
-    cannot be built that way (the normal loading path then reports any problem)."""
-    import os
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from alignkit.models.load import DTYPES
-
-    path = Path(os.path.expanduser(name_or_path))
-    if (path / "adapter_config.json").is_file():  # an adapter folder: peft loads it onto its base
-        return None
-    try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=DTYPES.get(dtype, torch.float32))
-    except Exception:
-        return None
-
-
-def check_fsdp_config(cfg) -> None:
-    method = cfg.peft.method
-    if method == "qlora":
-        raise UserError("distributed=fsdp with peft.method=qlora: bitsandbytes 4-bit weights cannot be sharded "
-                        "by FSDP2; use distributed=ddp (each GPU holds the 4-bit base) or peft.method=lora")
-    if method in ("prefix", "prompt"):
-        raise UserError(f"distributed=fsdp with peft.method={method}: prompt-learning adapters are not supported "
-                        "under FSDP; use distributed=ddp or peft.method=lora")
-    if cfg.dtype == "float16":
-        raise UserError("distributed=fsdp with dtype=float16: float16 needs loss scaling, which alignkit does "
-                        "not run under FSDP; use dtype=bfloat16 or dtype=float32")
-
-
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from alignkit.models.peft import transformer_blocks
-
     try:
         _, blocks = transformer_blocks(model)
     except UserError:
@@ -211,6 +153,7 @@ class FSDPModel:
         self.model.unshard()
 
     def load(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+        """Collective: read a sharded checkpoint written by `save` (any number of processes)."""
         self.model.reshard()
         load_sharded(self.model, optimizer, path)
         self.model.unshard()
@@ -228,6 +171,7 @@ class FSDPModel:
 
 
 def all_reduce_max(x: float, device: torch.device) -> float:
+    """Collective: the largest `x` over all processes."""
     t = torch.tensor([x], dtype=torch.float32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t[0])
@@ -244,8 +188,6 @@ def _fill_from_rank0(model: torch.nn.Module, full: dict) -> None:
     # Every process seeded alike and would have drawn alike while loading from disk; building on
     # the meta device must not leave them on different random streams (modules added later, such
     # as PPO's critic adapter, are initialised from them on every process).
-    from alignkit.training import checkpoint as ckpt
-
     box = [ckpt.rng_state() if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(box, src=0)
     ckpt.set_rng_state(box[0])
@@ -260,6 +202,8 @@ def _options():
 
 
 def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Collective: write the trainable weights and the optimizer state to the folder `path` with
+    torch.distributed.checkpoint, each process its own shards (frozen weights are left out)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -270,8 +214,9 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path:
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Load a sharded checkpoint into `model` / `optimizer`, sharded or not, on any number of
     processes (torch.distributed.checkpoint reshards as it reads)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from alignkit.training.checkpoint import safe_dcp_load
 
     msd, osd = get_state_dict(model, optimizer, options=_options())
     state = {"model": msd, "optim": osd}
@@ -280,7 +225,10 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path:
             # One process without a process group (a multi-GPU run resumed on one) reads every shard:
             # intended, so torch's notice about it is noise.
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+            # Never unpickles: the folder may come from someone else (see checkpoint.safe_dcp_load).
+            safe_dcp_load(state, path, no_dist=not torch.distributed.is_initialized())
+    except UserError:
+        raise
     except Exception as e:  # a different model / trainable set / adapter than the run that wrote it
         msg = str(e).strip().splitlines()
         raise UserError(f"{path.parent}: sharded checkpoint does not match this run ({(msg[0] if msg else '')[:200]}); "

@@ -190,10 +190,17 @@ def run_loop(trainer, step_fn: Callable[[int, StepClock], StepResult], *, update
 
 def steps_for(cfg: TrainConfig, n_rows: int, world: int) -> int:
     """Optimizer steps of an offline run: `max_steps` when set, else `epochs` x full global
-    batches per epoch (at least 1)."""
+    batches per epoch (at least 1). Raises UserError when `n_rows` is less than one global batch
+    (before the Trainer creates the run folder)."""
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    per_epoch = n_rows // global_batch
+    if per_epoch == 0:  # checked here, before the Trainer creates the run folder
+        raise UserError(
+            f"the data has {n_rows} usable rows, fewer than one global batch of {global_batch} "
+            f"(batch_size x grad_accum x processes); lower batch_size/grad_accum or add rows"
+        )
     if cfg.max_steps and cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = n_rows // (cfg.batch_size * cfg.grad_accum * world)
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 

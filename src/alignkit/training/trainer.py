@@ -16,6 +16,7 @@ for 1 x 8, 4 x 2 and 2 ranks x 4.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -30,8 +31,9 @@ import torch
 from alignkit.config import TrainConfig, dump_config
 from alignkit.errors import UserError
 from alignkit.training import checkpoint as ckpt
-from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from alignkit.training.logging import MetricsLog, plot_metrics
+from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from alignkit.training.logging import MetricsLog, plot_metrics, progress_bar, say
+from alignkit.training.loop import to_device
 
 # loss_fn(model, micro_batch) -> (loss_sum: scalar tensor, metric_sums: dict[str, float|tensor])
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -150,7 +152,7 @@ class Trainer:
         self.total_steps = total_steps
         self.step = 0
         self.extra_state: dict[str, Callable] = {}  # name -> (get, set) pairs registered by recipes
-        self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._print = log or say  # tqdm.write: never on the line of a bar (this run's or an outer one)
         self.device = self.dist.device
         self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
 
@@ -162,7 +164,9 @@ class Trainer:
             raise UserError("the model has 0 trainable parameters; check the PEFT / freezing settings")
         self.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from alignkit.models.generation import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
             if hasattr(model, "config"):
                 model.config.use_cache = False
         from alignkit.training import fsdp as fsdp_lib
@@ -211,8 +215,16 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main and log_metrics,
-                                  tensorboard=cfg.tensorboard and log_metrics)
+        # Trackers create their folders and files at once (TensorBoard's events file): opened in
+        # prepare_run_dir, once the folder is this run's (locked, and cleared under overwrite=true).
+        self._log_metrics = log_metrics
+        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main and log_metrics, report_to="none")
+        self._lock: ckpt.RunLock | None = None
+        # Staging folders carry rank 0's PID: unique per run, the same on every process of it.
+        self._tag = int(all_reduce_sum(os.getpid() if self.dist.main else 0, self.dist))
+        self._ref_norm = self._param_norm()[0]  # the weights' norm where the run started (health checks)
+        self._last = {"loss": None, "grad_norm": None}
+        self._retune = False  # resuming a diverged run with a new lr / schedule (see prepare_run_dir)
         self._t0 = time.time()
         self._bar = None
 
@@ -291,8 +303,6 @@ class Trainer:
 
     def to_device(self, batch: dict) -> dict:
         """`alignkit.training.loop.to_device` onto this trainer's device."""
-        from alignkit.training.loop import to_device
-
         return to_device(batch, self.device)
 
     def optimizer_state(self) -> dict:
@@ -391,11 +401,7 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not math.isfinite(metrics["loss"]) or (not torch.isfinite(gnorm) and self.scaler is None):
             self.optimizer.zero_grad(set_to_none=True)
-            path = (self._on_diverge or self.save_checkpoint)()
-            raise TrainingDiverged(
-                f"step {self.step + 1}: loss is {metrics['loss']} (grad norm {float(gnorm):.3g}); stopped before the "
-                f"update, last good state saved at {path}; lower lr or check the data"
-            )
+            self._diverged(metrics["loss"], float(gnorm))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -407,9 +413,58 @@ class Trainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["grad_norm"] = float(gnorm)
+        self._last = {"loss": metrics["loss"], "grad_norm": float(gnorm)}
         self.step += 1
         return metrics
 
+    # ------------------------------------------------------------------ health of the weights
+    def _param_norm(self) -> tuple[float, int]:
+        """(L2 norm, element count) of the trainable weights, over all shards under FSDP."""
+        params = [p.detach() for p in self._trainable()]
+        if not params:
+            return 0.0, 0
+        total = torch.nn.utils.get_total_norm(params, 2.0)
+        if hasattr(total, "full_tensor"):  # FSDP: a partial norm per process
+            total = total.full_tensor()
+        return float(total), int(sum(p.numel() for p in params))
+
+    def _health(self) -> dict:
+        """Whether the weights are usable: finite, and their norm not blown up. Blown up means
+        above 10x the norm where the run started plus sqrt(n) (an RMS of 1 per weight, so that
+        weights that start near 0, such as a LoRA B or a fresh head, may grow). An optimizer step
+        that throws the weights to |w| ~ 1e10 leaves the loss finite for a step or two; resuming
+        from such a state fails again, so it never counts as the state to go back to."""
+        norm, numel = self._param_norm()
+        limit = 10.0 * self._ref_norm + math.sqrt(numel)
+        sane = math.isfinite(norm) and norm <= limit
+        return {"sane": sane, "param_norm": norm, "ref_param_norm": self._ref_norm, "limit": limit,
+                "loss": self._last["loss"], "grad_norm": self._last["grad_norm"]}
+
+    def _diverged(self, loss: float, gnorm: float) -> None:
+        """The non-finite stop: keep a state that can be resumed, say which, and raise."""
+        h = self._health()  # collective under FSDP, as is save_checkpoint
+        head = (f"step {self.step + 1}: loss is {loss} (grad norm {gnorm:.3g})" if not math.isfinite(loss) else
+                f"step {self.step + 1}: grad norm is {gnorm} (loss {loss:.4g})") + "; stopped before the update"
+        if h["sane"]:
+            # the critic's Trainer saves the whole run's checkpoint (policy and critic) through on_diverge
+            good: Path | None = (self._on_diverge or self.save_checkpoint)()
+            what = f"last good state saved at {good}"
+            fix = f"resume from it with a lower lr (resume={good} lr=...) or check the data"
+        else:
+            good = ckpt.latest_sane_checkpoint(self.run_dir, at_most=self.step)
+            ratio = h["param_norm"] / max(self._ref_norm, 1e-12)
+            what = (f"the weights had already blown up (parameter norm {h['param_norm']:.3g}, {ratio:.3g}x the "
+                    "start), so this state is not saved")
+            if good is not None:
+                what += f"; the last checkpoint with sane weights is {good}"
+                fix = f"resume from it with a lower lr (resume={good} lr=...)"
+            else:
+                fix = "no checkpoint holds sane weights: start again with a lower lr (overwrite=true lr=...)"
+        if self.dist.main:
+            rec = {"step": self.step + 1, "loss": str(loss), "grad_norm": str(gnorm), "resume_from":
+                   str(good) if good is not None else None, "param_norm": str(h["param_norm"])}
+            (self.run_dir / ckpt.DIVERGED_FILE).write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+        raise TrainingDiverged(f"{head}; {what}; {fix}")
     def skip_update(self, metrics: dict) -> dict:
         """Count an optimizer step that has nothing to train on (every sample masked, every group
         tied, no sample kept): no update, gradients dropped, the schedule advances as after an
@@ -423,38 +478,159 @@ class Trainer:
 
     # ------------------------------------------------------------------ run folder
     def prepare_run_dir(self) -> Path | None:
-        """Create the run folder; return the checkpoint to resume from, if any."""
-        cfg = self.cfg
+        """Take the run folder for this run; return the checkpoint to resume from, if any.
+
+        Rank 0 creates the folder and takes its lock (a second run on it: UserError), then,
+        under the lock: removes staging leftovers of killed writes; with `overwrite=true`
+        removes the earlier run; with `resume` picks the checkpoint (the newest with sane
+        weights; after a divergence the one the stop named), refuses old pickle checkpoints and
+        settings that change the run's arithmetic (see `checkpoint.config_changes`), and drops
+        metrics records after the checkpoint's step. Every process gets the same answer or the
+        same error."""
+        err: UserError | None = None
         resume_from: Path | None = None
         if self.dist.main:
-            ckpt.clean_stale_tmp(self.run_dir)
+            created = not self.run_dir.exists()
+            try:
+                resume_from = self._prepare_main()
+            except UserError as e:
+                err = e
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
+                if created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                    self.run_dir.rmdir()  # nothing of this run is left behind
+        failed = float(all_reduce_sum(1.0 if err is not None else 0.0, self.dist))
+        if err is not None:
+            raise err
+        if failed:
+            raise UserError(f"{self.run_dir}: the main process could not prepare output_dir (see its message)")
+        got = broadcast_object(str(resume_from) if resume_from is not None else None, self.dist)
+        resume_from = Path(got) if got is not None else None
+        self._retune = bool(broadcast_object(self._retune, self.dist))
+        barrier(self.dist)
+        return resume_from
+
+    def _prepare_main(self) -> Path | None:
+        cfg = self.cfg
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.run_dir}: cannot create output_dir ({e.strerror or e}); pick another "
+                            "output_dir") from None
+        if not self.run_dir.is_dir():
+            raise UserError(f"{self.run_dir}: output_dir is not a folder; pick another output_dir")
+        lock = ckpt.RunLock(self.run_dir)
+        try:
+            lock.acquire()
+        except OSError as e:
+            raise UserError(f"{self.run_dir}: cannot write into output_dir ({e.strerror or e}); pick another "
+                            "output_dir") from None
+        self._lock = lock
+        if self._lock.previous and not self._lock.previous.startswith(f"{os.getpid()} "):
+            self.info(f"{self.run_dir}: taking over the lock of a run that ended without releasing it "
+                      f"(PID {self._lock.previous.split()[0]})")
+        ckpt.clean_stale_tmp(self.run_dir)  # only now: under the lock no live run has staging folders here
+        resume_from: Path | None = None
+        diverged = self._read_diverged(self.run_dir)
         if cfg.resume:
             if isinstance(cfg.resume, str) and cfg.resume.lower() not in ("true", "latest"):
                 resume_from = Path(cfg.resume)
-                if not (resume_from / ckpt.STATE_FILE).is_file():
+                if not ((resume_from / ckpt.STATE_FILE).is_file() or (resume_from / ckpt.LEGACY_STATE_FILE).is_file()):
                     raise UserError(f"resume={cfg.resume}: not a checkpoint folder (no {ckpt.STATE_FILE})")
+                if resume_from.resolve().parent.parent != self.run_dir.resolve():
+                    diverged = self._read_diverged(resume_from.resolve().parent.parent)
             else:
-                resume_from = ckpt.latest_checkpoint(self.run_dir)
-                if resume_from is None:
-                    self.info(f"resume: no checkpoint in {self.run_dir}/checkpoints; starting from scratch")
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not cfg.overwrite:
-            if (self.run_dir / "config.json").exists() or ckpt.list_checkpoints(self.run_dir):
+                resume_from = self._pick_checkpoint(diverged)
+            if resume_from is None:
+                dropped = ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", 0)
+                (self.run_dir / ckpt.DIVERGED_FILE).unlink(missing_ok=True)  # a new start: no lr changes later
+                if ckpt.latest_checkpoint(self.run_dir) is None:  # else _pick_checkpoint said why
+                    self.info(f"resume: no checkpoint in {self.run_dir}/checkpoints; starting from scratch"
+                              + (f" (dropped {dropped} metrics records of the earlier attempt)" if dropped else ""))
+            else:
+                self._check_resume(resume_from, diverged)
+        elif ckpt.holds_run(self.run_dir):
+            if not cfg.overwrite:
                 raise UserError(
                     f"{self.run_dir}: output_dir already holds a run; pass resume=true to continue it, "
                     "overwrite=true to replace it, or another output_dir"
                 )
-        barrier(self.dist)
-        if self.dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-            if not cfg.resume and cfg.overwrite:
-                for name in ("metrics.jsonl",):
-                    (self.run_dir / name).unlink(missing_ok=True)
-        barrier(self.dist)
+            reads = ("model", "data", "eval_data", "ref_model")
+            inside = [f"{k}={v}" for k, v in cfg.model_dump().items() if k in reads and isinstance(v, str) and v
+                      and Path(v).exists() and Path(v).resolve().is_relative_to(self.run_dir.resolve())]
+            if inside:
+                raise UserError(f"{inside[0]} lies inside output_dir {self.run_dir}, which overwrite=true would "
+                                "remove; copy it out first or pick another output_dir")
+            n = ckpt.clear_run_dir(self.run_dir)
+            self.info(f"overwrite=true: removed the earlier run in {self.run_dir} ({n} entries)")
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        self.metrics.close()
+        self.metrics = MetricsLog(self.run_dir, enabled=self._log_metrics, tensorboard=cfg.tensorboard,
+                                  report_to=getattr(cfg, "report_to", None), name=f"{self.recipe}:{self.run_dir.name}",
+                                  config=cfg.model_dump(mode="json"))
         return resume_from
 
-    def _state(self) -> dict:
+    @staticmethod
+    def _read_diverged(run_dir: Path) -> dict | None:
+        f = run_dir / ckpt.DIVERGED_FILE
+        try:
+            return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def _pick_checkpoint(self, diverged: dict | None) -> Path | None:
+        """resume=true: the newest checkpoint whose weights were sane (after a divergence, the one
+        its stop named; blown-up ones saved before the stop are skipped)."""
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None or not (latest / ckpt.STATE_FILE).is_file():
+            return latest  # none, or an old pickle one: refused by name in _check_resume
+        good = ckpt.latest_sane_checkpoint(self.run_dir)
+        if good == latest:
+            return latest
+        why = f"the run diverged at step {diverged.get('step')}" if diverged else f"{latest} holds blown-up weights"
+        if good is None:
+            self.info(f"resume: {why} and no checkpoint holds sane weights; starting from scratch")
+            return None
+        self.info(f"resume: {why}; resuming from {good}, the last checkpoint with sane weights")
+        return good
+
+    def _check_resume(self, path: Path, diverged: dict | None) -> None:
+        """Refuse a pickle checkpoint and changed settings that would silently not apply (or
+        change the arithmetic half-way); log the ones that do apply."""
+        import yaml
+
+        if not (path / ckpt.STATE_FILE).is_file():
+            raise ckpt.UnsafeCheckpoint(
+                f"{path}: written in the old pickle format ({ckpt.LEGACY_STATE_FILE}), which resume no longer "
+                f"loads because unpickling runs code named in the file; start a new run from its weights "
+                f"(model={path}) or resume from a checkpoint written by this version")
+        old_cfg = path / "config.yaml"
+        try:
+            old = yaml.safe_load(old_cfg.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            old = None
+        if not isinstance(old, dict):
+            self.info(f"resume: {path} has no readable config.yaml; changed settings cannot be checked")
+            return
+        old_world = int(ckpt.read_state_json(path).get("world", self.dist.world))
+        after_divergence = diverged is not None and ckpt.step_of(path) < int(diverged.get("step", 0))
+        refused, applied = ckpt.config_changes(old, self.cfg.model_dump(mode="json"), old_world, self.dist.world,
+                                               diverged=after_divergence)
+        if refused:
+            more = f" (+{len(refused) - 3} more)" if len(refused) > 3 else ""
+            raise UserError(
+                f"{path}: resuming with settings that change the run's arithmetic: {'; '.join(refused[:3])}{more}; "
+                "resume with the checkpoint's values" + (" (the same peft.* keys)" if any(r.startswith("peft.") for r in
+                                                                                  refused) else "")
+                + ", or start a new run (another output_dir, or overwrite=true)")
+        if applied:
+            self.info(f"resume: applying changed settings: {'; '.join(applied)}")
+        self._retune = after_divergence and any(c.split(":")[0] in ckpt.RESUME_AFTER_DIVERGENCE for c in applied)
+
+    def _state(self, health: dict | None = None) -> dict:
         return {
+            "format": ckpt.FORMAT,
             "step": self.step,
             "optimizer": self.optimizer.state_dict() if self.fsdp is None else None,
             "scheduler": self.scheduler.state_dict(),
@@ -462,28 +638,39 @@ class Trainer:
             "extra": {k: g() for k, (g, _) in self.extra_state.items()},
             "world": self.dist.world,
             "distributed": self.mode,
+            "health": health,
         }
 
+    def _write_state(self, d: Path, health: dict) -> None:
+        ckpt.save_state(self._state(health), d / ckpt.STATE_FILE, d / ckpt.STATE_TENSORS)
+        (d / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+
+    def _warn_unsane(self, health: dict, path: Path) -> None:
+        if not health["sane"]:
+            good = ckpt.latest_sane_checkpoint(self.run_dir)
+            self.info(f"warning: {path} holds blown-up weights (parameter norm {health['param_norm']:.3g}, "
+                      f"start {self._ref_norm:.3g}); it is kept but never resumed from; last sane: {good}")
+
     def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N atomically (every process takes part): weights, training
+        state (JSON + safetensors, no pickle), one RNG file per process, config, health record."""
+        health = self._health()
         if self.fsdp is not None:
-            return self._save_sharded_checkpoint()
+            return self._save_sharded_checkpoint(health)
         final = ckpt.checkpoint_dir(self.run_dir, self.step)
-        tmp_holder: dict = {}
 
         def write(tmp: Path) -> None:
-            tmp_holder["tmp"] = tmp
             from alignkit.models import save_pretrained
 
             save_pretrained(self.model, self.tokenizer, tmp)
-            torch.save(self._state(), tmp / ckpt.STATE_FILE)
-            (tmp / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+            self._write_state(tmp, health)
 
-        # RNG streams are per rank: each rank writes its own file into a shared staging folder.
-        stage = self.run_dir / "checkpoints" / f".rng-step-{self.step:07d}"
+        # RNG streams are per rank: each rank writes its own files into a staging folder of this run.
+        stage = self.run_dir / "checkpoints" / f".rng-step-{self.step:07d}-{self._tag}"
         if self.dist.main:
             stage.mkdir(parents=True, exist_ok=True)
         barrier(self.dist)
-        torch.save(ckpt.rng_state(), stage / f"rng-{self.dist.rank}.pt")
+        ckpt.save_state(ckpt.rng_state(), *ckpt.rng_files(stage, self.dist.rank))
         barrier(self.dist)
         if self.dist.main:
             def write_all(tmp: Path) -> None:
@@ -494,16 +681,18 @@ class Trainer:
             ckpt.atomic_dir_write(final, write_all)
             stage.rmdir()
             ckpt.prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+            self._warn_unsane(health, final)
         barrier(self.dist)
         return final
 
-    def _save_sharded_checkpoint(self) -> Path:
+    def _save_sharded_checkpoint(self, health: dict | None = None) -> Path:
         """FSDP: every process writes its shards (torch.distributed.checkpoint) into a staging folder
         named the same on every process; rank 0 adds the trainer state and renames it into place."""
         from alignkit.training.fsdp import SHARDED_DIR
 
+        health = health if health is not None else self._health()
         final = ckpt.checkpoint_dir(self.run_dir, self.step)
-        stage = final.parent / f".{final.name}.tmp-sharded"
+        stage = final.parent / f".{final.name}.tmp-{self._tag}"
         if self.dist.main:
             if stage.exists():
                 import shutil
@@ -512,16 +701,16 @@ class Trainer:
             stage.mkdir(parents=True)
         barrier(self.dist)
         self.fsdp.save(stage / SHARDED_DIR, self.optimizer)
-        torch.save(ckpt.rng_state(), stage / f"rng-{self.dist.rank}.pt")
+        ckpt.save_state(ckpt.rng_state(), *ckpt.rng_files(stage, self.dist.rank))
         full = self.fsdp.full_state_dict() if self.cfg.fsdp.consolidate_checkpoints else None
         barrier(self.dist)
         if self.dist.main:
             if full is not None:
                 self._save_hf(stage, full)
-            torch.save(self._state(), stage / ckpt.STATE_FILE)
-            (stage / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+            self._write_state(stage, health)
             ckpt.commit_dir(stage, final)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+            self._warn_unsane(health, final)
         barrier(self.dist)
         return final
 
@@ -535,9 +724,20 @@ class Trainer:
             fix_saved_architectures(out_dir)
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore weights, optimizer, schedule, scaler, recipe state, step and this process's RNG
+        streams from checkpoint `path`, bit for bit. Nothing here unpickles: a checkpoint in the
+        old pickle format is refused (UnsafeCheckpoint, one line)."""
         from alignkit.training.fsdp import SHARDED_DIR, load_sharded
 
-        state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        path = Path(path)
+        if not (path / ckpt.STATE_FILE).is_file():
+            raise ckpt.UnsafeCheckpoint(
+                f"{path}: no {ckpt.STATE_FILE}" + (f"; its {ckpt.LEGACY_STATE_FILE} is in the old pickle format, which "
+                                                   "resume no longer loads because unpickling runs code named in "
+                                                   "the file" if (path / ckpt.LEGACY_STATE_FILE).exists() else "")
+                + f"; start a new run from its weights (model={path}) or resume from a checkpoint written by this "
+                  "version")
+        state = ckpt.load_state(path / ckpt.STATE_FILE)
         if (path / SHARDED_DIR).is_dir():
             # Written under FSDP: loads into any number of processes, sharded or not.
             if self.fsdp is not None:
@@ -557,14 +757,34 @@ class Trainer:
             if k in state.get("extra", {}):
                 set_(state["extra"][k])
         self.step = int(state["step"])
-        rng_file = path / f"rng-{self.dist.rank}.pt"
-        if rng_file.exists():
-            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
-        elif self.dist.main:
-            self.info(f"resume: {path} has no RNG state for rank {self.dist.rank} (world size changed); reseeding")
+        health = state.get("health") or {}
+        if health.get("ref_param_norm") is not None:
+            self._ref_norm = float(health["ref_param_norm"])  # the run's start, not this resume's
+        if self._retune:
+            self._apply_lr()
+        rng_json, _ = ckpt.rng_files(path, self.dist.rank)
+        if rng_json.is_file():
+            ckpt.set_rng_state(ckpt.load_state(rng_json))
+        else:
+            if self.dist.main:
+                self.info(f"resume: {path} has no RNG state for rank {self.dist.rank} (world size changed); "
+                          "reseeding")
             seed_everything(self.cfg.seed + 1000 * self.dist.rank + self.step)
-        self.metrics.truncate_after(self.step)
+        if self.dist.main:
+            ckpt.truncate_metrics(self.metrics.path, self.step)
+            self.metrics.resume_at(self.step)  # trackers hide the killed run's records after the checkpoint
         self.info(f"resumed from {path} at step {self.step}")
+
+    def _apply_lr(self) -> None:
+        """After a divergence, resume with this run's lr: the loaded schedule holds the old peak
+        (LambdaLR keeps base_lrs); the schedule's shape keys are read from the config each step."""
+        sched = self.scheduler
+        sched.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = self.cfg.lr
+            g["lr"] = self.cfg.lr * self._lr_lambda(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.info(f"resume: lr {self.cfg.lr:g} from step {self.step + 1} (this step: {sched._last_lr[0]:.3g})")
 
     def save_final(self) -> None:
         """Write the final model (HF format) into the run folder root, atomically per file."""
@@ -584,10 +804,9 @@ class Trainer:
     def start_progress(self) -> None:
         """Show the progress bar (main process, progress=true), counting optimizer steps."""
         if self.dist.main and self.cfg.progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.recipe, dynamic_ncols=True,
-                             file=sys.stderr)
+            # a bar on a terminal, plain periodic lines in a log (alignkit.training.logging.progress_bar)
+            self._bar = progress_bar(total=self.total_steps, initial=self.step, desc=self.recipe, unit="step",
+                                     leave=None)  # stays on its own, vanishes when nested under another bar
 
     def wants_log(self, step: int) -> bool:
         """Whether optimizer step `step` gets a metrics record (every `log_every`, and the last)."""
@@ -621,11 +840,14 @@ class Trainer:
                                                       if isinstance(v, (int, float))))
 
     def close(self) -> None:
-        """Close the progress bar and the metrics log (TensorBoard writer)."""
+        """End of the run (also on error): close the bar and the metrics; release the run folder."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.agents import Agent, ToolEnv, load_tools, make_tool, parse_tool_calls, run_tool
+from alignkit.rollout.agents import Agent, ToolEnv, load_tools, make_tool, parse_tool_calls, run_tool
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, Sample, SamplingParams
 from alignkit.rollout.multiturn import collect, collect_episodes
 

@@ -54,9 +54,9 @@ def check_chat_template(value: str | None) -> str | None:
     typo in a template stops the run before anything loads. Returns the value unchanged."""
     if not value:
         return value
-    from alignkit.agents import BUILTIN_TEMPLATES
+    from alignkit.toy.tokenizer import NAMED_TEMPLATES
 
-    if value in BUILTIN_TEMPLATES:  # a built-in template's name (chat_template=toy-tools)
+    if value in NAMED_TEMPLATES:  # a built-in template's name (chat_template=toy-tools)
         return value
     source, text = "chat_template", value
     if len(value) < 4096 and "{" not in value:  # a path (the same rule data.chat applies)

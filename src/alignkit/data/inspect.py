@@ -38,7 +38,7 @@ def inspect_data(cfg: InspectConfig, out=None) -> None:
 
     out = out or sys.stdout
     tok = load_tokenizer(cfg.model)
-    from alignkit.agents import resolve_chat_template
+    from alignkit.rollout.agents import resolve_chat_template
 
     note = setup_chat_template(tok, resolve_chat_template(cfg.chat_template))
     if note:

@@ -55,7 +55,7 @@ def encode_row_parts(tokenizer, row: dict, fmt: str, where: str, train_on_prompt
     ("file row N") prefixes the UserError a bad row raises. A row with a `tools` column (tool-use
     transcripts) is rendered with those tools listed by the template (`alignkit.agents.with_tools`)."""
     if row.get("tools"):
-        from alignkit.agents import with_tools
+        from alignkit.rollout.agents import with_tools
 
         tokenizer = with_tools(tokenizer, row["tools"], where)
     if fmt == "messages":

@@ -324,7 +324,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, ref_model=None, ref_to
     dtype = _dtype(cfg, device)
 
     tok = tokenizer or load_tokenizer(cfg.model)
-    from alignkit.agents import build_agent, resolve_chat_template
+    from alignkit.rollout.agents import build_agent, resolve_chat_template
 
     setup_chat_template(tok, resolve_chat_template(cfg.chat_template))
     agent = build_agent(cfg, tok)

@@ -23,7 +23,7 @@ from alignkit.data.order import seeded_generator, stream_seed
 from alignkit.data.prompts import PromptSet, load_prompts, prompt_order
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
-from alignkit.agents import build_agent, resolve_chat_template
+from alignkit.rollout.agents import build_agent, resolve_chat_template
 from alignkit.rollout import multiturn
 from alignkit.rollout.rollout import Rollout, collect, score
 from alignkit.training.dist import DistInfo, all_reduce_sum

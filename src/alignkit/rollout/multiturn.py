@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from alignkit.agents import Agent
+from alignkit.rollout.agents import Agent
 from alignkit.rollout.engine import RolloutEngine, Sample, SamplingParams
 from alignkit.rollout.rollout import Rollout
 

@@ -35,37 +35,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignkit.errors import UserError
+from alignkit.toy.tokenizer import NAMED_TEMPLATES as BUILTIN_TEMPLATES  # chat_template=toy-tools
 
 __all__ = ["Tool", "ToolCall", "ToolEnv", "Agent", "load_object", "load_tools", "load_env", "parse_tool_calls",
-           "run_tool", "template_supports_tools", "build_agent", "TOY_TOOLS_TEMPLATE", "resolve_chat_template",
+           "run_tool", "template_supports_tools", "build_agent", "BUILTIN_TEMPLATES", "resolve_chat_template",
            "with_tools"]
 
 HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-
-# A tool-calling variant of the toy chat template (`chat_template=toy-tools`): the tool list is
-# a short system line (name and arguments only: the tiny model has 512 positions), calls are
-# Hermes-style JSON blocks, and a tool's answer comes back as a user turn in <tool_response>.
-TOY_TOOLS_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if tools %}{{ '<|system|>\nTools:' }}{% for t in tools %}{% set f = t.function if t.function else t %}"
-    "{{ ' ' + f.name + '(' + (f.parameters.properties | list | join(', ')) + ')' }}{% endfor %}"
-    "{{ '<|end|>\n' }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'tool' %}"
-    "{{ '<|user|>\n<tool_response>' + message['content'] + '</tool_response><|end|>\n' }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>\n' + (message['content'] or '') }}"
-    "{% for c in message.get('tool_calls') or [] %}{% set f = c.function if c.function else c %}"
-    "{{ '<tool_call>{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}</tool_call>' }}"
-    "{% endfor %}{{ '<|end|>\n' }}"
-    "{% else %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
-BUILTIN_TEMPLATES = {"toy-tools": TOY_TOOLS_TEMPLATE}
 
 
 def resolve_chat_template(name: str | None) -> str | None:
@@ -269,9 +245,12 @@ class ToolEnv:
     stats: dict = field(default_factory=lambda: {"tool_calls": 0, "tool_errors": 0, "malformed_calls": 0})
 
     def reset(self, row: dict) -> list[dict]:
+        """The row's prompt messages (copied)."""
         return [dict(m) for m in row["prompt"]]
 
     def step(self, assistant_message: dict):
+        """([one `tool` message per call], None, False), or ([], None, True) for a turn without a
+        call; counts calls, errors and malformed calls in `stats`."""
         calls = parse_tool_calls(assistant_message["content"], self.parser)
         if not calls:
             return [], None, True

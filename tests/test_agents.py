@@ -334,7 +334,7 @@ def test_sft_on_tool_transcripts_trains_only_assistant_turns_with_their_calls(tm
     tok = build_tokenizer("chatml")
     call = {"type": "function", "function": {"name": "lookup", "arguments": {"key": "a"}}}
     rows = [{"messages": [{"role": "user", "content": "What is a?"},
-                          {"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "assistant", "content": None, "tool_calls": [call]},
                           {"role": "tool", "name": "lookup", "content": "got-a"},
                           {"role": "assistant", "content": "It is got-a."}],
              "tools": json.dumps([make_tool(lookup).schema])}] * 2

@@ -402,7 +402,7 @@ def test_recipes_train_on_episodes(name, tiny_model_dir, prompts, env_file, tmp_
     out = tmp_path / name
     train(Config(model=str(tiny_model_dir), data=str(prompts), output_dir=str(out), max_new_tokens=5, lr=1e-3,
                  progress=False, tensorboard=False, log_every=1, seed=0, env=f"{env_file}:Quiz", max_turns=3,
-                 **{**kw, "save_every": 0}))
+                 **{**kw, "save_every": 0, "sample_every": 1}))
     assert seen and all(len(ro) for ro in seen)
     for ro in seen:
         for e, r in zip(ro.samples, ro.rewards.tolist()):
@@ -411,6 +411,9 @@ def test_recipes_train_on_episodes(name, tiny_model_dir, prompts, env_file, tmp_
             assert abs(r - sum(x for x in e.env_rewards if x is not None)) < 1e-6
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("turns" in r for r in recs)
+    if (out / "samples.jsonl").exists():  # the transcript after the prompt: model turns and the env's messages
+        s = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+        assert [m["role"] for m in s["turns"]] == ["assistant", "user", "assistant"]
 
 
 def test_grpo_on_episodes_resumes_bitwise(tiny_model_dir, env_file, tmp_path, monkeypatch):

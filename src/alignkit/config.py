@@ -809,6 +809,34 @@ class RSConfig(OnlineConfig):
     output: str | None = Field(None, description="rs generate: where to write the best-of-N rows (JSONL)")
 
 
+class DistillConfig(OnlineConfig):
+    """On-policy distillation (docs/distill.md): the student samples answers, the teacher scores
+    every sampled token, and the student moves towards the teacher token by token."""
+
+    output_dir: str = Field("runs/distill", description="Run folder")
+    teacher: str = Field("", description="The teacher: a hub id or local folder sharing the student's tokenizer")
+    loss: Literal["reverse_kl", "jsd"] = Field(
+        "reverse_kl", description="reverse_kl: per-token KL(student ‖ teacher) on the student's samples (sampled-"
+        "token estimator); jsd: generalized Jensen–Shannon over the full vocabulary (GKD), computed in chunks")
+    beta: float = Field(0.5, ge=0, le=1, description="loss=jsd: β of JSD_β (0: forward KL(teacher ‖ student), "
+                        "1: reverse KL(student ‖ teacher))")
+    lmbda: float = Field(1.0, ge=0, le=1, description="Share of rollout steps trained on the student's own samples; "
+                         "the others train on the data's answers (`completion_column`); 1: fully on-policy")
+    completion_column: str = Field("completion", description="Column holding a dataset answer (text), used when "
+                                   "lmbda < 1")
+    num_generations: int = Field(1, ge=1, description="Samples per prompt on on-policy steps")
+    reward: RewardSection | None = Field(
+        None, description="Optional reward source(s), only to log reward_mean and score eval_data (distillation "
+        "itself trains on no reward); null: none")
+    kl_coef: float = Field(0.0, ge=0, description="Unused by distill: the teacher is the target, not a tie")
+
+    @model_validator(mode="after")
+    def _distill_keys(self):
+        if self.overlong_buffer:
+            raise ValueError("overlong_buffer shapes a reward, and distill trains on none; remove overlong_buffer")
+        return self
+
+
 # ----------------------------------------------------------------------------------------------
 # Rewards and evaluation
 # ----------------------------------------------------------------------------------------------

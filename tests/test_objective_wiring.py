@@ -107,3 +107,17 @@ def test_bad_objective_options_exit_2(tiny_model_dir, prompt_file, tmp_path, cap
     assert code == 2, err
     assert needle in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_ppo_runs_with_gspo_and_cispo(tiny_model_dir, prompt_file, tmp_path):
+    from alignkit.config import PPOConfig
+    from alignkit.recipes.ppo import train_ppo
+
+    out = tmp_path / "p"
+    train_ppo(PPOConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), max_steps=1,
+                        batch_size=2, num_generations=2, max_new_tokens=6, lr=1e-2, ppo_epochs=2,
+                        ratio_level="sequence", loss_type="cispo", clip_high=0.28, progress=False, log_every=1,
+                        save_critic=False), reward_fn=digits)
+    rec = metrics(out)
+    assert len(rec) == 2 and all(math.isfinite(r["loss"]) for r in rec)
+    assert abs(rec[1]["ratio_mean"] - 1.0) > 1e-6  # the second epoch sees π ≠ π_old

@@ -753,12 +753,11 @@ class GRPOConfig(OnlineConfig):
         return _check_objective(self)
 
 
-class RLOOConfig(OnlineConfig):
-    """RLOO: k samples per prompt, REINFORCE with the leave-one-out mean of the others as baseline."""
+class _OneUpdateOnline(OnlineConfig):
+    """Online recipes that make one update per rollout (RLOO, REINFORCE): every importance ratio
+    is 1, so the ratio-shaping keys are accepted only at their defaults, to refuse a setting
+    that would silently do nothing."""
 
-    output_dir: str = Field("runs/rloo", description="Run folder")
-    num_generations: int = Field(4, ge=2, description="Samples per prompt (k >= 2)")
-    kl_in_reward: bool = Field(True, description="Subtract β·(sequence k1 KL) from the reward (else KL in the loss)")
     ratio_level: Literal["token", "sequence"] = Field(
         "token", description="Only `token`: one update per rollout makes every ratio 1 (use grpo iterations>1 "
         "for GSPO)")
@@ -773,25 +772,21 @@ class RLOOConfig(OnlineConfig):
         return _refuse_ratio_keys(self)
 
 
-class ReinforceConfig(OnlineConfig):
+class RLOOConfig(_OneUpdateOnline):
+    """RLOO: k samples per prompt, REINFORCE with the leave-one-out mean of the others as baseline."""
+
+    output_dir: str = Field("runs/rloo", description="Run folder")
+    num_generations: int = Field(4, ge=2, description="Samples per prompt (k >= 2)")
+    kl_in_reward: bool = Field(True, description="Subtract β·(sequence k1 KL) from the reward (else KL in the loss)")
+
+
+class ReinforceConfig(_OneUpdateOnline):
     """REINFORCE with a moving-average baseline (the seed report's Algorithm 1)."""
 
     output_dir: str = Field("runs/reinforce", description="Run folder")
     num_generations: int = Field(1, ge=1, description="Samples per prompt")
     baseline_alpha: float = Field(0.9, ge=0, le=1, description="α of the baseline b ← αb + (1−α)·mean(r)")
     batch_size: int = Field(16, ge=1, description="Prompts per micro-batch on each process")
-    ratio_level: Literal["token", "sequence"] = Field(
-        "token", description="Only `token`: one update per rollout makes every ratio 1 (use grpo iterations>1 "
-        "for GSPO)")
-    loss_type: Literal["clip", "cispo"] = Field(
-        "clip", description="Only `clip`: one update per rollout makes every ratio 1 (use grpo iterations>1 for "
-        "CISPO)")
-    dual_clip: float | None = Field(None, gt=1, description="Only null: one update per rollout makes every ratio "
-                                    "1, so the bound never binds (use grpo iterations>1)")
-
-    @model_validator(mode="after")
-    def _objective(self):
-        return _refuse_ratio_keys(self)
 
 
 class RSConfig(OnlineConfig):

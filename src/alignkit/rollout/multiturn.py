@@ -183,7 +183,8 @@ def collect(engine: RolloutEngine, model, prompts: list, columns: dict[str, list
 
     Reward of an episode: the sum of the rewards its environment returned over its turns (per-turn
     rewards allowed) when it returned any; otherwise `reward_fn(prompts, final texts, **columns)`
-    on its last turn's text. A None score counts as 0 and is counted in stats["reward_missing"]."""
+    on its last turn's text. A None score becomes NaN ("not scored", as in `alignkit.rollout.rollout.score`)
+    and is counted in stats["reward_missing"]."""
     with context():
         episodes, stats = collect_episodes(engine, model, prompts, columns, params, agent)
     env_r = [[r for r in e.env_rewards if r is not None] for e in episodes]
@@ -199,5 +200,6 @@ def collect(engine: RolloutEngine, model, prompts: list, columns: dict[str, list
         for i, v in zip(need, vals):
             scores[i] = v
     stats["reward_missing"] = sum(v is None for v in scores)
-    rewards = torch.tensor([0.0 if v is None else float(v) for v in scores], dtype=torch.float32)
+    # None -> NaN ("not scored"), as single-turn rollouts do: the recipes leave it out of baselines
+    rewards = torch.tensor([float("nan") if v is None else float(v) for v in scores], dtype=torch.float32)
     return Rollout(list(prompts), {k: list(v) for k, v in columns.items()}, episodes, params.n, rewards, stats)

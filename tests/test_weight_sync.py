@@ -1,0 +1,117 @@
+"""Weight sync to an inference engine (alignkit.rollout.weight_sync), without the engine: which
+tensors are sent, under which names, merged how, and only when they changed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from alignkit.errors import UserError
+from alignkit.rollout.weight_sync import changed_buckets, weight_units
+from conftest import build_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def tied(tmp_path):
+    return build_tiny_model(tmp_path, 50, hidden=32, tie=True)
+
+
+def sent(model, last, bucket_bytes=1 << 30, full=False):
+    return [b for b in changed_buckets(model, last, bucket_bytes, full=full)]
+
+
+def test_names_are_checkpoint_names_tied_head_sent_once(tied):
+    names = [n for b in sent(tied, {}) for n, _ in b]
+    ckpt = set(tied.state_dict())
+    assert set(names) == ckpt - {"lm_head.weight"}  # the tied head is the embedding
+    assert len(names) == len(set(names))
+
+
+def test_untied_head_is_sent(tmp_path):
+    m = build_tiny_model(tmp_path, 50, hidden=32, tie=False)
+    assert "lm_head.weight" in [n for b in sent(m, {}) for n, _ in b]
+
+
+def test_only_changed_units_after_a_step_and_fused_layers_whole(tied):
+    for p in tied.parameters():
+        p.requires_grad_(False)
+    q = tied.model.layers[1].self_attn.q_proj.weight
+    q.requires_grad_(True)
+    last: dict = {}
+    sent(tied, last)
+    assert sent(tied, last) == []  # nothing changed: nothing sent
+    opt = torch.optim.AdamW([q], lr=1e-2)
+    tied(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    names = [n for b in sent(tied, last) for n, _ in b]
+    # q changed; k and v load into the same fused engine layer, so they travel with it
+    assert names == [f"model.layers.1.self_attn.{x}_proj.weight" for x in "qkv"]
+    assert sent(tied, last) == []
+
+
+def test_fused_adamw_and_load_state_dict_count_as_changes(tied):
+    last: dict = {}
+    sent(tied, last)
+    opt = torch.optim.AdamW(tied.parameters(), lr=1e-2, fused=True)
+    tied(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    assert len([n for b in sent(tied, last) for n, _ in b]) == len(set(tied.state_dict())) - 1
+    tied.load_state_dict(copy.deepcopy(tied.state_dict()))  # the same values: nothing to send
+    assert sent(tied, last) == []
+    sd = copy.deepcopy(tied.state_dict())
+    sd["model.norm.weight"][3] += 1e-6  # one element, one ulp-scale change
+    tied.load_state_dict(sd)
+    assert [n for b in sent(tied, last) for n, _ in b] == ["model.norm.weight"]
+
+
+def test_buckets_are_bounded_and_carry_every_unit(tied):
+    units = weight_units(tied)
+    limit = max(u.nbytes for u in units)
+    buckets = sent(tied, {}, bucket_bytes=limit)
+    assert len(buckets) > 1
+    for b in buckets:
+        assert sum(t.numel() * t.element_size() for _, t in b) <= limit
+    assert sorted(n for b in buckets for n, _ in b) == sorted(n for u in units for n in u.names)
+
+
+def test_lora_is_merged_without_touching_the_training_model(tied):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(tied, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    got = dict(t for b in sent(pm, {}) for t in b)
+    assert all(torch.equal(before[k], v) for k, v in pm.state_dict().items())  # not merged in place
+    ref = copy.deepcopy(pm).merge_and_unload().state_dict()  # peft's own merge, on a copy
+    assert set(got) == set(ref) - {"lm_head.weight"}
+    for k, v in got.items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
+    # a step on the adapter changes exactly the adapted layers' merged weights
+    last: dict = {}
+    sent(pm, last)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    names = {n for b in sent(pm, last) for n, _ in b}
+    assert names == {f"model.layers.{i}.self_attn.{x}_proj.weight" for i in range(2) for x in "qkv"}
+
+
+def test_unsupported_adapters_and_quantised_bases_are_refused(tied):
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    dora = get_peft_model(copy.deepcopy(tied), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(UserError, match="DoRA"):
+        weight_units(dora)
+    pt = get_peft_model(copy.deepcopy(tied), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(UserError, match="only LoRA"):
+        weight_units(pt)
+    q = copy.deepcopy(tied)
+    q.config.quantization_config = {"load_in_4bit": True}
+    with pytest.raises(UserError, match="quantised"):
+        weight_units(q)

@@ -27,6 +27,7 @@ UserError with the install command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -103,6 +104,46 @@ def logprobs_mode_for(p: SamplingParams | None) -> str:
     return "processed_logprobs"
 
 
+def _refresh_tied(model) -> int:
+    """Redo the after-load processing of layers that share their weight with another layer (a
+    head tied to the embeddings). vLLM's reload processes only the layer that received the
+    tensor; on CPU the head keeps a packed copy of the old weight for its matmul otherwise.
+    Runs inside the engine (`LLM.apply_model`); returns how many layers it refreshed."""
+    by_ptr: dict[int, list] = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and not w.is_meta and w.numel():
+            by_ptr.setdefault(w.data_ptr(), []).append(mod)
+    n = 0
+    for mods in by_ptr.values():
+        if len(mods) > 1:
+            for mod in mods:
+                qm = getattr(mod, "quant_method", None)
+                if qm is not None and hasattr(qm, "process_weights_after_loading"):
+                    qm.process_weights_after_loading(mod)
+                    n += 1
+    return n
+
+
+@contextlib.contextmanager
+def _quiet_reload():
+    """vLLM warns, at every partial reload, about each layer that received nothing (the rotary
+    tables, a tied head, every unchanged layer): expected here, so silenced while syncing."""
+    import logging
+
+    names = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace",
+             "vllm.v1.core.block_pool")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
 class VLLMEngine(RolloutEngine):
     """A vLLM engine in this process behind alignkit's `RolloutEngine` interface.
 
@@ -157,12 +198,15 @@ class VLLMEngine(RolloutEngine):
         check_syncable(model)
         t0 = time.perf_counter()
         n = size = buckets = 0
-        for bucket in changed_buckets(model, self._synced, self.bucket_bytes, self.packed, full=full):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket, "is_checkpoint_format": True})
-            n += len(bucket)
-            size += sum(t.numel() * t.element_size() for _, t in bucket)
-            buckets += 1
+        with _quiet_reload():
+            for bucket in changed_buckets(model, self._synced, self.bucket_bytes, self.packed, full=full):
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_iterator": bucket, "is_checkpoint_format": True})
+                n += len(bucket)
+                size += sum(t.numel() * t.element_size() for _, t in bucket)
+                buckets += 1
         if buckets:
+            self.llm.apply_model(_refresh_tied)
             self.llm.reset_prefix_cache()
         self.last_sync = {"tensors": n, "bytes": size, "buckets": buckets, "seconds": time.perf_counter() - t0}
         return self.last_sync

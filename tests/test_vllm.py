@@ -1,0 +1,150 @@
+"""vLLM as the rollout engine (alignkit.rollout.vllm_engine), on a tiny random Llama on CPU.
+
+Run with the vLLM environment: `pytest -m vllm` (docs/vllm.md has the install line). Skipped
+where vLLM is not installed. One engine serves the module (starting one takes 5-100 s on CPU);
+each test syncs its own model into it first."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, build_tiny_tokenizer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("one_thread")]
+pytest.importorskip("vllm")
+
+from alignkit.ops.logprobs import causal_lm_token_logps  # noqa: E402
+from alignkit.rollout.engine import RolloutEngine, SamplingParams  # noqa: E402
+from alignkit.rollout.vllm_engine import VLLMEngine  # noqa: E402
+
+PROMPT = [1, 40, 41, 42, 43, 44]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vllm_tiny")
+    tok = build_tiny_tokenizer(d)
+    build_tiny_model(d, len(tok), hidden=128)  # 4 heads of 32: a head size vLLM's CPU kernels take
+    return d, tok
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    d, tok = folder
+    return VLLMEngine(tok, str(d), dtype="float32", max_model_len=128, seed=0)
+
+
+def load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder[0], dtype=torch.float32)
+
+
+def trainer_logps(model, prompt, completion, temperature=1.0):
+    """alignkit's teacher-forced log-probs of `completion` after `prompt`, (len(completion),)."""
+    ids = torch.tensor([prompt + completion])
+    tgt = torch.full_like(ids, -100)
+    tgt[0, len(prompt) - 1:-1] = torch.tensor(completion)
+    with torch.no_grad():
+        lp = causal_lm_token_logps(model, ids, targets=tgt, temperature=temperature)
+    return lp[0, len(prompt) - 1:-1]
+
+
+def train_step(model, lr=0.05):
+    """One high-learning-rate AdamW step that raises the log-prob of a fixed sequence."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = torch.tensor([PROMPT + [7, 8, 9, 10]])
+    causal_lm_token_logps(model, ids).sum().neg().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_samples_with_sampler_logps_equal_to_the_trainers(engine, folder):
+    model = load(folder)
+    p = SamplingParams(n=4, max_new_tokens=6, temperature=0.7, seed=3)
+    batch = engine.generate(model, [PROMPT, PROMPT[:3]], p)
+    assert len(batch) == 8 and batch.group_size == 4
+    assert [s.prompt_index for s in batch.samples] == [0] * 4 + [1] * 4
+    assert len({tuple(s.completion_ids) for s in batch.samples[:4]}) > 1  # n samples differ
+    for s in batch.samples:
+        assert s.prompt_ids == (PROMPT if s.prompt_index == 0 else PROMPT[:3])
+        assert 1 <= len(s.completion_ids) <= 6 and len(s.logprobs) == len(s.completion_ids)
+        assert s.finish_reason in ("eos", "stop", "length")
+        assert (s.finish_reason == "length") == (len(s.completion_ids) == 6 and s.completion_ids[-1] not in engine.stop_ids)
+        # the sampler's log-probs are log softmax(logits / T) of the trainer, token for token
+        ref = trainer_logps(model, s.prompt_ids, s.completion_ids, temperature=0.7)
+        torch.testing.assert_close(torch.tensor(s.logprobs), ref, rtol=0, atol=1e-3)
+    again = engine.generate(model, [PROMPT, PROMPT[:3]], p)  # same seed, same samples
+    assert [s.completion_ids for s in again.samples] == [s.completion_ids for s in batch.samples]
+    # greedy equals alignkit's own engine
+    g = SamplingParams(n=1, max_new_tokens=5, temperature=0.0)
+    ours = RolloutEngine(folder[1]).generate(model, [PROMPT], g).samples[0]
+    theirs = engine.generate(model, [PROMPT], g).samples[0]
+    assert theirs.completion_ids == ours.completion_ids
+    torch.testing.assert_close(torch.tensor(theirs.logprobs), torch.tensor(ours.logprobs), rtol=0, atol=1e-3)
+
+
+def test_stop_strings_and_end_of_turn(engine, folder):
+    model = load(folder)
+    free = engine.generate(model, [PROMPT], SamplingParams(n=1, max_new_tokens=8, temperature=0.0)).samples[0]
+    text = folder[1].decode(free.completion_ids[:4], skip_special_tokens=True)
+    stop = text[-2:] if len(text) >= 2 else text
+    s = engine.generate(model, [PROMPT], SamplingParams(n=1, max_new_tokens=8, temperature=0.0, stop=(stop,))).samples[0]
+    assert s.finish_reason == "stop" and stop not in s.text
+    assert s.completion_ids == free.completion_ids[:len(s.completion_ids)]
+    # an end-of-turn id ends the sample and stays its last id
+    k = next((i for i, t in enumerate(free.completion_ids) if i and t not in free.completion_ids[:i]), 0)
+    eot = free.completion_ids[k]
+    e = VLLMEngine.generate.__get__(engine)  # same engine, another stop set
+    engine.stop_ids, saved = {eot}, engine.stop_ids
+    try:
+        r = e(model, [PROMPT], SamplingParams(n=1, max_new_tokens=8, temperature=0.0)).samples[0]
+    finally:
+        engine.stop_ids = saved
+    assert r.finish_reason == "eos" and r.completion_ids == free.completion_ids[:k + 1]
+
+
+def test_weights_reach_the_engine_after_a_step(engine, folder):
+    model = load(folder)
+    completion = [50, 60, 70, 80, 90]
+    engine.sync_weights(model)
+    before = torch.tensor(engine.score(PROMPT, completion))
+    torch.testing.assert_close(before, trainer_logps(model, PROMPT, completion), rtol=0, atol=1e-3)
+    for n, p in model.named_parameters():  # the norms stay put; the tied embedding/head trains
+        p.requires_grad_("norm" not in n)
+    engine.sync_weights(model, full=True)
+    train_step(model)
+    after = trainer_logps(model, PROMPT, completion)
+    stale = torch.tensor(engine.score(PROMPT, completion))
+    assert (stale - after).abs().max() > 1e-2  # differed before the sync
+    info = engine.sync_weights(model)
+    trained = sum(1 for n, _ in model.named_parameters() if "norm" not in n)
+    assert info["tensors"] == trained and info["buckets"] >= 1  # only what changed, the tied head once
+    torch.testing.assert_close(torch.tensor(engine.score(PROMPT, completion)), after, rtol=0, atol=1e-3)
+    assert engine.sync_weights(model)["tensors"] == 0
+
+
+def test_lora_adapter_reaches_the_engine(engine, folder):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load(folder), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "v_proj", "down_proj"]))
+    completion = [50, 60, 70, 80, 90]
+    engine.sync_weights(model)
+    start = trainer_logps(model, PROMPT, completion)
+    torch.testing.assert_close(torch.tensor(engine.score(PROMPT, completion)), start, rtol=0, atol=1e-3)
+    base_before = copy.deepcopy(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
+    train_step(model)
+    after = trainer_logps(model, PROMPT, completion)
+    assert (after - start).abs().max() > 1e-2  # the adapter trained
+    assert (torch.tensor(engine.score(PROMPT, completion)) - after).abs().max() > 1e-2  # not yet in the engine
+    b = engine.generate(model, [PROMPT], SamplingParams(n=1, max_new_tokens=4, temperature=0.0))  # syncs first
+    assert engine.last_sync["tensors"] == 2 * (3 + 1)  # per block: q,k,v (one fused layer) and down_proj
+    torch.testing.assert_close(torch.tensor(engine.score(PROMPT, completion)), after, rtol=0, atol=1e-3)
+    torch.testing.assert_close(torch.tensor(b.samples[0].logprobs),
+                               trainer_logps(model, PROMPT, b.samples[0].completion_ids), rtol=0, atol=1e-3)
+    # the training model was never merged
+    assert torch.equal(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, base_before)

@@ -148,3 +148,18 @@ def test_lora_adapter_reaches_the_engine(engine, folder):
                                trainer_logps(model, PROMPT, b.samples[0].completion_ids), rtol=0, atol=1e-3)
     # the training model was never merged
     assert torch.equal(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, base_before)
+
+
+def test_models_vllm_cannot_run_are_refused_in_one_line(tmp_path, tiny_model_dir):
+    import json
+
+    from alignkit.errors import UserError
+    from alignkit.rollout.vllm_engine import check_vllm_model
+
+    with pytest.raises(UserError, match="head size 8 is not supported by vLLM's CPU kernels"):
+        check_vllm_model(str(tiny_model_dir), "cpu")  # hidden 32 / 4 heads
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchModelForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="architecture NoSuchModelForCausalLM is not supported by vLLM"):
+        check_vllm_model(str(tmp_path), "cpu")

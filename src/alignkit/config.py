@@ -503,6 +503,25 @@ DEFAULT_REFLECT_INSTRUCTION = (
 # ----------------------------------------------------------------------------------------------
 
 
+class VLLMSection(Section):
+    """vLLM as the rollout engine (rollout_engine=vllm; see docs/vllm.md)."""
+
+    mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: an in-process engine per training process; server: `alignkit vllm-serve`")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of the GPU for vLLM's weights + KV cache (colocate; the rest trains)")
+    enable_sleep_mode: bool = Field(False, description="Free vLLM's KV cache while training (GPU, colocate)")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Engine dtype; auto = the training dtype")
+    sync_bucket_mb: float = Field(256.0, gt=0, description="Weight-sync bucket size (MiB): tensors in flight at once")
+    host: str = Field("127.0.0.1", description="Server mode: the vllm-serve host")
+    port: int = Field(8765, ge=1, le=65535, description="Server mode: the vllm-serve port")
+    timeout: float = Field(300.0, gt=0, description="Server mode: seconds before a request fails (never hangs)")
+    sync_dir: str | None = Field(
+        None, description="Server mode without NCCL: shared folder the weights go through (default: in output_dir)")
+
+
 class OnlineConfig(TrainConfig):
     """Keys shared by the online RL recipes: sample from the policy, score, update."""
 
@@ -530,6 +549,25 @@ class OnlineConfig(TrainConfig):
     eval_prompts: int = Field(64, ge=0, description="Held-out prompts scored greedily at each evaluation")
     sample_every: int = Field(10, ge=0, description="Write a few sample completions to samples.jsonl every N steps")
     compute_entropy: bool = Field(True, description="Log the policy's token entropy (costs a little compute)")
+    rollout_engine: Literal["alignkit", "vllm", "auto"] = Field(
+        "alignkit", description="Who samples: alignkit's engine, vLLM, or auto (vLLM when installed and a GPU is "
+        "present)")
+    vllm: VLLMSection = Field(default_factory=VLLMSection, description="vLLM engine settings (rollout_engine=vllm)")
+    rollout_correction: Literal["none", "tis", "mis"] = Field(
+        "none", description="Sampler-vs-trainer correction: tis = loss x min(ratio, cap); mis = drop tokens whose "
+        "ratio leaves [1/cap, cap]")
+    rollout_correction_cap: float = Field(2.0, gt=1, description="C of rollout_correction")
+
+    @model_validator(mode="after")
+    def _engine_keys(self):
+        # keys set to a non-default value (a dumped config.yaml read back holds every key)
+        changed = sorted(k for k in self.vllm.model_fields_set
+                         if getattr(self.vllm, k) != type(self.vllm).model_fields[k].default)
+        if self.rollout_engine == "alignkit" and changed:
+            keys = ", ".join(f"vllm.{k}" for k in changed)
+            raise UserError(f"{keys} given with rollout_engine=alignkit; set rollout_engine=vllm (or auto), or drop "
+                            "the vllm.* keys")
+        return self
 
 
 class GRPOConfig(OnlineConfig):

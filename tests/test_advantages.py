@@ -13,6 +13,7 @@ from alignkit.advantages import (
     gae,
     group_normalized,
     leave_one_out,
+    scored_mask,
     whiten,
     zero_std_groups,
 )
@@ -188,3 +189,85 @@ def test_whiten_masked():
     full = whiten(t64([1.0, 2.0, 3.0, 6.0]), eps=1e-8)
     assert full.tolist() == pytest.approx([(v - mu) / math.sqrt(sd ** 2 + 1e-8) for v in vals], rel=1e-12)
     assert whiten(x, torch.zeros_like(mask)).abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- flat and missing rewards
+
+
+FLAT = [0.1, 0.3, 1.0 / 3.0, -7.77, 1e6 + 0.1, 0.7, 2.0 ** -20]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("G", [2, 3, 7, 8, 16])
+def test_flat_groups_give_exactly_zero(dtype, G):
+    """Any constant group: advantage exactly 0.0 in every scale and in RLOO (8 x 0.1 in float32
+    gave -0.0074 per sample: a mean residue of ~6e-8 divided by std + eps)."""
+    for c in FLAT:
+        r = torch.full((2 * G,), c, dtype=dtype)
+        for scale in ("group", "batch", "none"):
+            adv = group_normalized(r, G, scale)
+            assert adv.dtype == dtype and (adv == 0).all(), (c, scale, adv)
+        assert (leave_one_out(r, G) == 0).all(), c
+        assert zero_std_groups(r, G).all()
+        assert (whiten(r) == 0).all() and torch.equal(whiten(r, shift_mean=False), r)
+    # A flat group next to a live one stays exactly 0 under batch scaling too.
+    live = torch.linspace(0, 1, G, dtype=dtype)
+    mixed = torch.cat([torch.full((G,), 0.1, dtype=dtype), live])
+    for scale in ("group", "batch", "none"):
+        adv = group_normalized(mixed, G, scale)
+        assert (adv[:G] == 0).all() and (adv[G:] != 0).any()
+    assert (leave_one_out(mixed, G)[:G] == 0).all()
+
+
+def test_flat_group_gives_zero_loss_and_gradient():
+    from alignkit.losses import policy_loss_terms
+
+    adv = group_normalized(torch.full((8,), 0.1), 8)
+    lp = torch.randn(8, 5, dtype=torch.float32, requires_grad=True)
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    for agg in ("token_mean", "seq_mean_token_mean"):
+        terms = policy_loss_terms(lp, lp.detach(), adv, mask, 0.2, 0.2, agg)
+        terms.loss_sum.backward()
+        assert terms.loss_sum.item() == 0.0 and (lp.grad == 0).all()
+        lp.grad = None
+
+
+NAN = float("nan")
+
+
+def test_missing_rewards_take_no_part_in_group_statistics():
+    r = torch.tensor([NAN, 1.0, 0.0, 0.0])
+    s = math.sqrt(1.0 / 3.0)  # sample std of the scored [1, 0, 0]
+    assert group_normalized(r, 4).tolist() == pytest.approx([0.0, (2 / 3) / (s + 1e-6), (-1 / 3) / (s + 1e-6),
+                                                             (-1 / 3) / (s + 1e-6)], abs=1e-6)
+    assert group_normalized(r, 4).tolist() == pytest.approx([0.0, 1.1547, -0.57735, -0.57735], abs=1e-4)
+    assert group_normalized(r, 4, "none").tolist() == pytest.approx([0.0, 2 / 3, -1 / 3, -1 / 3], abs=1e-6)
+    assert leave_one_out(r, 4).tolist() == pytest.approx([0.0, 1.0, -0.5, -0.5])
+    assert group_normalized(r, 4)[0].item() == 0.0 and leave_one_out(r, 4)[0].item() == 0.0
+    # batch scale: the std of the scored rewards of the whole batch
+    rb = torch.tensor([NAN, 1.0, 0.0, 0.0, 2.0, 2.0, NAN, 4.0], dtype=torch.float64)
+    sd = statistics.stdev([1.0, 0.0, 0.0, 2.0, 2.0, 4.0])
+    want = [0.0, (2 / 3) / (sd + 1e-6), (-1 / 3) / (sd + 1e-6), (-1 / 3) / (sd + 1e-6),
+            (2 - 8 / 3) / (sd + 1e-6), (2 - 8 / 3) / (sd + 1e-6), 0.0, (4 - 8 / 3) / (sd + 1e-6)]
+    assert group_normalized(rb, 4, "batch").tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
+    assert not torch.isnan(group_normalized(rb, 4, "batch")).any()
+
+
+def test_groups_with_fewer_than_two_scored_samples_carry_no_signal():
+    r = torch.tensor([NAN, 1.0, NAN, NAN, NAN, NAN, NAN, NAN, 0.0, 1.0, NAN, 1.0])
+    for scale in ("group", "batch", "none"):
+        adv = group_normalized(r, 4, scale)
+        assert (adv[:8] == 0).all() and not torch.isnan(adv).any() and (adv[8:][[0, 1, 3]] != 0).all()
+    assert (leave_one_out(r, 4)[:8] == 0).all()
+    assert zero_std_groups(r, 4).tolist() == [True, True, False]
+    assert scored_mask(r).tolist() == [not math.isnan(x) for x in r.tolist()]
+
+
+def test_moving_average_baseline_skips_missing_rewards():
+    b = MovingAverageBaseline(alpha=0.5)
+    adv = b.update(t64([NAN, 2.0, 4.0]))  # mean of the scored = 3, b = 1.5
+    assert b.value == pytest.approx(1.5) and adv.tolist() == pytest.approx([0.0, 0.5, 2.5])
+    adv = b.update(t64([NAN, NAN]))  # nothing scored: baseline unchanged, no signal
+    assert b.value == pytest.approx(1.5) and adv.tolist() == [0.0, 0.0]
+    adv = b.update(t64([1.0, NAN]), mean=float("nan"))  # no rank scored anything
+    assert b.value == pytest.approx(1.5) and adv.tolist() == pytest.approx([-0.5, 0.0])

@@ -123,3 +123,30 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, tmp_path):
     assert run_cli(*args).returncode == 0
     res = run_cli(*args)
     assert res.returncode == 2 and "already holds a run" in res.stderr
+
+
+def test_declared_dependencies_accept_a_newer_torch():
+    """pyproject's requirements resolve against torch 2.15 without installing it: no upper cap
+    that would make `pip install alignkit` downgrade a user's torch. Offline: the specifiers are
+    checked with `packaging`, and every other requirement against what this environment holds."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    reqs = {Requirement(r).name: Requirement(r) for r in meta["dependencies"]}
+    torch_spec = reqs["torch"].specifier
+    for newer in ("2.13.0", "2.14.0", "2.15.0", "2.15.1", "3.0.0"):
+        assert torch_spec.contains(newer), f"torch {newer} rejected by {torch_spec}"
+    assert not torch_spec.contains("2.3.0")  # the floor stays
+    for name, req in reqs.items():
+        if name == "torch":
+            continue
+        assert not any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), f"{name} is capped: {req}"
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            continue
+        assert req.specifier.contains(have, prereleases=True), f"installed {name} {have} does not satisfy {req}"

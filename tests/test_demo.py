@@ -30,6 +30,10 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path, cache_env):
     args = ["preset=tiny", "scale=0.02", "n_eval=6", "max_new_tokens=6", "methods=[rm,dpo,grpo]"]
     r = _demo(out, *args, env=cache_env)
     assert r.returncode == 0, r.stderr[-3000:]
+    # stderr is a pipe here: progress comes as plain lines, never bar control codes
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr
+    assert "[1/6] base model" in r.stderr and "[6/6] report" in r.stderr
+    assert "\r" not in (out / "sft.log").read_text() and "sft:" in (out / "sft.log").read_text()
     res = json.loads((out / "results.json").read_text())["runs"]
     assert set(res) == {"base", "sft", "rm_scalar", "rm_distributional", "dpo", "grpo"}
     for key, rec in res.items():
@@ -45,6 +49,8 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path, cache_env):
         assert len(ev["samples"]) == 4
     assert res["sft"]["eval"]["kl_token"] == 0.0  # KL is measured against SFT itself
     assert res["grpo"]["generated_tokens"] > 0 and res["grpo"]["peak_rss_mb"] > 0
+    # DPO's tokens generated are the SFT model's answers sampled to build its pairs (one per prompt)
+    assert res["dpo"]["generated_tokens"] >= 1024
     # DPO trains on the SFT model's own wrong answers against the reference answers
     pairs = [json.loads(ln) for ln in (out / "data" / "pairs_onpolicy.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
@@ -64,6 +70,18 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path, cache_env):
     assert (out / "grpo" / "model.safetensors").stat().st_mtime == mtime
     assert json.loads((out / "results.json").read_text())["runs"]["grpo"]["eval"] == res["grpo"]["eval"]
     assert time.time() - t < 60
+    # ... and says so, with how to run again
+    assert "every stage was reused" in r2.stderr and "reuse=false" in r2.stderr
+
+    # a new folder with the base model in the cache: the base row shows the original build time, marked
+    out3 = tmp_path / "demo3"
+    r3 = _demo(out3, "preset=tiny", "scale=0.02", "n_eval=6", "max_new_tokens=6", "methods=[]", env=cache_env)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    base = json.loads((out3 / "results.json").read_text())["runs"]["base"]
+    built = json.loads((Path(base["dir"]) / "toy_build.json").read_text())["build_seconds"]
+    assert base["cached"] is True and base["wall_s"] == built > 0
+    assert f"| {built:.0f} (cached build) |" in r3.stdout
+    assert "reusing the cached build" in r3.stderr
 
 
 def test_unknown_method_is_one_line_and_exit_2(tmp_path):
@@ -75,7 +93,7 @@ def test_unknown_method_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_default_preset(tmp_path):
     """The quick demo as a user runs it: every method finishes, SFT lands in the calibrated band,
-    and the RL methods that lead the table beat SFT. About 15 minutes on 2 idle cores."""
+    and the RL methods that lead the table beat SFT. About 9 minutes on 2 idle cores (README)."""
     out = tmp_path / "demo"
     t = time.time()
     r = _demo(out, timeout=3600, env=dict(os.environ, OMP_NUM_THREADS="2"))
@@ -92,3 +110,36 @@ def test_quick_demo_default_preset(tmp_path):
     for m in ("reinforce", "rloo", "grpo", "rs", "ppo", "online_dpo"):
         assert res[m]["eval"]["accuracy_t1"] > sft["accuracy_t1"] + 0.03, m
     print(f"quick demo: {wall / 60:.1f} min")
+
+
+def test_stage_bar_estimates_from_measured_stage_costs(tmp_path, monkeypatch):
+    """The demo's bar advances by each stage's measured cost (STAGE_COST_S), not by stage counts:
+    reused stages leave the estimate, a run stage adds its cost; in a log it writes plain lines."""
+    import io
+
+    from alignkit.demo import STAGE_COST_S, DemoConfig, Pipeline
+    from alignkit.training.logging import progress_bar
+
+    monkeypatch.setenv("ALIGNKIT_PROGRESS_INTERVAL", "0")
+    p = Pipeline(DemoConfig(output_dir=str(tmp_path / "d"), methods=["grpo", "ppo"]))
+    plan = ["base", "sft", "grpo", "ppo", "report"]
+    p._stages = len(plan)
+    log = io.StringIO()
+    p.bar = progress_bar(total=float(sum(STAGE_COST_S[k] for k in plan)), desc="demo", file=log, smoothing=0.0,
+                         bar_format="{desc:<44} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+    p.stage("base model", "base")
+    p.stage_done("base", reused=True)  # reused: out of the estimate, nothing counted as done
+    assert p.bar.total == sum(STAGE_COST_S[k] for k in plan[1:]) and p.bar.n == 0
+    p.stage("SFT", "sft")
+    p.stage_progress(0.5, "step 150/300")
+    assert p.bar.n == STAGE_COST_S["sft"] / 2
+    p.stage_done("sft", reused=False)
+    p.stage("grpo (seed 0)", "grpo")
+    assert p.bar.n == STAGE_COST_S["sft"]
+    p.stage_done("grpo", reused=False)
+    # what is left is ppo + report: the ETA is their measured cost at this machine's pace so far
+    assert p.bar.total - p.bar.n == STAGE_COST_S["ppo"] + STAGE_COST_S["report"]
+    p.bar.close()
+    text = log.getvalue()
+    assert "\r" not in text and "[2/5] SFT" in text and "step 150/300" in text and "[3/5] grpo (seed 0)" in text
+    assert p.reused == ["base"] and p.ran == ["sft", "grpo"]

@@ -43,7 +43,6 @@ ALLOWED: set[str] = {
     "training/checkpoint.py:list_checkpoints",
     "training/checkpoint.py:latest_checkpoint",
     "training/checkpoint.py:prune_checkpoints",
-    "training/logging.py:MetricsLog",
     "training/logging.py:MetricsLog.write",
     "training/logging.py:MetricsLog.close",
     "training/logging.py:read_metrics",

@@ -253,7 +253,7 @@ def test_cli_eval_end_to_end_policy_equals_reference(tiny_model_dir, toy_files, 
     assert "first_completion" in res["samples"]["reflect"][0] and "answer" in res["samples"]["cot"][0]
     assert res["ppl"]["ppl"] == pytest.approx(_independent_ppl(tiny_model_dir, sft), rel=1e-4)
     assert res["ref_ppl"]["ppl"] == pytest.approx(res["ppl"]["ppl"])
-    assert "KL/token" in printed and "perplexity on" in printed and "completion:" in printed
+    assert "KL/token" in printed and "perplexity on" in printed and "completion (model):" in printed
 
 
 def test_win_rate_and_kl_against_another_model(tiny_model_dir, other_model_dir, toy_files, tmp_path):
@@ -268,7 +268,7 @@ def test_win_rate_and_kl_against_another_model(tiny_model_dir, other_model_dir, 
     items = res["samples"]["zero_shot"]
     assert len(items) == 12
     pol = [float(len(it["completion"])) for it in items]
-    ref = [float(len(it["ref_completion"])) for it in items]
+    ref = [float(len(it["ref_model_completion"])) for it in items]
     assert [it["reward"] for it in items] == pol
     wins = sum(p > r for p, r in zip(pol, ref)) + 0.5 * sum(p == r for p, r in zip(pol, ref))
     assert row["win_rate"] == pytest.approx(wins / 12)

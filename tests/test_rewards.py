@@ -286,6 +286,7 @@ def test_reward_model_object_and_folder(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "alignkit.models.reward", fake)
     folder = tmp_path / "rm"
     folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}')
     r = build_reward(f"{folder} + 2*toy")
     assert loaded["path"] == str(folder)
     assert r(["p"], [TOY_OK], total=[365]) == pytest.approx([0.5 * len(TOY_OK) - 2 * 3 + 1 + 2.0])
@@ -377,3 +378,24 @@ def test_prompt_set_errors(tmp_path):
     nohash = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "72"}])
     with pytest.raises(UserError, match=r"g.jsonl row 1: 'answer' has no '#### <number>'"):
         load_gsm8k(str(nohash))
+
+
+def test_a_none_reward_is_not_counted_as_zero():
+    """A function that cannot score a sample returns None: it reaches the advantages as NaN, gets
+    advantage 0 and a masked loss, and the group's statistics use the scored samples only."""
+    from alignkit.advantages import group_normalized, leave_one_out, scored_mask
+    from alignkit.rewards import rewards_tensor
+
+    def judge(prompts, completions, **cols):
+        return [None if c == "?" else float(c) for c in completions]
+
+    vals = build_reward(judge)(["p"] * 4, ["?", "1", "0", "0"])
+    assert vals == [None, 1.0, 0.0, 0.0]
+    r = rewards_tensor(vals)
+    assert r.dtype == torch.float32 and torch.isnan(r[0]) and r[1:].tolist() == [1.0, 0.0, 0.0]
+    assert scored_mask(r).tolist() == [False, True, True, True]
+    assert group_normalized(r, 4).tolist() == pytest.approx([0.0, 1.1547, -0.57735, -0.57735], abs=1e-4)
+    assert leave_one_out(r, 4).tolist() == pytest.approx([0.0, 1.0, -0.5, -0.5])
+    # none_as still substitutes a value inside the reward itself when a user asks for it
+    assert rewards_tensor(build_reward({"terms": [{"source": "toy"}], "none_as": 0.0})(
+        ["p"], ["x"], total=[None])).tolist() == [0.0]

@@ -3,6 +3,20 @@ normalisation (GRPO, Dr. GRPO), GAE (PPO), and masked whitening.
 
 Grouped estimators take rewards (B,) laid out as contiguous groups: B = n_groups x group_size,
 samples [g * group_size, (g + 1) * group_size) answer the same prompt g.
+
+Two promises hold for every reward-based estimator here (`MovingAverageBaseline`,
+`leave_one_out`, `group_normalized`, `whiten`):
+
+* **Missing rewards.** NaN in `rewards` means "the reward source could not score this sample"
+  (it returned None; `alignkit.rewards.rewards_tensor` makes the tensor). Such a sample gets
+  advantage exactly 0 and takes no part in any mean or std; `scored_mask(rewards)` is the mask a
+  recipe ANDs into its loss mask so the sample gives no gradient at all (nor a KL term). A group
+  with fewer than 2 scored samples carries no signal: all its advantages are 0.
+* **Flat groups are exactly zero.** A group whose scored rewards are all equal gets advantage
+  exactly 0.0 for any constant (not a float residue of the mean divided by std + eps), so its
+  loss and gradient are exactly 0. Statistics are taken in float64; results come back in the
+  rewards' dtype.
+
 Everything here runs without gradient: advantages are targets, not functions of the policy.
 """
 
@@ -15,12 +29,19 @@ __all__ = [
     "leave_one_out",
     "group_normalized",
     "zero_std_groups",
+    "scored_mask",
     "gae",
     "whiten",
     "GROUP_SCALES",
 ]
 
 GROUP_SCALES = ("group", "batch", "none")
+
+
+def scored_mask(rewards: torch.Tensor) -> torch.Tensor:
+    """Bool tensor shaped like `rewards`: True where the sample was scored (not NaN). A recipe
+    ANDs it into its per-sample loss mask (`loss_mask & scored_mask(r)[:, None]` for (B, T))."""
+    return ~torch.isnan(rewards)
 
 
 class MovingAverageBaseline:
@@ -57,13 +78,23 @@ class MovingAverageBaseline:
 
     @torch.no_grad()
     def update(self, rewards: torch.Tensor, mean: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Fold the batch mean into the baseline, then return rewards - baseline (shape of rewards)."""
+        """Fold the batch mean into the baseline, then return rewards - baseline (shape of rewards).
+
+        NaN rewards (unscored samples) are left out of the mean and get advantage 0. `mean`: the
+        global mean of the scored rewards (data parallelism); NaN there, or a batch without a
+        single scored reward, leaves the baseline unchanged."""
         if rewards.numel() == 0 and mean is None:
             raise ValueError("MovingAverageBaseline.update got an empty rewards tensor")
-        m = float(rewards.double().mean()) if mean is None else float(mean)
-        self._value = self.alpha * self._value + (1.0 - self.alpha) * m
+        ok = scored_mask(rewards)
+        if mean is None:
+            m = float(rewards.double()[ok].mean()) if bool(ok.any()) else float("nan")
+        else:
+            m = float(mean)
+        if m == m:  # not NaN: something was scored
+            self._value = self.alpha * self._value + (1.0 - self.alpha) * m
         self.steps += 1
-        return rewards - self._value
+        adv = rewards.double() - self._value
+        return torch.where(ok, adv, torch.zeros_like(adv)).to(rewards.dtype)
 
     def state_dict(self) -> dict:
         """{"value", "alpha", "steps"}: plain Python numbers, so a checkpoint restores b_k exactly."""
@@ -86,20 +117,39 @@ def _grouped(rewards: torch.Tensor, group_size: int, what: str) -> torch.Tensor:
     return rewards.view(-1, group_size)
 
 
+def _group_stats(r: torch.Tensor):
+    """For (n_groups, G) rewards with NaN = missing: (float64 rewards with 0 at NaN, scored mask,
+    scored count per group, scored mean per group (0 without any), live = the group has >= 2
+    scored samples that are not all equal, i.e. it carries a signal)."""
+    ok = scored_mask(r)
+    x = torch.where(ok, r.double(), torch.zeros((), dtype=torch.float64))
+    k = ok.sum(-1, keepdim=True)
+    mean = x.sum(-1, keepdim=True) / k.clamp(min=1)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    hi = torch.where(ok, x, -inf).amax(-1, keepdim=True)
+    lo = torch.where(ok, x, inf).amin(-1, keepdim=True)
+    live = (k >= 2) & (hi > lo)
+    return x, ok, k, mean, live
+
+
 @torch.no_grad()
 def leave_one_out(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO advantages (Kool et al. 2019; Ahmadian et al. 2024):
 
-        A_i = r_i - mean_{j != i, j in group(i)} r_j = n/(n-1) (r_i - mean_group)
+        A_i = r_i - mean_{j != i, j in group(i), j scored} r_j = k/(k-1) (r_i - mean_scored)
 
-    rewards: (B,) contiguous groups of `group_size` (>= 2). Returns (B,), reward units.
+    rewards: (B,) contiguous groups of `group_size` (>= 2); NaN = not scored. k = scored samples
+    of the group. Returns (B,) in the rewards' dtype: 0 for unscored samples, for groups with
+    k < 2, and exactly 0 for groups whose scored rewards are all equal.
     Papers: Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; RLOO for
     LLMs, Ahmadian et al. 2024, arXiv:2402.14740. Raises ValueError for rewards that are not
     1-D, group_size < 2, or a batch that is not a multiple of group_size.
     """
     r = _grouped(rewards, group_size, "leave_one_out")
-    n = group_size
-    return (r - (r.sum(-1, keepdim=True) - r) / (n - 1)).reshape(-1)
+    x, ok, k, _, live = _group_stats(r)
+    others = (x.sum(-1, keepdim=True) - x) / (k - 1).clamp(min=1)
+    adv = torch.where(ok & live, x - others, torch.zeros((), dtype=torch.float64))
+    return adv.to(rewards.dtype).reshape(-1)
 
 
 @torch.no_grad()
@@ -109,36 +159,45 @@ def group_normalized(rewards: torch.Tensor, group_size: int, scale: str = "group
         A_i = (r_i - mean_group) / (s + eps)
 
       scale="group":  s = the group's sample std (unbiased, n - 1)      (GRPO)
-      scale="batch":  s = sample std of all B rewards                   (more robust to easy/hard prompts)
+      scale="batch":  s = sample std of all scored rewards of the batch (more robust to easy/hard prompts)
       scale="none":   A_i = r_i - mean_group, no division               (Dr. GRPO, Liu et al. 2025)
 
-    eps keeps groups whose rewards are all equal finite: their advantages are exactly 0 (the
-    numerator is 0), so they give no gradient; find them with `zero_std_groups` (dynamic sampling
-    drops them). group_size must be >= 2: with one sample per prompt every advantage would be 0,
-    which is an error here rather than a silent no-op.
-    rewards: (B,) contiguous groups. Returns (B,), unitless for group / batch scale.
+    Means and stds use the scored samples only (NaN = not scored, advantage 0). A group whose
+    scored rewards are all equal, or that has fewer than 2 of them, gets advantage exactly 0 in
+    every scale, so it gives no gradient; find such groups with `zero_std_groups` (dynamic
+    sampling drops them). Example: [NaN, 1, 0, 0] -> [0, 1.1547, -0.5774, -0.5774].
+    group_size must be >= 2: with one sample per prompt every advantage would be 0, which is an
+    error here rather than a silent no-op.
+    rewards: (B,) contiguous groups. Returns (B,) in the rewards' dtype, unitless for group /
+    batch scale.
     Papers: GRPO, Shao et al. 2024, arXiv:2402.03300; Dr. GRPO, Liu et al. 2025,
     arXiv:2503.20783. Raises ValueError for an unknown scale and as `leave_one_out` for the layout.
     """
     if scale not in GROUP_SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(GROUP_SCALES)}")
     r = _grouped(rewards, group_size, "group_normalized")
-    centred = r - r.mean(-1, keepdim=True)
+    x, ok, k, mean, live = _group_stats(r)
+    zero = torch.zeros((), dtype=torch.float64)
+    centred = torch.where(ok & live, x - mean, zero)
     if scale == "group":
-        centred = centred / (r.std(-1, unbiased=True, keepdim=True) + eps)
+        var = (centred * centred).sum(-1, keepdim=True) / (k - 1).clamp(min=1)
+        centred = centred / (var.sqrt() + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std(unbiased=True) + eps)
-    return centred.reshape(-1)
+        flat = x[ok]
+        std = float(flat.std(unbiased=True)) if flat.numel() > 1 else 0.0
+        centred = centred / (std + eps)
+    return centred.to(rewards.dtype).reshape(-1)
 
 
 @torch.no_grad()
 def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(n_groups,) bool: True for groups whose rewards are all equal (zero advantage under any
-    group-centred estimator, so no learning signal; DAPO's dynamic sampling filters them).
-    Exact equality, no tolerance. `.repeat_interleave(group_size)` gives the per-sample mask.
+    """(n_groups,) bool: True for groups with no learning signal: their scored (non-NaN) rewards
+    are all equal, or fewer than 2 samples were scored (zero advantage under any group-centred
+    estimator; DAPO's dynamic sampling filters them). Exact equality, no tolerance.
+    `.repeat_interleave(group_size)` gives the per-sample mask.
     DAPO: Yu et al. 2025, arXiv:2503.14476. Raises ValueError as `leave_one_out` for the layout."""
     r = _grouped(rewards, group_size, "zero_std_groups")
-    return (r == r[:, :1]).all(-1)
+    return ~_group_stats(r)[4].squeeze(-1)
 
 
 @torch.no_grad()
@@ -186,9 +245,11 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
         y = (x - mean) / sqrt(var + eps)          (+ mean back when shift_mean=False)
 
     mean and var (unbiased, n - 1; population variance when n = 1) are taken over entries where
-    mask is true (all entries when mask is None). Masked-out entries of the result are 0, and
-    all of it is 0 when no entry is masked in. x, mask: same shape, any. Used for PPO's
-    advantage whitening (as in OpenAI baselines ppo2; Engstrom et al. 2020, arXiv:2005.12729).
+    mask is true (all entries when mask is None), in float64. Masked-out entries of the result
+    are 0, and all of it is 0 when no entry is masked in; when every masked entry is equal the
+    result is exactly 0 there (x with shift_mean=False), not a rounding residue scaled by
+    1/sqrt(eps). x, mask: same shape, any. Used for PPO's advantage whitening (as in OpenAI
+    baselines ppo2; Engstrom et al. 2020, arXiv:2005.12729).
     """
     if mask is None:
         m = torch.ones_like(x, dtype=torch.bool)
@@ -198,10 +259,14 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
     n = m.sum()
     if int(n) == 0:
         return torch.zeros_like(x)
-    mean = torch.where(m, x, zero).sum() / n
-    sq = torch.where(m, (x - mean) ** 2, zero).sum()
+    xd = x.double()
+    vals = xd[m]
+    if bool(vals.max() == vals.min()):  # constant: exactly 0 (x itself with shift_mean=False), no residue
+        return torch.where(m, x if not shift_mean else zero, zero)
+    mean = vals.sum() / n
+    sq = ((vals - mean) ** 2).sum()
     var = sq / (n - 1) if int(n) > 1 else sq / n
-    y = (x - mean) * torch.rsqrt(var + eps)
+    y = (xd - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         y = y + mean
-    return torch.where(m, y, zero)
+    return torch.where(m, y.to(x.dtype), zero)

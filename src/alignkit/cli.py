@@ -168,7 +168,7 @@ def _merge_run(cfg):
     from alignkit.models.peft import merge_adapter
 
     out = merge_adapter(cfg)
-    print(f"done: merged model saved to {out}")
+    print(f"done: merged model written to {out.resolve()}")
 
 
 def _report_cfg():
@@ -238,7 +238,8 @@ def usage() -> str:
     width = max(len(n) for n in COMMANDS) + 2
     for name, c in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}{c.summary}")
-    lines += ["", "`alignkit <command> --help` lists every key of a command."]
+    lines += ["", "`alignkit <command> --help` lists every key of a command; `alignkit --version` prints the "
+              "version."]
     return "\n".join(lines)
 
 
@@ -247,18 +248,35 @@ def command_help(cmd: Command) -> str:
 
     cls = cmd.config()
     pos = POSITIONAL.get(cmd.name)
-    head = f"usage: alignkit {cmd.name} {'FILE ' if pos else ''}[config.yaml] [key=value ...]\n\n{cmd.summary}\n"
-    doc = (cls.__doc__ or "").strip()
-    if doc:
-        head += "\n" + doc + "\n"
+    head = f"usage: alignkit {cmd.name} {'FILE ' if pos else ''}[config.yaml] [key=value ...]\n\n"
+    import inspect
+
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    # the summary and the config's docstring often say the same thing: print it once
+    head += (doc if doc and _same_text(doc.split("\n\n")[0], cmd.summary) else
+             cmd.summary + ("\n\n" + doc if doc else "")) + "\n"
     rows = help_table(cls)
     kw = max(len(r[0]) for r in rows)
     tw = min(max(len(r[1]) for r in rows), 28)
     out = [head, "keys:"]
     for key, typ, default, desc in rows:
-        out.append(f"  {key.ljust(kw)}  {typ[:28].ljust(tw)}  default {default}")
+        if len(typ) <= tw:
+            out.append(f"  {key.ljust(kw)}  {typ.ljust(tw)}  default {default}")
+        else:  # a long choice list is shown whole, the default on the next line
+            out.append(f"  {key.ljust(kw)}  {typ}")
+            out.append(f"  {' ' * kw}  {' ' * tw}  default {default}")
         out += ["      " + ln for ln in textwrap.wrap(desc, 90)]
     return "\n".join(out)
+
+
+def _same_text(a: str, b: str) -> bool:
+    import difflib
+    import re
+
+    wa, wb = (re.sub(r"[^\w\- ]+", " ", t.lower()).split() for t in (a, b))
+    # the summary (b) is mostly said again by the docstring's first paragraph (a)
+    shared = sum(w in set(wa) for w in wb) / max(1, len(wb))
+    return wa[:4] == wb[:4] or shared >= 0.5 or difflib.SequenceMatcher(None, " ".join(wa), " ".join(wb)).ratio() > 0.8
 
 
 def parse(argv: list[str]):
@@ -307,8 +325,63 @@ def build_config(cmd: Command, rest: list[str]):
     return load_config(cmd.config(), path, overrides)
 
 
+def _check_before_run(cmd: Command, cfg) -> None:
+    """Checks of the config that need no model or data, run before anything loads or is
+    written: the model folders named must exist and be readable (or be hub ids the hub can
+    serve), and the output folder must be one this run can create and write."""
+    from alignkit.config import check_output_dir
+
+    for key, what in (("model", "model"), ("ref_model", "reference model")):
+        val = getattr(cfg, key, None)
+        if isinstance(val, str) and val:
+            from alignkit.models.load import check_source
+
+            check_source(val, what, key)
+
+    out = getattr(cfg, "output_dir", None)
+    if isinstance(out, str):
+        check_output_dir(out)
+        trains = hasattr(cfg, "resume") and cmd.name != "rs generate"  # rs generate writes `output` only
+        if trains and not cfg.resume and not getattr(cfg, "overwrite", False):
+            # The trainer refuses this too, but only after loading (and after its loggers opened
+            # files in the old run); refusing here leaves the old run untouched.
+            from pathlib import Path
+
+            from alignkit.training import checkpoint as ckpt
+
+            run = Path(os.path.expanduser(out))
+            if run.is_dir() and ((run / "config.json").exists() or ckpt.list_checkpoints(run)):
+                raise UserError(f"{out}: output_dir already holds a run; pass resume=true to continue it, "
+                                "overwrite=true to replace it, or another output_dir")
+    for key in ("output",):  # merge / report / rs generate / toy data: a folder or a file path
+        val = getattr(cfg, key, None)
+        if isinstance(val, str) and val:
+            from pathlib import Path
+
+            target = Path(os.path.expanduser(val))
+            if cmd.name in ("toy data", "rs generate"):  # a file: its folder must be writable
+                if target.is_dir():
+                    raise UserError(f"{val}: {key} is a folder; give a file path such as {val.rstrip('/')}/rows.jsonl")
+                anc = target.parent
+                while not anc.exists() and anc.parent != anc:
+                    anc = anc.parent
+                if anc.exists() and not anc.is_dir():
+                    raise UserError(f"{val}: {key} lies under {anc}, which is a file, not a folder; pick another {key}")
+                check_output_dir(str(target.parent), key)
+            else:
+                check_output_dir(val, key)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V", "version"):
+        from alignkit import __version__
+
+        print(f"alignkit {__version__}")
+        return 0
+    from alignkit.training.logging import quiet_library_bars
+
+    quiet_library_bars()  # in logs: no shard-loading bars from transformers
     try:
         cmd, rest = parse(argv)
         if cmd is None:
@@ -318,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
             print(command_help(cmd))
             return 0
         cfg = build_config(cmd, rest)
-        cmd.run(cfg)
+        _check_before_run(cmd, cfg)
+        if getattr(cfg, "trust_remote_code", False):
+            from alignkit.models.load import allow_remote_code
+
+            with allow_remote_code(True):
+                cmd.run(cfg)
+        else:  # loaders pass trust_remote_code=False by default
+            cmd.run(cfg)
         from alignkit.training.dist import shutdown
 
         shutdown()
@@ -329,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `alignkit sft --help | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,67 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alignkit.errors import UserError
 
 
+
+# Trackers `report_to` accepts; each is its own client library (the package of the same name).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def check_report_to(names) -> list[str]:
+    """Validate tracker names (config time): known names whose client library is installed.
+    "none" drops out, "auto" stays (resolved by `resolve_report_to`). Raises ValueError
+    (pydantic turns it into the config error line) naming the extra to install."""
+    out = []
+    for n in names:
+        n = str(n).strip().lower()
+        if not n or n == "none":
+            continue
+        if n != "auto" and n not in TRACKERS:
+            raise ValueError(f"unknown tracker {n!r}; choose from {', '.join(TRACKERS)}, auto or none")
+        if n != "auto" and not _installed(n):
+            raise ValueError(f"{n}: its client library is not installed; pip install 'alignkit[{n}]' or drop it")
+        if n not in out:
+            out.append(n)
+    return out
+def check_chat_template(value: str | None) -> str | None:
+    """A `chat_template` value (Jinja text, or the path of a file holding it) must be readable
+    UTF-8 and compile; the error names the file and line. Checked when the config is read, so a
+    typo in a template stops the run before anything loads. Returns the value unchanged."""
+    if not value:
+        return value
+    source, text = "chat_template", value
+    if len(value) < 4096 and "{" not in value:  # a path (the same rule data.chat applies)
+        p = Path(value).expanduser()
+        if not p.is_file():
+            raise ValueError(f"{value} is neither a Jinja template nor an existing file")
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{value}: line {line}: byte {e.start} is not UTF-8; save the template as UTF-8") from None
+        source = value
+    import jinja2
+
+    try:  # transformers' own compiler knows its extra tags ({% generation %})
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_
+    except ImportError:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def compile_(t):
+            return ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(t)
+    try:
+        compile_(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{source}: line {e.lineno}: Jinja syntax error ({e.message}); fix the template") from None
+    return value
+
+
 class Section(BaseModel):
     """Base of every config block: unknown keys are errors, assignments are validated."""
 
@@ -102,8 +163,8 @@ class TrainConfig(Section):
     eval_data: str | None = Field(None, description="Held-out data in the same format as `data` (optional)")
     eval_split: str = Field("test", description="Split to read when `eval_data` is a hub dataset")
     output_dir: str = Field("runs/run", description="Run folder: final model, checkpoints, metrics.jsonl, plots")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derive from `epochs`")
-    epochs: float = Field(1.0, description="Passes over the data when max_steps is -1")
+    max_steps: int = Field(-1, description="Optimizer steps to run (at least 1); -1 = derive from `epochs`")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1 (> 0)")
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch on each process")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step")
     lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW)")
@@ -112,7 +173,8 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `lr`")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of `lr` (cosine/linear)")
-    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm; null disables")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this (> 0); null disables clipping")
     max_length: int = Field(1024, ge=2, description="Longest tokenized row (prompt + answer)")
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="Rows longer than max_length: cut to max_length or drop (the count is reported)"
@@ -137,6 +199,10 @@ class TrainConfig(Section):
         1024, ge=1, description="Tokens per chunk when computing log-probs without materialising full logits"
     )
     tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["auto"], description="Trackers that get the same metrics, config and final "
+        "samples: comma-separated names from tensorboard, wandb, mlflow, trackio; none for no tracker; auto: "
+        "tensorboard when installed (and tensorboard=true)")
     plot: bool = Field(True, description="Draw curves.png of the logged metrics at the end of the run")
     progress: bool = Field(True, description="Show a progress bar")
     chat_template: str | None = Field(
@@ -155,6 +221,46 @@ class TrainConfig(Section):
         description="Regex searched in each parameter name (e.g. 'mlp|norm'): only matching parameters train, the "
         "rest is frozen. Full fine-tuning only",
     )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped in a model folder or hub repo (custom architectures). Off: such "
+        "a model is refused, and no prompt ever asks"
+    )
+
+    _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_below_one(cls, v: tuple[float, float]) -> tuple[float, float]:
+        # beta = 1 divides by 1 - beta^t = 0 in Adam's bias correction: NaN from the first step
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each AdamW beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return v
+
+    @model_validator(mode="after")
+    def _prompt_leaves_room(self):
+        mpl = getattr(self, "max_prompt_length", None)
+        if mpl is not None and mpl >= self.max_length:
+            raise ValueError(f"max_prompt_length={mpl} leaves no room for the answer within max_length="
+                             f"{self.max_length}; set max_prompt_length below max_length")
+        return self
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_positive_or_derived(cls, v: int) -> int:
+        # 0 used to run a whole epoch and -3 one step: neither is what anyone means.
+        if v != -1 and v < 1:
+            raise ValueError("max_steps must be at least 1, or -1 to derive it from epochs")
+        return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v):
+        # `report_to=wandb,mlflow` on the command line arrives as one string, `report_to=none` as null
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = v.split(",")
+        return check_report_to(v)
 
 
 class SFTConfig(TrainConfig):
@@ -295,8 +401,16 @@ def load_config(cls: type[BaseModel], path: str | None = None, overrides: list[s
         p = Path(path)
         if not p.is_file():
             raise UserError(f"{path}: config file not found; pass an existing .yaml file or only key=value pairs")
+        raw = b""
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = p.read_bytes()
+            loaded = yaml.safe_load(raw.decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise UserError(f"{path}: line {line}: byte {e.start} is not UTF-8; save the config file as UTF-8"
+                            ) from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -318,9 +432,36 @@ def load_config(cls: type[BaseModel], path: str | None = None, overrides: list[s
         return cls.model_validate(tree)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int)) or "config"
+        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int))
         where = path or source
-        raise UserError(f"{where}: bad value for '{loc}': {err['msg']} (got {err.get('input')!r})") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across several keys: its message names them
+            raise UserError(f"{where}: {msg}") from None
+        raise UserError(f"{where}: bad value for '{loc}': {msg} (got {err.get('input')!r})") from None
+
+
+def check_output_dir(path: str, key: str = "output_dir") -> None:
+    """Fail in one line, before anything loads or is written, when `path` cannot become a
+    folder this run writes into: it is a file, it lies under a file, or the nearest existing
+    folder above it (or itself) cannot be written (read-only, permission denied)."""
+    import os
+    import tempfile
+
+    if not path:
+        raise UserError(f"{key} is empty; pass {key}=PATH")
+    p = Path(os.path.expanduser(path))
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{path}: {key} is a file, not a folder; pick another {key} or move the file away")
+    anc = p
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise UserError(f"{path}: {key} lies under {anc}, which is a file, not a folder; pick another {key}")
+    try:  # a real probe: os.access says yes to root on a read-only file system
+        os.rmdir(tempfile.mkdtemp(prefix=".alignkit-probe-", dir=anc))
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UserError(f"{path}: {key} cannot be written ({anc}: {why}); pick a writable folder") from None
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -569,11 +710,27 @@ class OnlineConfig(TrainConfig):
                             "the vllm.* keys")
         return self
 
+    # Recipes whose update is a policy gradient need samples drawn from the policy (temperature > 0).
+    _policy_gradient: typing.ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _sampling_is_not_degenerate(self):
+        if self.temperature == 0 and self.num_generations > 1:
+            raise ValueError(f"temperature=0 (greedy) makes all {self.num_generations} samples of a prompt the "
+                             "same, so there is nothing to compare; set temperature > 0 (e.g. 1.0)")
+        if self.temperature == 0 and self._policy_gradient:
+            raise ValueError("temperature=0 (greedy) samples are not draws from the policy, so the policy gradient "
+                             "is wrong; set temperature > 0 (e.g. 1.0)")
+        return self
+
 
 class GRPOConfig(OnlineConfig):
     """GRPO: G samples per prompt, group-normalised advantages, clipped ratio, KL in the loss."""
 
     output_dir: str = Field("runs/grpo", description="Run folder")
+    num_generations: int = Field(
+        8, ge=2, description="Samples per prompt, the group size G (>= 2: with one sample every group-normalised "
+        "advantage is 0)")
     scale: Literal["group", "batch", "none"] = Field(
         "group", description="Advantage scale: group std (GRPO), batch std, or none (Dr. GRPO)"
     )
@@ -617,6 +774,7 @@ class RSConfig(OnlineConfig):
 
     output_dir: str = Field("runs/rs", description="Run folder")
     num_generations: int = Field(8, ge=1, description="Samples per prompt (N)")
+    _policy_gradient: typing.ClassVar[bool] = False
     rounds: int = Field(2, ge=1, description="Generate-then-SFT rounds")
     prompts_per_round: int = Field(256, ge=1, description="Prompts sampled in each round")
     threshold: float | None = Field(None, description="Keep the best sample only if its reward is at least this")
@@ -649,6 +807,8 @@ class EvalConfig(Section):
     chat_prompts: bool = Field(True, description="Text prompts become one user message (chat template); "
                                                  "false: text is given to the model as is")
     max_prompts: int = Field(-1, description="Evaluate the first N prompts only (-1: all)")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped in a model folder or hub repo (custom architectures)")
     reward: RewardSection | None = Field(None, description="Reward source(s) scoring the samples")
     judge: RewardSection | None = Field(None, description="Source judging the win rate (default: `reward`)")
     task: Literal["auto", "toy", "gsm8k", "last_number", "none"] = Field(
@@ -684,6 +844,22 @@ class EvalConfig(Section):
     logits_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when computing log-probs")
     chat_template: str | None = Field(None, description="Jinja chat template (text or path) overriding the "
                                                         "tokenizer's")
+
+    _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
+
+    @field_validator("max_prompts")
+    @classmethod
+    def _some_prompts(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("max_prompts must be at least 1, or -1 for every prompt")
+        return v
+
+    @model_validator(mode="after")
+    def _samples_can_differ(self):
+        if self.temperature == 0 and self.n_samples > 1:
+            raise ValueError(f"temperature=0 (greedy) makes all {self.n_samples} samples of a prompt the same; set "
+                             "temperature > 0, or n_samples=1")
+        return self
 
 
 class RMConfig(TrainConfig):
@@ -789,6 +965,7 @@ class OnlineDPOConfig(OnlineConfig):
 
     output_dir: str = Field("runs/online_dpo", description="Run folder")
     num_generations: int = Field(2, ge=2, description="Samples per prompt; the best and the worst form the pair")
+    _policy_gradient: typing.ClassVar[bool] = False
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = Field(
         "sigmoid", description="DPO variant (see `alignkit dpo --help`); simpo needs no reference model"
     )

@@ -33,7 +33,13 @@ from pydantic import Field
 from alignkit.config import Section
 from alignkit.toy import world
 
-QUICK_MINUTES = 15
+# One measured figure, said the same way everywhere (README, banner, --help): the README's quick run.
+MEASURED = "9 minutes on 2 idle cores of an AMD EPYC (no GPU), base-model build included"
+MEASURED_FULL = "18 minutes on the same machine"
+# Measured seconds per stage in that run (training + evaluation), for the stage bar's ETA: the bar
+# advances by these weights, so its rate is this machine's speed relative to that one.
+STAGE_COST_S = {"base": 135, "sft": 35, "reward models": 70, "dpo": 30, "dpo_lora": 25, "reinforce": 33,
+                "rloo": 38, "grpo": 56, "rs": 23, "ppo": 87, "online_dpo": 25, "report": 5}
 
 
 class DemoConfig(Section):
@@ -41,7 +47,7 @@ class DemoConfig(Section):
 
     output_dir: str = Field("runs/demo", description="Run folder of the demo")
     mode: Literal["quick", "full"] = Field(
-        "quick", description=f"quick: one seed, about {QUICK_MINUTES} minutes on 2 CPU cores; full: 3 seeds per method")
+        "quick", description=f"quick: one seed per method ({MEASURED}); full: 3 seeds per method ({MEASURED_FULL})")
     seeds: list[int] | None = Field(None, description="Seeds of the method runs (default: [0] quick, [0, 1, 2] full)")
     methods: list[str] | None = Field(
         None, description="Methods to run after SFT (default: all): rm, dpo, dpo_lora, reinforce, rloo, grpo, rs, ppo, "
@@ -50,7 +56,8 @@ class DemoConfig(Section):
                                                "on accuracy)")
     preset: str = Field("default", description="Toy base-model preset (default, or tiny for a fast smoke run)")
     difficulty: str = Field("default", description="Toy task difficulty preset")
-    reuse: bool = Field(True, description="Reuse finished stages found in output_dir (base model, SFT, methods)")
+    reuse: bool = Field(True, description="Reuse finished stages found in output_dir (base model, SFT, methods); "
+                                          "reuse=false runs every stage again (the cached base model is kept)")
     max_new_tokens: int = Field(24, ge=1, description="Generation budget per answer")
     scale: float = Field(1.0, gt=0, description="Multiply every stage's step count (0.1 = a ten-times shorter smoke "
                                                 "run)")
@@ -106,7 +113,9 @@ METHODS: dict[str, Method] = {
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from alignkit.training.logging import say
+
+    say(msg)  # above the stage bar, never on its line
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -115,7 +124,11 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 class Pipeline:
-    """The demo's stages with one progress bar over all of them."""
+    """The demo's stages with one progress bar over all of them.
+
+    The bar advances by each stage's measured cost (STAGE_COST_S), so its ETA is this machine's
+    pace on the stages done so far applied to the measured cost of the stages left; reused stages
+    leave the total. Within a training stage it follows the run's step from its metrics.jsonl."""
 
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
@@ -126,21 +139,72 @@ class Pipeline:
         self.with_rm = "rm" in chosen
         self.methods = [METHODS[m] for m in chosen if m != "rm"]
         self.results_path = self.run / "results.json"
-        self.results: dict = json.loads(self.results_path.read_text()) if cfg.reuse and self.results_path.exists() \
-            else {"runs": {}}
+        self.found_results = cfg.reuse and self.results_path.exists()
+        self.results: dict = json.loads(self.results_path.read_text()) if self.found_results else {"runs": {}}
         self.bar = None
+        self.reused: list[str] = []
+        self.ran: list[str] = []
+        self._cost = 0.0  # cost of the current stage
+        self._credited = 0.0  # part of it already added to the bar
+        self._index = 0
+        self._stages = 0
 
     def _save(self) -> None:
         tmp = self.results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.results, ensure_ascii=False, indent=2), encoding="utf-8")
         os.replace(tmp, self.results_path)
 
-    def stage(self, label: str) -> None:
+    # ------------------------------------------------------------------ progress
+    def stage(self, label: str, cost_key: str) -> None:
+        """Start a stage: the bar shows `[i/n] label`."""
+        self._index += 1
+        self._cost, self._credited = float(STAGE_COST_S.get(cost_key, 30)) * self._scale(cost_key), 0.0
+        text = f"[{self._index}/{self._stages}] {label}"
         if self.bar is not None:
-            self.bar.set_description(label[:48])
-            self.bar.update(1)
+            self.bar.set_description_str(text[:44], refresh=False)
+            self._note = ""
+            self.bar.set_postfix_str("", refresh=True)
         else:
-            _say(f"[demo] {label}")
+            _say(f"[demo] {text}")
+
+    def stage_progress(self, frac: float, note: str = "") -> None:
+        """Within a stage: `frac` of it done (0..1), `note` beside the bar."""
+        if self.bar is None:
+            return
+        from alignkit.training.logging import refresh_due
+
+        target = self._cost * min(max(frac, 0.0), 0.95)
+        if target > self._credited:
+            self.bar.update(target - self._credited)
+            self._credited = target
+        if note != getattr(self, "_note", None):
+            self._note = note
+            self.bar.set_postfix_str(note, refresh=refresh_due(self.bar))
+
+    def stage_done(self, name: str, reused: bool) -> None:
+        (self.reused if reused else self.ran).append(name)
+        if self.bar is None:
+            return
+        if reused:  # nothing to wait for: the stage leaves the estimate
+            self.bar.total = max(self.bar.total - self._cost, self.bar.n)
+            if getattr(self.bar, "line_interval", None) is None:  # in a log the next line shows it
+                self.bar.refresh()
+        else:
+            self.bar.update(self._cost - self._credited)
+        self._credited = self._cost
+
+    def shrink_stage(self, keep: float) -> None:
+        """The current stage turned out cheaper: keep only this fraction of its cost."""
+        cut = self._cost * (1 - keep)
+        self._cost -= cut
+        if self.bar is not None:
+            self.bar.total = max(self.bar.total - cut, self.bar.n)
+
+    def _scale(self, key: str) -> float:
+        # the base build does not scale with `scale`, the tiny preset is much shorter
+        if key == "base":
+            return 1.0 if self.cfg.preset == "default" else 0.05
+        return self.cfg.scale if key != "report" else 1.0
 
     # ------------------------------------------------------------------ stages
     def data(self) -> dict:
@@ -175,12 +239,15 @@ class Pipeline:
 
         path = self.run / "data" / "pairs_onpolicy.jsonl"
         if not path.exists():
+            self.stage_progress(0.0, "sampling the SFT model's answers for pairs")
             t0 = time.time()
             prompts = world.read_jsonl(self.data()["prompts"])
+            stats: dict = {}
             rows = onpolicy_pairs(sft_dir, prompts, samples=1, temperature=1.0, seed=0,
-                                  max_new_tokens=self.cfg.max_new_tokens)
-            # what building the pairs cost is charged to every method that trains on them
-            self.results["pairs_onpolicy"] = {"wall_s": time.time() - t0, "pairs": len(rows), "prompts": len(prompts)}
+                                  max_new_tokens=self.cfg.max_new_tokens, stats=stats)
+            # what building the pairs cost (time, sampled tokens) is charged to every method that trains on them
+            self.results["pairs_onpolicy"] = {"wall_s": time.time() - t0, "pairs": len(rows), "prompts": len(prompts),
+                                              "generated_tokens": stats.get("generated_tokens", 0)}
             self._save()
             world.write_jsonl(rows, path)  # atomic
         return str(path)
@@ -188,21 +255,43 @@ class Pipeline:
     def steps(self, n: int) -> int:
         return max(1, int(round(n * self.cfg.scale)))
 
-    def run_command(self, name: str, command: str, out: Path, args: dict) -> dict:
-        """One training run as its own process; its log goes to out/../name.log."""
+    def run_command(self, name: str, command: str, out: Path, args: dict, total_steps: int | None = None,
+                    span: tuple[float, float] = (0.0, 1.0)) -> dict:
+        """One training run as its own process; its log (plain progress lines, no control codes) goes
+        to out/../name.log. While it runs, the stage bar follows its step in metrics.jsonl, over the
+        `span` of the stage this run is (two reward models: halves)."""
         argv = [sys.executable, "-m", "alignkit", *command.split(), *(f"{k}={_fmt(v)}" for k, v in args.items()),
-                f"output_dir={out}", "progress=false", "tensorboard=false", "overwrite=true"]
+                f"output_dir={out}", "progress=true", "report_to=none", "overwrite=true"]
         log = out.parent / f"{out.name}.log"
+        metrics = out / "metrics.jsonl"
         t0 = time.time()
         with open(log, "w", encoding="utf-8") as f:
-            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            try:
+                while True:
+                    try:
+                        proc.wait(timeout=2.0)
+                        break
+                    except subprocess.TimeoutExpired:
+                        step = _last_step(metrics) if metrics.exists() and metrics.stat().st_mtime >= t0 else 0
+                        if total_steps:
+                            frac = span[0] + (span[1] - span[0]) * min(1.0, step / total_steps)
+                            self.stage_progress(frac, f"{name}: step {step}/{total_steps}"
+                                                if step <= total_steps else f"{name}: step {step}")
+                        elif step:
+                            self.stage_progress(span[0], f"{name}: step {step}")
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
         wall = time.time() - t0
         rec = {"name": name, "command": " ".join(["alignkit", command] + [f"{k}={_fmt(v)}" for k, v in args.items()]),
-               "wall_s": wall, "returncode": rc.returncode, "dir": str(out)}
-        if rc.returncode != 0:
+               "wall_s": wall, "returncode": proc.returncode, "dir": str(out)}
+        if proc.returncode != 0:
             tail = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-            rec["error"] = tail[-1][:300] if tail else f"exit code {rc.returncode}"
-            rec["diverged"] = rc.returncode == 3
+            rec["error"] = tail[-1][:300] if tail else f"exit code {proc.returncode}"
+            rec["diverged"] = proc.returncode == 3
         rec.update(_run_stats(out))
         return rec
 
@@ -214,13 +303,16 @@ class Pipeline:
         from alignkit.eval.run import evaluate
 
         data = self.data()
+        self.stage_progress(0.95, f"evaluating on {self.cfg.n_eval} held-out prompts")
         common = dict(model=model_dir, prompts=data["eval"], reward="toy", task="toy",
                       max_new_tokens=self.cfg.max_new_tokens, batch_size=64, num_show=4, seed=0)
         res = evaluate(EvalConfig(**common, temperature=0.0, output_dir=str(Path(model_dir) / "eval_greedy")),
                        verbose=False)
         greedy = res["modes"]["zero_shot"]
         out = {"accuracy": greedy["accuracy"], "format_rate": greedy["format_rate"], "reward": greedy["reward"]}
-        out["samples"] = [s["completion"] for s in res["samples"]["zero_shot"]]  # what eval.json holds
+        # what eval.json holds: prompt, the data's reference answer, the model's answer and whether it is right
+        out["samples"] = [{k: s.get(k) for k in ("prompt", "ref_answer", "completion", "correct")}
+                          for s in res["samples"]["zero_shot"]]
         with_ref = ref is not None and Path(ref).resolve() != Path(model_dir).resolve()
         sampled = evaluate(EvalConfig(**common, ref_model=ref if with_ref else None, temperature=1.0,
                                       n_samples=SAMPLES_T1, output_dir=str(Path(model_dir) / "eval_sampled")),
@@ -241,58 +333,89 @@ class Pipeline:
 
     # ------------------------------------------------------------------ main
     def go(self) -> dict:
-        from tqdm.auto import tqdm
-
+        from alignkit.toy import model as toymodel
         from alignkit.toy import toy_model
+        from alignkit.training.logging import progress_bar
 
         c = self.cfg
-        total = 4 + len(self.methods) * len(self.seeds)
-        est = f"about {QUICK_MINUTES} minutes on 2 CPU cores" if c.mode == "quick" else "about an hour per seed"
-        _say(f"alignkit demo ({c.mode} mode: {len(self.methods)} methods x {len(self.seeds)} seed(s), {est}); "
-             f"run folder {self.run}")
-        self.bar = tqdm(total=total, desc="demo", file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{desc:<48} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}")
+        plan = ["base", "sft"] + (["reward models"] if self.with_rm else []) \
+            + [m.name for m in self.methods for _ in self.seeds] + ["report"]
+        self._stages = len(plan)
+        est = MEASURED if c.mode == "quick" else MEASURED_FULL
+        if c.scale != 1.0 or c.preset != "default" or c.methods is not None:
+            est = f"a shorter run than the measured {MEASURED.split(' on ')[0]}"
+        _say(f"alignkit demo ({c.mode} mode: {len(self.methods)} methods x {len(self.seeds)} seed(s); measured: "
+             f"{est}); run folder {self.run}")
+        if self.found_results:
+            _say(f"[demo] {self.results_path} exists: finished stages are reused; to run everything again: "
+                 f"alignkit demo reuse=false (or a new output_dir=...)")
+        self.bar = progress_bar(total=float(sum(STAGE_COST_S.get(k, 30) * self._scale(k) for k in plan)),
+                                desc="demo", smoothing=0.0,
+                                bar_format="{desc:<44} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
         try:
-            self.stage("base model (built once, cached)")
+            entry = toymodel.cache_root() / toymodel.cache_key(c.preset, 0)
+            cached = toymodel.is_built(entry)
+            self.stage("base model (cached build)" if cached else "base model (built once, then cached)", "base")
+            if cached:  # only its evaluation is left to wait for
+                self.shrink_stage(0.1)
             t0 = time.time()
             base = str(toy_model(seed=0, preset=c.preset))
             data = self.data()
+            if cached:
+                _say(f"[demo] base model: reusing the cached build {base} (built once in "
+                     f"{toymodel.build_info(base).get('build_seconds', '?')} s)")
             if not self.done("base"):
-                self.record("base", {"name": "base", "dir": base, "wall_s": time.time() - t0, "returncode": 0,
+                info = toymodel.build_info(base)
+                self.record("base", {"name": "base", "dir": base, "returncode": 0, "cached": cached,
+                                     # a cached model shows what building it took, marked as cached
+                                     "wall_s": info.get("build_seconds", time.time() - t0) if cached
+                                     else time.time() - t0,
                                      "needs": "toy text (pretraining)", "eval": self.evaluate(base, None)})
-            self.stage("SFT")
+                self.stage_done("base", reused=False)
+            else:
+                self.stage_done("base", reused=True)
+            self.stage("SFT", "sft")
             sft_dir = self.run / "sft"
             if not self.done("sft"):
+                steps = self.steps(300)
                 rec = self.run_command("sft", "sft", sft_dir, dict(
-                    model=base, data=data["sft"], max_steps=self.steps(300), batch_size=16, lr=1e-3,
-                    warmup_steps=15, max_length=256, seed=0, log_every=10))
+                    model=base, data=data["sft"], max_steps=steps, batch_size=16, lr=1e-3,
+                    warmup_steps=15, max_length=256, seed=0, log_every=10), total_steps=steps)
                 rec["needs"] = "demonstrations"
                 if rec["returncode"] != 0:
                     self.record("sft", rec)
                     raise RuntimeError(f"SFT failed: {rec.get('error')} (log: {sft_dir}.log)")
                 rec["eval"] = self.evaluate(str(sft_dir), None)  # the KL column is relative to SFT itself
                 self.record("sft", rec)
-            self.stage("reward models")
+                self.stage_done("sft", reused=False)
+            else:
+                self.stage_done("sft", reused=True)
             if self.with_rm:
-                for kind in ("scalar", "distributional"):
+                self.stage("reward models", "reward models")
+                ran = False
+                for i, kind in enumerate(("scalar", "distributional")):
                     key = f"rm_{kind}"
                     if self.done(key):
                         continue
+                    ran = True
                     out = self.run / key
                     steps = self.steps(RM_STEPS)
                     rec = self.run_command(key, "rm", out, dict(
                         model=base, data=data["rm_pairs"], eval_data=data["pairs_eval"], kind=kind, max_steps=steps,
-                        batch_size=16, lr=3e-4, warmup_steps=max(1, steps // 20), max_length=256, log_every=50))
+                        batch_size=16, lr=3e-4, warmup_steps=max(1, steps // 20), max_length=256, log_every=50),
+                        total_steps=steps, span=(i / 2, (i + 1) / 2))
                     rec["needs"] = "preference pairs"
                     if rec["returncode"] == 0:
                         rec["eval"] = _last_eval(out)
                         rec["eval"]["accuracy_by_mistake"] = _accuracy_by_mistake(out, data["pairs_eval"])
                     self.record(key, rec)
+                self.stage_done("reward models", reused=not ran)
             for m in self.methods:
                 for seed in self.seeds:
                     key = f"{m.name}" if len(self.seeds) == 1 else f"{m.name}-s{seed}"
-                    self.stage(f"{m.name} (seed {seed})")
+                    self.stage(f"{m.name} (seed {seed})", m.name)
                     if self.done(key):
+                        self.stage_done(key, reused=True)
                         continue
                     args = dict(m.args)
                     args[m.steps_key] = self.steps(args[m.steps_key])
@@ -301,24 +424,52 @@ class Pipeline:
                     if m.data == "prompts":  # greedy accuracy on held-out prompts 4 times per run, for the curves
                         args.update(eval_data=data["eval"], eval_prompts=min(100, c.n_eval),
                                     eval_every=max(1, args[m.steps_key] // 4))
-                    rec = self.run_command(m.name, m.command, self.run / key, args)
+                    total = args[m.steps_key] * (args.get("rounds", 1) if m.steps_key == "sft_steps" else 1)
+                    rec = self.run_command(m.name, m.command, self.run / key, args,
+                                           total_steps=None if m.steps_key == "sft_steps" else total)
                     rec.update(method=m.name, seed=seed, needs=m.needs)
                     if m.data == "pairs_onpolicy" and "pairs_onpolicy" in self.results:
                         rec["train_wall_s"] = rec["wall_s"]
                         rec["wall_s"] += self.results["pairs_onpolicy"]["wall_s"]
+                        if self.results["pairs_onpolicy"].get("generated_tokens"):
+                            rec["generated_tokens"] = self.results["pairs_onpolicy"]["generated_tokens"]
                     if rec["returncode"] == 0:
                         rec["eval"] = self.evaluate(str(self.run / key), str(sft_dir))
                     self.record(key, rec)
-            self.stage("report")
+                    self.stage_done(key, reused=False)
+            self.stage("report", "report")
+            from alignkit.eval.report import build_report
+
+            report = build_report([self.run], out_dir=self.run, title="alignkit demo", demo_results=self.results)
+            self.stage_done("report", reused=False)
         finally:
             self.bar.close()
             self.bar = None
-        from alignkit.eval.report import build_report
-
-        report = build_report([self.run], out_dir=self.run, title="alignkit demo", demo_results=self.results)
         print(report["table_text"])
+        if not self.ran or self.ran == ["report"]:
+            _say(f"[demo] every stage was reused from an earlier run in {self.run} (nothing was re-run; the table "
+                 f"above is that run's). To run again: alignkit demo reuse=false, or output_dir=ANOTHER_FOLDER")
+        elif self.reused:
+            _say(f"[demo] reused {len(self.reused)} finished stage(s) from {self.run}: {', '.join(self.reused)} "
+                 f"(reuse=false runs them again)")
         _say(f"report: {self.run / 'report.md'} and {self.run / 'report.html'}")
         return self.results
+
+
+def _last_step(metrics: Path) -> int:
+    """The step of the last train record of a metrics.jsonl being written (0 when none yet)."""
+    try:
+        lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return 0
+    for ln in reversed(lines):
+        try:
+            r = json.loads(ln)
+        except ValueError:
+            continue
+        if r.get("kind", "train") == "train":
+            return int(r.get("step", 0))
+    return 0
 
 
 def _fmt(v) -> str:

@@ -9,7 +9,9 @@ generated answers (text), `columns` the prompt set's other columns as lists alig
 (`total=[...]`, `answer=[...]`). The result has one entry per completion: a float, or None when
 the source cannot score that sample (for example its reference answer is missing). Callers
 decide what None means: `alignkit eval` leaves such samples out of the reward mean and reports
-their count (`reward_none`); the RL recipes count them and use 0.
+their count (`reward_none`); the RL recipes turn them into NaN (`rewards_tensor`), which the
+advantage estimators read as "not scored": advantage 0, no part in group statistics, masked out
+of the loss (`alignkit.advantages.scored_mask`). They are never counted as 0.
 
 A source is one of
 
@@ -44,6 +46,7 @@ from alignkit.errors import UserError
 __all__ = [
     "RewardFn",
     "Reward",
+    "rewards_tensor",
     "RewardTermFn",
     "BUILTINS",
     "build_reward",
@@ -410,6 +413,42 @@ class _Callable:
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_reward_folder(spec: str, path: Path) -> None:
+    """A folder given as a reward source must hold a reward model: not be empty, have a config,
+    and not be a plain causal LM, whose missing score head transformers would fill with random
+    weights (scores that mean nothing) without an error."""
+    import json
+
+    how = "point reward= at a folder saved by `alignkit rm`, or use a built-in or module:function"
+    if not any(path.iterdir()):
+        raise UserError(f"reward '{spec}': the folder is empty; {how}")
+    adapter = path / "adapter_config.json"
+    conf = path / "config.json"
+    if adapter.is_file() and not conf.is_file():
+        try:
+            task = json.loads(adapter.read_text(encoding="utf-8")).get("task_type")
+        except (OSError, ValueError):
+            task = None
+        if task == "CAUSAL_LM":
+            raise UserError(f"reward '{spec}': a causal-LM adapter, not a reward model (no score head); train one with "
+                            f"`alignkit rm`, or {how}")
+        return
+    if not conf.is_file():
+        raise UserError(f"reward '{spec}': not a model folder (no config.json); {how}")
+    try:
+        c = json.loads(conf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"reward '{spec}': cannot read config.json ({_one_line(e)}); {how}") from None
+    archs = [str(a) for a in (c.get("architectures") or [])]
+    is_rm = ("alignkit_reward" in c or (path / "reward_config.json").is_file()
+             or any(a.endswith("ForSequenceClassification") for a in archs))
+    if not is_rm:
+        kind = f" ({', '.join(archs)})" if archs else ""
+        raise UserError(f"reward '{spec}': a causal language model{kind}, not a reward model: it has no score head, so "
+                        f"its scores would be random; train one with `alignkit rm model={spec} data=PAIRS`, or use a "
+                        f"built-in or module:function")
+
+
 class _Model:
     """A trained reward model: `score(prompts, completions)` -> one float per sample."""
 
@@ -478,6 +517,18 @@ def _run_with_timeout(fn: Callable[[], Any], timeout: float | None, name: str):
     if "err" in box:
         raise box["err"]
     return box.get("out")
+
+
+def rewards_tensor(values: Iterable[float | None]):
+    """Reward values (one float or None per sample) as a float32 tensor (B,), None -> NaN.
+
+    NaN is how "cannot score" travels to `alignkit.advantages`: every estimator there leaves
+    NaN samples out of its statistics and gives them advantage 0, and `scored_mask` masks them
+    out of the loss. Counting them as 0 instead would bias their group ([None, 1, 0, 0] would
+    give [-0.5, 1.5, -0.5, -0.5] instead of [0, 1.1547, -0.5774, -0.5774])."""
+    import torch
+
+    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
 
 
 def _check_values(name: str, out: Any, n: int, completions: list) -> list[float | None]:
@@ -658,6 +709,7 @@ def _term_from_source(source: Any, weight: float = 1.0, timeout: float | None = 
                         f"the prompt set's columns instead")
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
+        _check_reward_folder(spec, path)
         return RewardTermFn(_Model(spec), spec, weight, timeout, on_timeout, locate_errors=False)
     if ":" in spec:
         fn = load_callable(spec)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sys
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from alignkit.config import Section
+from alignkit.config import Section, check_chat_template
+from alignkit.errors import UserError
 
 
 class InspectConfig(Section):
@@ -22,6 +23,8 @@ class InspectConfig(Section):
     chat_template: str | None = Field(None, description="Chat template override (text or path)")
     train_on_prompt: bool = Field(False, description="Show the mask as train_on_prompt=true would build it")
     color: bool | None = Field(None, description="Colour trained tokens (default: when writing to a terminal)")
+
+    _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
 
 
 def inspect_data(cfg: InspectConfig, out=None) -> None:
@@ -40,6 +43,9 @@ def inspect_data(cfg: InspectConfig, out=None) -> None:
         print(note, file=out)
     ds = load_rows(cfg.data, cfg.data_split)
     fmt = require_format(ds, cfg.data, SFT_FORMATS)
+    if cfg.offset >= len(ds):
+        raise UserError(f"{cfg.data}: offset={cfg.offset} is past the end ({len(ds)} rows); use offset=0.."
+                        f"{len(ds) - 1}")
     color = out.isatty() if cfg.color is None else cfg.color
     green, dim, reset = ("\033[32m", "\033[2m", "\033[0m") if color else ("", "", "")
     end = min(len(ds), cfg.offset + cfg.rows)

@@ -33,6 +33,149 @@ def _looks_local(path: str) -> bool:
     return os.path.exists(path) or path.startswith((".", "/", "~")) or _builder_for(path) is not None
 
 
+def _open_text_bytes(p: Path):
+    """The file's bytes, decompressed (gz, bz2, xz); None for a compression we do not read here."""
+    name = p.name.lower()
+    if name.endswith(".gz"):
+        import gzip
+
+        return gzip.open(p, "rb")
+    if name.endswith(".bz2"):
+        import bz2
+
+        return bz2.open(p, "rb")
+    if name.endswith(".xz"):
+        import lzma
+
+        return lzma.open(p, "rb")
+    if name.endswith(".zst"):
+        return None
+    return open(p, "rb")
+
+
+def _decode_lines(path: str, what: str):
+    """Yield (line number from 1, text) of a local text file, stopping at the first byte that is
+    not UTF-8 with one line naming the file, the line and the byte offset (in the file and in
+    the line). A UTF-8 BOM is accepted."""
+    fh = _open_text_bytes(Path(path))
+    if fh is None:
+        return
+    offset = 0
+    with fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start:e.start + 4].hex(" ")
+                raise UserError(f"{path}: line {n}: byte {offset + e.start} of the file (byte {e.start + 1} of the "
+                                f"line: {bad}) is not UTF-8; save the {what} file as UTF-8 (e.g. iconv -f cp1251 -t "
+                                f"utf-8)") from None
+            if n == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            offset += len(raw)
+            yield n, text
+
+
+_KINDS = ((bool, "true/false"), (str, "text"), ((int, float), "a number"), (list, "a list"), (dict, "an object"))
+
+
+def _kind(v) -> str:
+    for t, name in _KINDS:
+        if isinstance(v, t):
+            return name
+    return "null" if v is None else type(v).__name__
+
+
+class _RowKinds:
+    """Each row must be a JSON object (a column may mix kinds: datasets stores such a column as
+    JSON values)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def check(self, n: int, row) -> None:
+        if not isinstance(row, dict):
+            raise UserError(f"{self.path}: line {n}: expected one JSON object per row ({{\"key\": value, ...}}), got "
+                            f"{_kind(row)}")
+
+
+def _json_error(path: str, e, hint: str) -> UserError:
+    return UserError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}); {hint}")
+
+
+def _validate_json(path: str, what: str) -> None:
+    """Parse a local .jsonl / .json file ourselves before `datasets` reads it, so that a syntax
+    error names its real line (datasets reports none, or one off by one) and column. JSON lines
+    are checked one line at a time; a .json file may also be one document (an array of rows)."""
+    import json
+
+    name = path.lower()
+    for comp in (".gz", ".bz2", ".xz"):
+        name = name.removesuffix(comp)
+    lines = _decode_lines(path, what)
+    first = next(((n, t) for n, t in lines if t.strip()), None)
+    if first is None:
+        return
+    kinds = _RowKinds(path)
+    n0, t0 = first
+    try:
+        row0 = json.loads(t0)
+    except json.JSONDecodeError as e:
+        if not name.endswith(".json"):
+            raise UserError(f"{path}: line {n0}, column {e.colno}: invalid JSON ({e.msg}); each line must be one JSON "
+                            f"object") from None
+        row0 = None  # maybe a pretty-printed document spanning lines
+    if row0 is None or (isinstance(row0, list) and name.endswith(".json")):  # one document: rows or columns
+        text = "\n" * (n0 - 1) + t0 + "".join(t for _, t in lines)
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _json_error(path, e, "fix that line") from None
+        if isinstance(doc, list):
+            for i, r in enumerate(doc):
+                kinds.check(i + 1, r)
+        return
+    kinds.check(n0, row0)
+    for n, t in lines:
+        if not t.strip():
+            continue
+        try:
+            row = json.loads(t)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n}, column {e.colno}: invalid JSON ({e.msg}); each line must be one "
+                            f"JSON object") from None
+        kinds.check(n, row)
+
+
+def _validate_csv(path: str, what: str) -> None:
+    """Read a local .csv with Python's csv module first: undecodable bytes, unterminated quotes
+    and rows with a different number of fields than the header are named by line."""
+    import csv
+    import io
+
+    lines = list(_decode_lines(path, what))
+    if not lines:
+        return
+    reader = csv.reader(io.StringIO("".join(t for _, t in lines)), strict=True)
+    header = None
+    start = 1
+    try:
+        for row in reader:
+            if header is None:
+                header = row
+                start = reader.line_num + 1
+                continue
+            if not row:
+                start = reader.line_num + 1
+                continue
+            if len(row) != len(header):
+                raise UserError(f"{path}: line {start}: {len(row)} fields, but the header has {len(header)} "
+                                f"({', '.join(header)}); quote fields that contain commas")
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{path}: line {start}: bad CSV ({e}); close the quote or escape it as \"\"") from None
+
+
 def load_rows(path: str, split: str = "train", what: str = "data"):
     """Load a dataset as a `datasets.Dataset`.
 
@@ -58,12 +201,31 @@ def load_rows(path: str, split: str = "train", what: str = "data"):
                     )
                 if p.stat().st_size == 0:
                     raise UserError(f"{path}: {what} file is empty; it needs at least one row")
+                if builder == "json":
+                    _validate_json(path, what)
+                elif builder == "csv":
+                    _validate_csv(path, what)
                 ds = datasets.load_dataset(builder, data_files=str(p), split="train")
             else:
                 ds = datasets.load_dataset(str(p), split=split)
         else:
             name, _, config = path.partition(":")
-            ds = datasets.load_dataset(name, config or None, split=split)
+            offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+                          for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+            if not offline:
+                from alignkit.models.load import _hub_reachable
+
+                if not _hub_reachable():
+                    raise UserError(f"{path}: no such local file, and the hub cannot be reached (no network); pass "
+                                    f"{what}=PATH of a local .jsonl/.json/.parquet/.csv file")
+            try:
+                ds = datasets.load_dataset(name, config or None, split=split)
+            except Exception as e:
+                if offline:
+                    raise UserError(f"{path}: no such local file, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and "
+                                    f"the dataset is not in the local cache; pass {what}=PATH of a local file, or "
+                                    f"unset the variable to download it") from None
+                raise e
     except UserError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the file and the reason

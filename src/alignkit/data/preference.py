@@ -14,6 +14,7 @@ encodes a row, so a pair's two sequences share their prompt tokens.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -165,10 +166,12 @@ def load_pairs(path: str, split: str, tokenizer, max_length: int, truncation: st
     max_prompt_length = max_prompt_length or max_length // 2
     stats = EncodeStats()
     out: list[Pair] = []
+    same = 0  # pairs whose chosen equals their rejected: no preference signal
     for i, row in enumerate(ds):
         where = f"{path} row {i + 1}"
         stats.rows += 1
         p, c, r = pair_parts(row, where)
+        same += c == r
         ce, re_, plen = encode_pair(tokenizer, p, c, r)
         fitted = _fit_pair(ce, re_, plen, max_length, max_prompt_length, truncation, stats)
         if fitted is None:
@@ -187,6 +190,9 @@ def load_pairs(path: str, split: str, tokenizer, max_length: int, truncation: st
         stats.trained_tokens += ce.n_trained + re_.n_trained
     if not out:
         raise UserError(f"{path}: every pair was dropped ({stats.summary()}); raise max_length")
+    if same == stats.rows:
+        print(f"alignkit: warning: {path}: every 'chosen' equals its 'rejected' ({same} pairs), so the preference loss "
+              f"has no signal; check the columns", file=sys.stderr, flush=True)
     return out, stats
 
 

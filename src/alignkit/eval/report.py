@@ -37,11 +37,29 @@ COLUMNS = [  # key, header, format
     ("status", "status", "{}"),
 ]
 
-CURVES = [  # figure name, y label, metric keys tried in order (train records, then eval records)
-    ("reward", "mean reward (train samples)", ["reward_mean"], "train"),
-    ("accuracy", "held-out exact accuracy (greedy)", ["eval_solved", "eval_accuracy"], "eval"),
-    ("kl", "KL to reference (per token)", ["kl"], "train"),
-]
+# One colour per method, the same in every plot and table (matplotlib's tab10 and tab20 hues).
+METHOD_COLORS = {
+    "base": "#7f7f7f", "sft": "#000000", "dpo": "#1f77b4", "dpo_lora": "#17becf", "reinforce": "#ff7f0e",
+    "rloo": "#bcbd22", "grpo": "#2ca02c", "rs": "#9467bd", "ppo": "#d62728", "online_dpo": "#e377c2",
+    "rm_scalar": "#8c564b", "rm_distributional": "#c49c94",
+}
+_EXTRA_COLORS = ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#f7b6d2", "#dbdb8d", "#9edae5"]
+
+
+def method_of(label: str) -> str:
+    """The method a run label belongs to: `grpo-s1` -> `grpo`."""
+    import re
+
+    return re.sub(r"-s\d+$", "", label)
+
+
+def method_color(name: str, others: list[str] | None = None) -> str:
+    """The fixed colour of a method; methods without one get the next spare colour in `others` order."""
+    m = method_of(name)
+    if m in METHOD_COLORS:
+        return METHOD_COLORS[m]
+    extra = sorted({method_of(o) for o in (others or [m]) if method_of(o) not in METHOD_COLORS})
+    return _EXTRA_COLORS[(extra.index(m) if m in extra else 0) % len(_EXTRA_COLORS)]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -139,6 +157,7 @@ def _demo_rows(results: dict) -> tuple[list[dict], list[dict], dict]:
             vals = [r[k] for r in ok if _is_finite(r.get(k))]
             if vals:
                 row[k] = sum(vals) / len(vals)
+        row["cached"] = any(r.get("cached") for r in ok)
         for k in ("accuracy", "accuracy_t1", "format_rate", "reward", "kl_token"):
             vals = [r["eval"][k] for r in ok if _is_finite(r["eval"].get(k))]
             if vals:
@@ -162,13 +181,20 @@ def _fmt(key: str, fmt: str, v) -> str:
         return str(v)
 
 
+def _cell(r: dict, k: str, f: str) -> str:
+    text = _fmt(k, f, r.get(k))
+    if k == "wall_s" and r.get("cached") and text != "–":
+        text += " (cached build)"  # what building it took once; this run reused it
+    return text
+
+
 def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
     cols = [c for c in columns if any(r.get(c[0]) not in (None, "") for r in rows)]
     head = "| " + " | ".join(h for _, h, _ in cols) + " |"
     sep = "|" + "|".join("---" if k in ("method", "needs", "status") else "---:" for k, _, _ in cols) + "|"
     lines = [head, sep]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(k, f, r.get(k)) for k, _, f in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r, k, f) for k, _, f in cols) + " |")
     return "\n".join(lines)
 
 
@@ -188,37 +214,111 @@ def _series(run_dir: Path, keys: list[str], kind: str) -> tuple[list, list, list
     return xs, ts, ys
 
 
-def curves_png(named_dirs: list[tuple[str, Path]]) -> dict[str, bytes]:
-    """One PNG per metric: value against step (left) and against wall time (right), all runs."""
+CURVES = [  # figure name, title (which data it uses), y label, metric keys tried in order, record kind, table key
+    ("reward", "Mean reward of the training samples (temperature 1) during training", "mean reward",
+     ["reward_mean"], "train", "reward"),
+    ("accuracy", "Greedy exact accuracy during training, on the first {n_curve} held-out prompts", "exact accuracy",
+     ["eval_solved", "eval_accuracy"], "eval", "accuracy"),
+    ("kl", "KL to the SFT model per token: lines during training (its samples), markers at the end ({n_table} "
+     "held-out prompts x 4 samples)", "KL per token", ["kl"], "train", "kl_token"),
+]
+
+
+FIGURE_TITLES = {"reward": "Reward during training", "accuracy": "Held-out accuracy during training",
+                 "kl": "KL to the SFT model"}
+
+
+def _run_config(run_dir: Path) -> dict:
+    cfg = run_dir / "config.yaml"
+    if not cfg.exists():
+        return {}
+    import yaml
+
+    try:
+        return yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return {}
+
+
+def _last_point(run_dir: Path) -> tuple[float | None, float | None]:
+    """(step, elapsed seconds) of a run's last train record."""
+    train = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    return (train[-1].get("step"), train[-1].get("elapsed_s")) if train else (None, None)
+
+
+def curves_png(named_dirs: list[tuple[str, Path]], baseline: dict | None = None, final: dict | None = None,
+               n_table: int | None = None, legend_out: dict | None = None) -> dict[str, bytes]:
+    """One PNG per metric: value against step (left) and against wall time (right), all runs, each
+    method in its fixed colour (METHOD_COLORS; seeds of a method share it).
+
+    baseline: the SFT row's table values (accuracy, reward, kl_token), drawn as a dashed line on
+    every plot, labelled with the data it was measured on. final: {run label: its table values};
+    runs with a final KL (every method, whether or not it logs one while training) get a marker at
+    their last step. n_table: held-out prompts behind the table's values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = [lab for lab, _ in named_dirs]
+    n_curve = sorted({c.get("eval_prompts") for _, d in named_dirs if (c := _run_config(d)).get("eval_data")
+                      and isinstance(c.get("eval_prompts"), int)})
+    n_curve_s = "/".join(str(n) for n in n_curve) if n_curve else "N"
+    n_table_s = str(n_table) if n_table else "the"
     out = {}
-    for name, ylabel, keys, kind in CURVES:
-        data = [(label, *_series(d, keys, kind)) for label, d in named_dirs]
-        data = [x for x in data if x[1]]
-        if not data:
+    for name, title, ylabel, keys, kind, table_key in CURVES:
+        data = [(label, d, *_series(d, keys, kind)) for label, d in named_dirs]
+        data = [x for x in data if x[2]]
+        ends = []
+        for label, d in named_dirs:
+            # the SFT model is the baseline line itself, the base model is not trained from it
+            v = (final or {}).get(label, {}).get(table_key) if name == "kl" and method_of(label) not in (
+                "sft", "base") else None
+            if _is_finite(v):
+                ends.append((label, *_last_point(d), v))
+        if not data and not ends:
             continue
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
-        for label, xs, ts, ys in data:
-            a1.plot(xs, ys, label=label, marker="o" if len(xs) < 15 else None, ms=3)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for label, _, xs, ts, ys in data:
+            c = method_color(label, labels)
+            a1.plot(xs, ys, label=label, color=c, marker="o" if len(xs) < 15 else None, ms=3)
             pts = [(t, y) for t, y in zip(ts, ys) if _is_finite(t)]
             if pts:
-                a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="o" if len(pts) < 15 else None,
-                        ms=3)
+                a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label, color=c,
+                        marker="o" if len(pts) < 15 else None, ms=3)
+        drawn = {lab for lab, *_ in data}
+        for label, step, t, v in ends:
+            c = method_color(label, labels)
+            tag = None if label in drawn else label  # a method with no KL curve still gets its legend entry
+            if step is not None:
+                a1.plot([step], [v], marker="X", ms=8, color=c, linestyle="none", label=tag, markeredgecolor="white")
+            if _is_finite(t):
+                a2.plot([t], [v], marker="X", ms=8, color=c, linestyle="none", label=tag, markeredgecolor="white")
+        base = (baseline or {}).get(table_key)
+        if name == "kl":
+            base = 0.0 if baseline is not None else None
+        if _is_finite(base):
+            what = "the reference itself" if name == "kl" else f"greedy, {n_table_s} held-out prompts"
+            for a in (a1, a2):
+                a.axhline(base, color=METHOD_COLORS["sft"], linestyle="--", linewidth=1,
+                          label=f"SFT baseline: {base:.3g} ({what})" if a is a2 else None)
         a1.set_xlabel("training step")
         a2.set_xlabel("wall time (s)")
         for a in (a1, a2):
             a.set_ylabel(ylabel, fontsize=8)
             a.grid(alpha=0.3)
             a.tick_params(labelsize=8)
-        a2.legend(fontsize=7, loc="best")
-        fig.suptitle(ylabel, fontsize=10)
+        a2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.suptitle(title.format(n_curve=n_curve_s, n_table=n_table_s), fontsize=9.5)
+        if legend_out is not None:  # what each figure shows: {figure: {legend label: colour}, title}
+            from matplotlib.colors import to_hex
+
+            legend_out[name] = {"title": fig._suptitle.get_text(), "lines": {
+                ln.get_label(): to_hex(ln.get_color()) for a in (a1, a2) for ln in a.get_lines()
+                if not ln.get_label().startswith("_")}}
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         out[name] = buf.getvalue()
     return out
@@ -258,9 +358,17 @@ th { background: #f5f5f7; cursor: pointer; position: sticky; top: 0; }
 th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { content: ' \\25BC'; }
 td.t, th.t { text-align: left; }
 tr.bad td { color: #b00020; }
-img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.5rem 0; }
+.scroll { overflow-x: auto; -webkit-overflow-scrolling: touch; }
 .samples td { text-align: left; font-family: ui-monospace, monospace; font-size: 0.8rem; vertical-align: top; }
+.samples td.prompt { white-space: pre-wrap; font-family: inherit; min-width: 14rem; }
+.samples td.right b { color: #1a7f37; } .samples td.wrong b { color: #b00020; }
+.sw { display: inline-block; width: 0.7em; height: 0.7em; margin-right: 0.35em; border-radius: 2px; }
 .note { color: #666; font-size: 0.85rem; }
+td.t:first-child { white-space: nowrap; }
+@media (max-width: 600px) { body { margin: 1rem auto; padding: 0 0.5rem; } table { font-size: 0.75rem; }
+  h1 { font-size: 1.2rem; } h2 { font-size: 1rem; }
+  .fig img { max-width: none; width: 760px; } }
 """
 
 
@@ -269,16 +377,78 @@ def _html_table(rows: list[dict], columns, cls: str = "sortable") -> str:
     head = "".join(f'<th class="{"t" if k in ("method", "needs", "status", "model") else ""}">{html.escape(h)}</th>'
                    for k, h, _ in cols)
     body = []
+    names = [str(r.get("method") or r.get("model") or "") for r in rows]
     for r in rows:
         bad = r.get("status") in ("diverged", "failed") or r.get("diverged")
         cells = []
         for k, _, f in cols:
             v = r.get(k)
             sortv = v if _is_finite(v) else ("" if v is None else str(v))
+            text = html.escape(_cell(r, k, f))
+            if k in ("method", "model") and isinstance(v, str):
+                text = _swatch(v, names) + text
             cells.append(f'<td class="{"t" if k in ("method", "needs", "status", "model") else ""}" '
-                         f'data-v="{html.escape(str(sortv))}">{html.escape(_fmt(k, f, v))}</td>')
+                         f'data-v="{html.escape(str(sortv))}">{text}</td>')
         body.append(f'<tr class="{"bad" if bad else ""}">' + "".join(cells) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _swatch(name: str, others: list[str]) -> str:
+    """A small square in the method's plot colour."""
+    return f'<span class="sw" style="background:{method_color(name, others)}"></span>'
+
+
+def _sample_item(s) -> dict:
+    """A stored sample: a dict (prompt, ref_answer, completion, correct) or, from older results, a string."""
+    return s if isinstance(s, dict) else {"completion": s}
+
+
+def _verdict(ok) -> str:
+    return "" if ok is None else (" ✓" if ok else " ✗")
+
+
+def _samples_markdown(samples: list[tuple[str, list]]) -> list[str]:
+    n = max(len(s) for _, s in samples)
+    first = [_sample_item(x) for x in samples[0][1]]
+    md = ["| # | prompt | correct answer | " + " | ".join(m for m, _ in samples) + " |",
+          "|---|---|---|" + "---|" * len(samples)]
+
+    def esc(t) -> str:
+        return str(t or "").replace("|", "\\|").replace("\n", " ")
+
+    for i in range(n):
+        p = first[i] if i < len(first) else {}
+        cells = []
+        for _, items in samples:
+            it = _sample_item(items[i]) if i < len(items) else {}
+            ans = esc(it.get("completion"))
+            cells.append(("`" + ans + "`" if ans else "*(empty answer)*" if it else "") + _verdict(it.get("correct")))
+        md.append(f"| {i + 1} | {esc(p.get('prompt'))} | `{esc(p.get('ref_answer'))}` | " + " | ".join(cells) + " |")
+    return md
+
+
+def _samples_html(samples: list[tuple[str, list]]) -> str:
+    n = max(len(s) for _, s in samples)
+    names = [m for m, _ in samples]
+    first = [_sample_item(x) for x in samples[0][1]]
+    head = "<th class='t'>#</th><th class='t'>prompt</th><th class='t'>correct answer</th>" + "".join(
+        f"<th class='t'>{_swatch(m, names)}{html.escape(m)}</th>" for m in names)
+    body = []
+    for i in range(n):
+        p = first[i] if i < len(first) else {}
+        cells = [f"<td>{i + 1}</td>", f"<td class='prompt'>{html.escape(str(p.get('prompt') or ''))}</td>",
+                 f"<td class='ref'>{html.escape(str(p.get('ref_answer') or ''))}</td>"]
+        for _, items in samples:
+            it = _sample_item(items[i]) if i < len(items) else {}
+            ok = it.get("correct")
+            cls = "" if ok is None else ("right" if ok else "wrong")
+            mark = "" if ok is None else (" <b>✓ right</b>" if ok else " <b>✗ wrong</b>")
+            text = html.escape(str(it.get("completion") or "")) or ("<i>(empty answer)</i>" if it else "")
+            cells.append(f"<td class='{cls}'>{text}{mark}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<div class='scroll'><table class='samples'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 RM_COLUMNS = [("model", "reward model", "{}"), ("accuracy", "held-out pair accuracy", "{:.3f}"),
@@ -296,6 +466,9 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str, title: str = "
     rows: list[dict] = []
     rm_rows: list[dict] = []
     curve_dirs: list[tuple[str, Path]] = []
+    final: dict[str, dict] = {}  # run label -> its table values (demo folders)
+    baseline: dict | None = None
+    n_table: int | None = None
     for d in map(Path, run_dirs):
         if not d.is_dir():
             raise UserError(f"{d}: not a run folder; pass folders written by alignkit (output_dir of a run or demo)")
@@ -309,6 +482,14 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str, title: str = "
             for key, rec in runs.items():
                 if rec.get("dir") and (Path(rec["dir"]) / "metrics.jsonl").exists() and not key.startswith("rm_"):
                     curve_dirs.append((key, Path(rec["dir"])))
+                    if isinstance(rec.get("eval"), dict):
+                        final[key] = rec["eval"]
+            sft = runs.get("sft") or {}
+            if isinstance(sft.get("eval"), dict):
+                baseline = sft["eval"]
+                ev = Path(sft.get("dir", "")) / "eval_greedy" / "eval.json"
+                if ev.is_file():
+                    n_table = json.loads(ev.read_text(encoding="utf-8")).get("n_prompts")
         elif (d / "metrics.jsonl").exists() or (d / "config.yaml").exists():
             rows.append(_single_run_row(d))
             curve_dirs.append((d.name, d))
@@ -319,7 +500,8 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str, title: str = "
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
-    pngs = curves_png(curve_dirs)
+    legend: dict = {}
+    pngs = curves_png(curve_dirs, baseline=baseline, final=final, n_table=n_table, legend_out=legend)
     for name, data in pngs.items():
         (out / f"curve_{name}.png").write_bytes(data)
     md = [f"# {title}", ""]
@@ -329,30 +511,18 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str, title: str = "
     if rm_rows:
         md += ["## Reward models", "", markdown_table(rm_rows, RM_COLUMNS), ""]
     for name in pngs:
-        md += [f"![{name}](curve_{name}.png)", ""]
+        md += [f"### {FIGURE_TITLES.get(name, name)}", "", f"![{name}](curve_{name}.png)", ""]
     samples = [(r["method"], r.get("samples") or []) for r in rows if r.get("samples")]
+    sample_title = ("Sample answers: the same held-out prompts, greedy; ✓ / ✗: the answer's total equals the "
+                    "correct answer's")
     if samples:
-        md += ["## Sample completions (same held-out prompts, greedy)", ""]
-        n = max(len(s) for _, s in samples)
-        md.append("| # | " + " | ".join(m for m, _ in samples) + " |")
-        md.append("|---|" + "---|" * len(samples))
-        for i in range(n):
-            md.append(f"| {i + 1} | " + " | ".join(
-                "`" + (s[i] if i < len(s) else "").replace("|", "\\|").replace("\n", " ") + "`" for _, s in samples)
-                + " |")
-        md.append("")
+        md += [f"## {sample_title}", ""] + _samples_markdown(samples) + [""]
     _atomic_write(out / "report.md", "\n".join(md))
 
-    imgs = "".join(f'<h2>{html.escape(n)}</h2><img alt="{html.escape(n)} curves" '
-                   f'src="data:image/png;base64,{base64.b64encode(b).decode()}">' for n, b in pngs.items())
-    sample_html = ""
-    if samples:
-        n = max(len(s) for _, s in samples)
-        head = "".join(f"<th class='t'>{html.escape(m)}</th>" for m, _ in samples)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(s[i] if i < len(s) else '')}</td>" for _, s in samples)
-                       + "</tr>" for i in range(n))
-        sample_html = (f"<h2>Sample completions (same held-out prompts, greedy)</h2>"
-                       f"<table class='samples'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    # on a phone a figure keeps a readable size and scrolls sideways in its own box
+    imgs = "".join(f'<h2>{html.escape(FIGURE_TITLES.get(n, n))}</h2><div class="scroll fig"><img alt="{html.escape(n)} '
+                   f'curves" src="data:image/png;base64,{base64.b64encode(b).decode()}"></div>' for n, b in pngs.items())
+    sample_html = f"<h2>{html.escape(sample_title)}</h2>{_samples_html(samples)}" if samples else ""
     rm_html = f"<h2>Reward models</h2>{_html_table(rm_rows, RM_COLUMNS)}" if rm_rows else ""
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
@@ -360,7 +530,7 @@ def build_report(run_dirs: list[Path | str], out_dir: Path | str, title: str = "
             f"<p class='note'>{html.escape(note)} Click a column header to sort.</p>"
             f"{_html_table(rows, COLUMNS)}{rm_html}{imgs}{sample_html}<script>{_SORT_JS}</script></body></html>")
     _atomic_write(out / "report.html", page)
-    return {"rows": rows, "rm_rows": rm_rows, "table_text": table, "figures": list(pngs)}
+    return {"rows": rows, "rm_rows": rm_rows, "table_text": table, "figures": list(pngs), "legend": legend}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -38,25 +37,31 @@ from alignkit.models import load_model, load_tokenizer
 from alignkit.rewards import build_reward, load_prompt_set
 from alignkit.rollout.engine import RolloutEngine, SamplingParams
 from alignkit.training.dist import DistInfo
+from alignkit.training.logging import progress_bar
 
 __all__ = ["evaluate", "EvalConfig", "sample", "format_table"]
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from alignkit.training.logging import say
+
+    say(msg)  # above any progress bar
 
 
 # --------------------------------------------------------------------------- generation
 # The one place evaluation samples from a model: swap the engine here and nothing else changes.
 
 
-def sample(model, engine, prompts: list, n: int, cfg: EvalConfig, seed: int):
+def sample(model, engine, prompts: list, n: int, cfg: EvalConfig, seed: int, desc: str | None = None):
     """n samples per prompt (grouped by prompt: prompt i's samples at [i*n, (i+1)*n)), each with
     prompt_ids, completion_ids (ending with the stop token when it stopped), text and
-    finish_reason ("eos" or "length")."""
+    finish_reason ("eos" or "length"). desc: show a progress bar over the prompts with this label."""
     params = SamplingParams(n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=0, seed=seed, batch_size=cfg.batch_size)
-    return engine.generate(model, prompts, params).samples
+    if desc is None:
+        return engine.generate(model, prompts, params).samples
+    with progress_bar(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+        return engine.generate(model, prompts, params, on_chunk=bar.update).samples
 
 
 # --------------------------------------------------------------------------- setup
@@ -115,10 +120,10 @@ class _Side:
         self.pad_id = self.engine.pad_id
 
 
-def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig) -> list[dict]:
+def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig, desc: str | None = None) -> list[dict]:
     """Sample a mode's answers. Per sample: text (final turn), answer (what is scored), segments
     [(context ids, generated ids)] for log-probs, first_text (reflect), finish."""
-    first = sample(side.model, side.engine, prompts, cfg.n_samples, cfg, cfg.seed)
+    first = sample(side.model, side.engine, prompts, cfg.n_samples, cfg, cfg.seed, desc=desc)
     out = []
     for s in first:
         out.append({"prompt_index": s.prompt_index, "text": s.text, "segments": [(s.prompt_ids, s.completion_ids)],
@@ -126,7 +131,8 @@ def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig) -> list[di
     if mode == "reflect":
         second_prompts = [prompting.reflect_prompt(prompts[o["prompt_index"]], o["text"], cfg.reflect_instruction)
                           for o in out]
-        second = sample(side.model, side.engine, second_prompts, 1, cfg, cfg.seed + 1)
+        second = sample(side.model, side.engine, second_prompts, 1, cfg, cfg.seed + 1,
+                        desc=desc and desc + " (2nd turn)")
         for o, s in zip(out, second):
             o["first_text"] = o["text"]
             o["text"] = s.text
@@ -150,13 +156,13 @@ def _score(reward, prompts: list, answers: list[str], columns: dict, chunk: int)
 
 
 def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, reward, judge, task: str,
-               pool, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+               pool, cfg: EvalConfig, progress: bool = False) -> tuple[dict, list[dict]]:
     t0 = time.time()
     base_prompts = [r["prompt"] for r in rows]
     mode_prompts = prompting.build_prompts(base_prompts, mode, pool=pool, k=cfg.few_shot_k,
                                            layout=cfg.few_shot_layout, seed=cfg.seed,
                                            cot_instruction=cfg.cot_instruction)
-    samples = _run_mode(pol, mode_prompts, mode, cfg)
+    samples = _run_mode(pol, mode_prompts, mode, cfg, desc=f"eval {mode}: model" if progress else None)
     idx = [s["prompt_index"] for s in samples]
     prompts = [base_prompts[i] for i in idx]
     columns = {k: [rows[i].get(k) for i in idx] for k in rows[0] if k != "prompt"}
@@ -200,7 +206,7 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
 
     ref_samples = None
     if ref is not None and judge is not None:
-        ref_samples = _run_mode(ref, mode_prompts, mode, cfg)
+        ref_samples = _run_mode(ref, mode_prompts, mode, cfg, desc=f"eval {mode}: reference" if progress else None)
         ref_answers = [s["answer"] for s in ref_samples]
         mine = rewards if judge is reward else _score(judge, prompts, answers, columns, chunk)[1]
         theirs = _score(judge, prompts, ref_answers, columns, chunk)[1]
@@ -214,21 +220,39 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
 
     show = len(samples) if cfg.num_show < 0 else min(cfg.num_show, len(samples))
     shown = []
+    ref_col = _task_column(task, rows) if task != "none" else ("answer" if "answer" in columns else None)
     for j in range(show):
         s = samples[j]
-        item = {"prompt": prompting.prompt_text(prompts[j]), "completion": s["text"]}
+        # ref_answer: the reference answer from the data; ref_model_*: what the reference model wrote
+        item = {"prompt": prompting.prompt_text(prompts[j])}
+        if ref_col is not None and columns.get(ref_col) and columns[ref_col][j] is not None:
+            row = rows[idx[j]]
+            item["ref_answer"] = row["answer"] if isinstance(row.get("answer"), str) else str(columns[ref_col][j])
+        item["completion"] = s["text"]
         if mode == "reflect":
             item["first_completion"] = s["first_text"]
         if mode in prompting.FINAL_LINE_MODES:
             item["answer"] = s["answer"]
+        if task != "none":
+            item["correct"] = _is_correct(s["answer"], columns[_task_column(task, rows)][j], task)
         if rewards is not None:
             item["reward"] = rewards[j]
         if ref_samples is not None:
-            item["ref_completion"] = ref_samples[j]["text"]
-            item["ref_answer"] = ref_samples[j]["answer"]
+            item["ref_model_completion"] = ref_samples[j]["text"]
+            if mode in prompting.FINAL_LINE_MODES:
+                item["ref_model_answer"] = ref_samples[j]["answer"]
+            if task != "none":
+                item["ref_model_correct"] = _is_correct(ref_samples[j]["answer"],
+                                                        columns[_task_column(task, rows)][j], task)
         shown.append(item)
     res["seconds"] = time.time() - t0
     return res, shown
+
+
+def _is_correct(answer: str, reference, task: str) -> bool | None:
+    """Whether one answer is exactly right (None: the reference has no number to compare)."""
+    tm = task_metrics([answer], [reference], task)
+    return None if tm["accuracy"] is None else tm["accuracy"] == 1.0
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -321,7 +345,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, ref_model=None, ref_to
     for mode in modes if rows else []:
         if verbose:
             _say(f"eval: {mode}: {len(rows)} prompts x {cfg.n_samples} samples")
-        res, shown = _eval_mode(mode, rows, pol, ref, reward, judge, task, pool, cfg)
+        res, shown = _eval_mode(mode, rows, pol, ref, reward, judge, task, pool, cfg, progress=verbose)
         result["modes"][mode] = res
         result["samples"][mode] = shown
 
@@ -406,17 +430,25 @@ def _clip(s: str, n: int = 160) -> str:
     return s if len(s) <= n else s[:n] + "…"
 
 
+def _verdict(correct) -> str:
+    return "" if correct is None else ("  [right]" if correct else "  [wrong]")
+
+
 def format_samples(result: dict) -> str:
     lines = []
     for mode, items in result.get("samples", {}).items():
         if not items:
             continue
         lines.append(f"samples ({mode}):")
-        for it in items:
+        for k, it in enumerate(items, 1):
             r = f" [reward {it['reward']:.3g}]" if isinstance(it.get("reward"), float) else ""
-            lines.append(f"  prompt:     {_clip(it['prompt'])}")
-            lines.append(f"  completion: {_clip(it['completion'])}{r}")
-            if "ref_completion" in it:
-                lines.append(f"  reference:  {_clip(it['ref_completion'])}")
+            lines.append(f"  #{k} prompt:                        {_clip(it['prompt'])}")
+            if "ref_answer" in it:
+                lines.append(f"     reference answer (from data):  {_clip(it['ref_answer'])}")
+            lines.append(f"     completion (model):            {_clip(it['completion'])}{r}"
+                         f"{_verdict(it.get('correct'))}")
+            if "ref_model_completion" in it:
+                lines.append(f"     completion (reference model):  {_clip(it['ref_model_completion'])}"
+                             f"{_verdict(it.get('ref_model_correct'))}")
     return "\n".join(lines)
 

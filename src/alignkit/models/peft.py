@@ -462,5 +462,5 @@ def merge_adapter(cfg: MergeConfig, log=None) -> Path:
     if out.exists() and not out.is_dir():
         out.unlink()  # overwrite=true of a plain file
     atomic_dir_write(out, write)
-    say(f"merged {cfg.adapter} into {base}: {out}")
+    say(f"merge: folded adapter {cfg.adapter} into base {base}; wrote the merged model to {out.resolve()}")
     return out

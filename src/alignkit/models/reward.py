@@ -44,7 +44,8 @@ from alignkit.data.preference import _fit_pair
 from alignkit.data.sft import EncodeStats
 from alignkit.errors import UserError
 from alignkit.models.arch import quiet_peft
-from alignkit.models.load import DTYPES, _check_source, _first_line, load_model, load_tokenizer, save_pretrained
+from alignkit.models.load import (DTYPES, _check_source, _first_line, hf_load_kwargs, load_model, load_tokenizer,
+                                  save_pretrained)
 
 __all__ = [
     "REWARD_KINDS",
@@ -148,7 +149,7 @@ def load_reward_backbone(name_or_path: str, spec: RewardSpec, dtype: str = "floa
     if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
         path = _merged_adapter_copy(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hf_load_kwargs(path))
     except Exception as e:
         raise UserError(f"{name_or_path}: could not read the model config ({_first_line(e)})") from None
     saved = getattr(config, CONFIG_KEY, None)
@@ -166,7 +167,8 @@ def load_reward_backbone(name_or_path: str, spec: RewardSpec, dtype: str = "floa
     try:
         with _quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, dtype=DTYPES.get(dtype, torch.float32), output_loading_info=True
+                path, config=config, dtype=DTYPES.get(dtype, torch.float32), output_loading_info=True,
+                **hf_load_kwargs(path, weights=True)
             )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
@@ -490,7 +492,8 @@ class RewardModel(torch.nn.Module):
             return cls(model, tok)
         try:
             with _quiet_transformers():
-                model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES.get(dtype, torch.float32))
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, dtype=DTYPES.get(dtype, torch.float32), **hf_load_kwargs(path, weights=True))
         except Exception as e:
             raise UserError(f"{path}: could not load a reward model ({_first_line(e)})") from None
         model.to(device).eval()

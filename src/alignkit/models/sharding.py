@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
-from alignkit.models.load import DTYPES
+from alignkit.models.load import DTYPES, hf_load_kwargs
 
 __all__ = ["total_params", "resolve_mode", "empty_model_for_fsdp", "meta_model", "check_fsdp_config"]
 
@@ -62,9 +62,10 @@ def meta_model(name_or_path: str, dtype: str = "float32") -> torch.nn.Module | N
     if (path / "adapter_config.json").is_file():  # an adapter folder: peft loads it onto its base
         return None
     try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
+        trust = hf_load_kwargs(path)
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, **trust)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=DTYPES.get(dtype, torch.float32))
+            return AutoModelForCausalLM.from_config(config, dtype=DTYPES.get(dtype, torch.float32), **trust)
     except Exception:
         return None
 

@@ -455,4 +455,3 @@ def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
 
     return run_offline(trainer, len(pairs), make_batch, dpo_loss_fn(cfg, reference), lambda mb: mb["n_pairs"],
                        eval_fn=eval_fn, tokens=batch_tokens)
-

@@ -25,6 +25,7 @@ import functools
 import inspect
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -161,9 +162,11 @@ class RolloutEngine:
         return [list(p) if _is_ids(p) else encode_prompt(self.tok, p) for p in prompts]
 
     @torch.inference_mode()
-    def generate(self, model, prompts: list, params: SamplingParams) -> RolloutBatch:
+    def generate(self, model, prompts: list, params: SamplingParams,
+                 on_chunk: Callable[[int], None] | None = None) -> RolloutBatch:
         """prompts: message lists, text, or token-id lists. Samples come grouped by prompt:
-        prompt i's n samples are at positions [i*n, (i+1)*n)."""
+        prompt i's n samples are at positions [i*n, (i+1)*n). on_chunk(k) is called after each
+        chunk of k prompts (a progress bar's update)."""
         was_training = model.training
         model.eval()
         gen = torch.Generator().manual_seed(params.seed)
@@ -174,6 +177,8 @@ class RolloutEngine:
             for start in range(0, len(ids), params.batch_size):
                 chunk = ids[start:start + params.batch_size]
                 samples += self._generate_chunk(model, chunk, start, params, gen, stats)
+                if on_chunk is not None:
+                    on_chunk(len(chunk))
         finally:
             model.train(was_training)
         return RolloutBatch(samples, params.n, stats)

@@ -39,7 +39,11 @@ def run_toy_data(cfg: ToyDataConfig) -> None:
 
 
 def run_toy_model(cfg: ToyModelConfig) -> None:
-    from alignkit.toy import toy_model
+    from alignkit.toy import model, toy_model
 
+    cached = cfg.preset in model.PRESETS and model.is_built(model.cache_root() / model.cache_key(cfg.preset, cfg.seed))
     path = toy_model(output=cfg.output, seed=cfg.seed, preset=cfg.preset)
-    print(f"toy base model: {path}")
+    took = model.build_info(path).get("build_seconds")
+    how = f"reused from the cache; built once in {took:.0f} s" if cached and took is not None else \
+        (f"built in {took:.0f} s" if took is not None else "ready")
+    print(f"toy base model: {path} ({how})")

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -179,7 +178,9 @@ def pretrain(init_dir: str | os.PathLike, data: str | os.PathLike, output_dir: s
 
 
 def _log(msg: str) -> None:
-    print(f"[toy] {msg}", file=sys.stderr, flush=True)
+    from alignkit.training.logging import say
+
+    say(f"[toy] {msg}")  # above any progress bar, never on its line
 
 
 def _build_into(work: Path, final: Path, preset: ModelPreset, seed: int, progress: bool,
@@ -215,10 +216,40 @@ def _build_into(work: Path, final: Path, preset: ModelPreset, seed: int, progres
     log(f"built in {time.time() - t0:.0f}s (pretraining {pretrain_s:.0f}s)")
 
 
+def _build_locked(entry: Path, p: ModelPreset, seed: int, progress: bool, log: Callable[[str], None]) -> None:
+    """Build into a scratch folder beside `entry`, then rename it into place (caller holds the lock)."""
+    work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.build-", dir=entry.parent))
+    try:
+        log(f"building the toy base model ({entry.name}) in {entry.parent}")
+        staged = work / "final"
+        from alignkit.training.logging import library_bars_off
+
+        with library_bars_off():  # alignkit's pretraining bar is the one to watch
+            _build_into(work, staged, p, seed, progress, log)
+        if entry.exists():
+            shutil.rmtree(entry)  # a stale or forced-out entry
+        os.replace(staged, entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_info(path: str | os.PathLike) -> dict:
+    """What a built toy model's build recorded (toy_build.json): build_seconds, pretrain_seconds,
+    parameters, ...; {} when absent."""
+    f = Path(path) / DONE_FILE
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def _atomic_copytree(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
+        from alignkit.toy.world import current_umask
+
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the copy is an ordinary folder
         for f in src.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
@@ -231,7 +262,7 @@ def _atomic_copytree(src: Path, dst: Path) -> None:
 
 
 def build_base_model(output_dir: str | os.PathLike | None = None, seed: int = 0, preset: str | ModelPreset = "default",
-                     *, force: bool = False, progress: bool = False,
+                     *, force: bool = False, progress: bool = True,
                      log: Callable[[str], None] | None = _log, **overrides) -> Path:
     """Build (or reuse) the toy base model and return its folder.
 
@@ -242,6 +273,10 @@ def build_base_model(output_dir: str | os.PathLike | None = None, seed: int = 0,
         (seconds; for tests), or a `ModelPreset`.
     overrides: ModelPreset fields to change (e.g. steps=100); they are part of the cache key.
     force: rebuild even when a cached build exists.
+    progress: a pretraining progress bar on a terminal, periodic plain lines in a log.
+
+    Builds of the same cache entry are serialised by a file lock (`<entry>.lock` beside it): a
+    second process waits with a message, then reuses the first one's model.
     """
     p = get_preset(preset)
     if overrides:
@@ -254,21 +289,26 @@ def build_base_model(output_dir: str | os.PathLike | None = None, seed: int = 0,
     log = log or (lambda _msg: None)
     entry = cache_root() / cache_key(preset, seed)
     if force or not is_built(entry):
+        from filelock import FileLock, Timeout
+
         entry.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.build-", dir=entry.parent))
+        lock = FileLock(str(entry.parent / f"{entry.name}.lock"))
+        waited = False
         try:
-            log(f"building the toy base model ({entry.name}) in {entry.parent}")
-            staged = work / "final"
-            _build_into(work, staged, p, seed, progress, log)
-            if entry.exists() and (force or not is_built(entry)):
-                shutil.rmtree(entry)  # a stale or forced-out entry
-            try:
-                os.replace(staged, entry)
-            except OSError:
-                if not is_built(entry):  # else another process finished the same build first
-                    raise
+            lock.acquire(timeout=0)
+        except Timeout:
+            waited = True
+            log(f"another process is building this toy base model ({entry.name}); waiting for it to finish, "
+                "then reusing it")
+            lock.acquire()
+        try:
+            # a build that finished while we waited is reused, even with force (it is brand new)
+            if not is_built(entry) or (force and not waited):
+                _build_locked(entry, p, seed, progress, log)
+            elif waited:
+                log(f"reusing the model the other process built: {entry}")
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            lock.release()
     if output_dir is None:
         return entry
     out = Path(output_dir)

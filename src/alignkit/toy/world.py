@@ -446,12 +446,21 @@ def pretrain_texts(n: int, seed: int = 0, difficulty: str | Difficulty | None = 
 # ----------------------------------------------------------------------------------------------
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
-    """Write rows as JSON lines (UTF-8, non-ASCII kept) atomically: a temp file, then os.replace."""
+    """Write rows as JSON lines (UTF-8, non-ASCII kept) atomically: a temp file, then os.replace.
+    The file gets the usual mode under the umask (mkstemp alone would leave it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -31,7 +31,7 @@ from alignkit.config import TrainConfig, dump_config
 from alignkit.errors import UserError
 from alignkit.training import checkpoint as ckpt
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, init_distributed
-from alignkit.training.logging import MetricsLog, plot_metrics
+from alignkit.training.logging import MetricsLog, plot_metrics, progress_bar, say
 
 # loss_fn(model, micro_batch) -> (loss_sum: scalar tensor, metric_sums: dict[str, float|tensor])
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -129,7 +129,7 @@ class Trainer:
         self.total_steps = total_steps
         self.step = 0
         self.extra_state: dict[str, Callable] = {}  # name -> (get, set) pairs registered by recipes
-        self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._print = log or say  # tqdm.write: never on the line of a bar (this run's or an outer one)
         self.device = self.dist.device
         self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
 
@@ -187,7 +187,9 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main, tensorboard=cfg.tensorboard)
+        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.main, tensorboard=cfg.tensorboard,
+                                  report_to=getattr(cfg, "report_to", None), name=f"{recipe}:{self.run_dir.name}",
+                                  config=cfg.model_dump(mode="json") if self.dist.main else None)
         self._t0 = time.time()
         self._tokens_since = 0
         self._time_since = time.time()
@@ -504,10 +506,9 @@ class Trainer:
     # ------------------------------------------------------------------ progress + logging
     def start_progress(self) -> None:
         if self.dist.main and self.cfg.progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=self.step, desc=self.recipe, dynamic_ncols=True,
-                             file=sys.stderr)
+            # a bar on a terminal, plain periodic lines in a log (alignkit.training.logging.progress_bar)
+            self._bar = progress_bar(total=self.total_steps, initial=self.step, desc=self.recipe, unit="step",
+                                     leave=None)  # stays on its own, vanishes when nested under another bar
 
     def count_tokens(self, n: int) -> None:
         self._tokens_since += n
@@ -652,7 +653,13 @@ def run_offline(
 
 
 def steps_for(cfg: TrainConfig, n_rows: int, world: int) -> int:
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    per_epoch = n_rows // global_batch
+    if per_epoch == 0:  # checked here, before the Trainer creates the run folder
+        raise UserError(
+            f"the data has {n_rows} usable rows, fewer than one global batch of {global_batch} "
+            f"(batch_size x grad_accum x processes); lower batch_size/grad_accum or add rows"
+        )
     if cfg.max_steps and cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = n_rows // (cfg.batch_size * cfg.grad_accum * world)
     return max(1, math.ceil(cfg.epochs * per_epoch))

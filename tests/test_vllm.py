@@ -163,3 +163,14 @@ def test_models_vllm_cannot_run_are_refused_in_one_line(tmp_path, tiny_model_dir
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="architecture NoSuchModelForCausalLM is not supported by vLLM"):
         check_vllm_model(str(tmp_path), "cpu")
+
+
+def test_many_seeded_prompts_of_uneven_length(engine, folder):
+    """16 prompts x 8 seeded samples: with vLLM's chunked prefill a CPU generator was asked to
+    rewind (RuntimeError: CPU Generator does not use offset); the engine prefills whole prompts."""
+    import random
+
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(5, 290) for _ in range(rng.randint(30, 80))] for _ in range(16)]
+    batch = engine.generate(None, prompts, SamplingParams(n=8, max_new_tokens=16, temperature=1.0, seed=5))
+    assert len(batch) == 128 and all(len(s.logprobs) == len(s.completion_ids) for s in batch.samples)

@@ -174,6 +174,10 @@ class VLLMEngine(RolloutEngine):
                   enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
         if on_gpu:
             kw.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
+        else:
+            # vLLM 0.32 rewinds a seeded request's generator when a step's token is discarded (a
+            # prefill split over steps), which CPU generators cannot do: whole prefills only
+            kw.update(enable_chunked_prefill=False)
         t0 = time.perf_counter()
         self.llm = vllm.LLM(**kw)
         self.start_seconds = time.perf_counter() - t0
@@ -296,7 +300,7 @@ def resolve_engine(name: str) -> str:
 def check_engine_config(cfg) -> str:
     """Validate an online config's engine choice before any model loads and return the engine
     ("alignkit" | "vllm"). Raises UserError (one line): vLLM missing, an adapter other than
-    LoRA, a quantised base (QLoRA), server mode (not available yet), a CPU run in bfloat16."""
+    LoRA, a quantised base (QLoRA)."""
     engine = resolve_engine(getattr(cfg, "rollout_engine", "alignkit"))
     if engine != "vllm":
         return engine
@@ -309,19 +313,24 @@ def check_engine_config(cfg) -> str:
     if method not in ("none", "lora"):
         raise UserError(f"rollout_engine=vllm with peft.method={method}: only LoRA adapters can be merged into the "
                         "engine's weights; use peft.method=lora or rollout_engine=alignkit")
-    if cfg.vllm.mode == "server":
-        raise UserError("vllm.mode=server is not available in this version; use vllm.mode=colocate")
     return engine
 
 
 def build_engine(cfg, tokenizer, model_path: str, sampling: SamplingParams | None = None,
                  stop_token_ids: set[int] | None = None) -> RolloutEngine:
-    """The rollout engine a config asks for: alignkit's `RolloutEngine`, or a `VLLMEngine` on
-    `model_path` with the config's vllm.* settings (dtype auto = the training dtype, float32 on
+    """The rollout engine a config asks for: alignkit's `RolloutEngine`, a `VLLMServerEngine`
+    (vllm.mode=server: the server must answer), or a `VLLMEngine` on `model_path` with the
+    config's vllm.* settings (dtype auto = the training dtype, float32 on
     CPU; max_model_len = max_length). See `check_engine_config` for the errors."""
     if check_engine_config(cfg) != "vllm":
         return RolloutEngine(tokenizer, stop_token_ids)
     v = cfg.vllm
+    if v.mode == "server":
+        from alignkit.rollout.vllm_server import VLLMServerEngine
+
+        sync_dir = v.sync_dir or str(Path(cfg.output_dir) / "vllm_sync")
+        return VLLMServerEngine(tokenizer, v.host, v.port, sync_dir, timeout=v.timeout, bucket_mb=v.sync_bucket_mb,
+                                stop_token_ids=stop_token_ids)
     dtype = v.dtype
     if dtype == "auto":
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")

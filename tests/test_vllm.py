@@ -174,3 +174,47 @@ def test_many_seeded_prompts_of_uneven_length(engine, folder):
     prompts = [[1] + [rng.randrange(5, 290) for _ in range(rng.randint(30, 80))] for _ in range(16)]
     batch = engine.generate(None, prompts, SamplingParams(n=8, max_new_tokens=16, temperature=1.0, seed=5))
     assert len(batch) == 128 and all(len(s.logprobs) == len(s.completion_ids) for s in batch.samples)
+
+
+def test_server_mode_weights_through_files_and_clean_shutdown(folder, tmp_path):
+    """`alignkit vllm-serve` in a subprocess; the trainer's weights reach it through safetensors
+    files after a step; the server shuts down on request and exits 0."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from alignkit.rollout.vllm_server import VLLMServerEngine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "vllm-serve", f"model={folder[0]}", f"port={port}",
+                             "dtype=float32", "max_model_len=128", f"ready_file={ready}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while not ready.exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() - t0 < 600, "server did not start"
+            time.sleep(0.5)
+        eng = VLLMServerEngine(folder[1], "127.0.0.1", port, str(tmp_path / "sync"), timeout=120)
+        model = load(folder)
+        train_step(model)  # the server holds the folder's weights; the trainer has moved on
+        p = SamplingParams(n=2, max_new_tokens=5, temperature=1.0, seed=1)
+        batch = eng.generate(model, [PROMPT], p)  # syncs through files first
+        assert eng.last_sync["tensors"] == len({id(t) for t in model.parameters()}) and eng.last_sync["buckets"] >= 1
+        assert not any((tmp_path / "sync").glob("*/*.safetensors"))  # bucket files removed
+        for s in batch.samples:
+            torch.testing.assert_close(torch.tensor(s.logprobs), trainer_logps(model, PROMPT, s.completion_ids),
+                                       rtol=0, atol=1e-3)
+        train_step(model)
+        eng.generate(model, [PROMPT], p)
+        assert 0 < eng.last_sync["tensors"]
+        eng.shutdown()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -65,3 +65,43 @@ def test_logprobs_mode_matches_alignkits_numbers():
     assert ve.logprobs_mode_for(P(temperature=0.7)) == "processed_logprobs"  # log softmax(logits / T)
     assert ve.logprobs_mode_for(P(temperature=1.0, top_k=5)) == "raw_logprobs"  # before truncation
     assert ve.logprobs_mode_for(P(temperature=0.0, top_p=0.9)) == "raw_logprobs"
+
+
+def test_unreachable_or_silent_server_fails_in_one_line(tmp_path):
+    import socket
+
+    from alignkit.rollout.vllm_server import VLLMServerEngine
+    from conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match=rf"vLLM server http://127.0.0.1:{port}/health is not reachable .*vllm-serve"):
+        VLLMServerEngine(tok, "127.0.0.1", port, str(tmp_path / "sync"), timeout=2)
+    with socket.socket() as s:  # listens (the kernel accepts) but never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        with pytest.raises(UserError, match=r"did not answer within 1 s"):
+            VLLMServerEngine(tok, "127.0.0.1", s.getsockname()[1], str(tmp_path / "sync"), timeout=1)
+
+
+def test_cli_refuses_before_loading_anything(monkeypatch, capsys, tmp_path):
+    from alignkit.cli import main
+
+    monkeypatch.setattr(ve, "vllm_available", lambda: False)
+    out = tmp_path / "run"
+    rc = main(["grpo", "model=/nonexistent/never/loaded", f"output_dir={out}", "rollout_engine=vllm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    # the model check may speak first (it needs nothing loaded either); either way one line, nothing written
+    assert "vLLM is not installed" in err[0] or "/nonexistent/never/loaded" in err[0]
+    assert not out.exists()
+    rc = main(["grpo", f"output_dir={out}", "rollout_engine=vllm", "peft.method=dora"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "vLLM is not installed" in err[0], err
+    monkeypatch.setattr(ve, "vllm_available", lambda: True)
+    rc = main(["grpo", f"output_dir={out}", "rollout_engine=vllm", "peft.method=dora"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "only LoRA adapters" in err[0], err
+    assert not out.exists()

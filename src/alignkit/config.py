@@ -724,6 +724,20 @@ class OnlineConfig(TrainConfig):
         return self
 
 
+class VLLMServeConfig(Section):
+    """`alignkit vllm-serve`: one vLLM engine behind an HTTP interface for vllm.mode=server runs."""
+
+    model: str = Field("", description="The model to serve: a local folder or a hub id (the policy's start)")
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8765, ge=1, le=65535, description="Port to listen on")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype")
+    max_model_len: int | None = Field(None, ge=2, description="Longest prompt + completion (default: the model's)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU for weights + KV cache")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache GiB on CPU")
+    seed: int = Field(0, description="Engine seed")
+    ready_file: str | None = Field(None, description="Write the server's address to this file once it listens")
+
+
 class GRPOConfig(OnlineConfig):
     """GRPO: G samples per prompt, group-normalised advantages, clipped ratio, KL in the loss."""
 

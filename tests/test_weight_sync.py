@@ -115,3 +115,67 @@ def test_unsupported_adapters_and_quantised_bases_are_refused(tied):
     q.config.quantization_config = {"load_in_4bit": True}
     with pytest.raises(UserError, match="quantised"):
         weight_units(q)
+
+
+FSDP_SYNC = r"""
+import sys, torch
+from safetensors.torch import load_file
+from alignkit.config import SFTConfig
+from alignkit.models import load_tokenizer
+from alignkit.models.peft import load_base_model, prepare_trainable
+from alignkit.rollout.weight_sync import changed_buckets
+from alignkit.training.dist import init_distributed, shutdown
+from alignkit.training.trainer import Trainer
+
+model_dir, out, method = sys.argv[1], sys.argv[2], sys.argv[3]
+d = init_distributed()
+cfg = SFTConfig(model=model_dir, output_dir=out, distributed="fsdp", progress=False, tensorboard=False,
+                peft={"method": method})
+model = prepare_trainable(load_base_model(cfg), cfg)
+tr = Trainer(cfg, model, load_tokenizer(model_dir), recipe="t", total_steps=1, log=lambda s: None, dist_info=d)
+disk = load_file(f"{model_dir}/model.safetensors")
+assert any(hasattr(p, "full_tensor") for p in tr.model.parameters())  # sharded
+last = {}
+got = {n: t.clone() for b in changed_buckets(tr.model, last, bucket_bytes=4096) for n, t in b}
+assert set(got) == set(disk) - {"lm_head.weight"}, sorted(set(got) ^ set(disk))
+for k, v in got.items():  # gathered whole on every rank; LoRA B starts at 0, so merged == base
+    assert torch.equal(v, disk[k]), k
+assert [b for b in changed_buckets(tr.model, last, 4096)] == []
+# a change on rank 0's shard only: both ranks gather that unit (and only it)
+name = "model.layers.1.mlp.down_proj"
+mod = tr.model.get_submodule(("base_model.model." if method == "lora" else "") + name)
+if d.rank == 0:
+    with torch.no_grad():
+        (mod.weight if method == "none" else mod.lora_B["default"].weight)._local_tensor.add_(0.5)
+sent = {n: t for b in changed_buckets(tr.model, last, 4096) for n, t in b}
+assert list(sent) == [name + ".weight"], list(sent)
+assert not torch.equal(sent[name + ".weight"], disk[name + ".weight"])
+# inside gathered() no collective runs: rank 1 may sync more often than rank 0
+with tr.gathered():
+    n = 3 if d.rank == 1 else 1
+    for _ in range(n):
+        list(changed_buckets(tr.model, {}, 1 << 30))
+print("ok", d.rank)
+del tr, model
+shutdown()
+"""
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_fsdp_gathers_unit_by_unit_and_ranks_agree(tiny_model_dir, tmp_path, method):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "fsdp_sync.py"
+    script.write_text(FSDP_SYNC)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root / "tests"))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), str(script), str(tiny_model_dir), str(tmp_path / "r"), method],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=str(root))
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.count("ok") == 2

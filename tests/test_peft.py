@@ -191,19 +191,26 @@ def test_lora_resume_equals_uninterrupted(tiny_model_dir, data4, lora_run, tmp_p
     assert losses(out) == losses(lora_run)
 
 
-@pytest.mark.parametrize("change,needle", [
-    (["peft.method=lora", "peft.r=8"], "size mismatch"),
-    (["peft.method=dora", "peft.r=4"], "missing"),
-    (["peft.method=none"], "holds an adapter"),
+@pytest.mark.parametrize("change,needle,load_needle", [
+    (["peft.method=lora", "peft.r=8"], "peft.r: 4 -> 8", "size mismatch"),
+    (["peft.method=dora", "peft.r=4"], "peft.method: 'lora' -> 'dora'", "missing"),
+    (["peft.method=none"], "peft.method: 'lora' -> 'none'", "holds an adapter"),
 ])
 def test_resume_with_other_peft_settings_is_one_line(tiny_model_dir, data4, lora_run, tmp_path, capsys, change,
-                                                     needle):
+                                                     needle, load_needle):
+    """Refused from the checkpoint's config.yaml; without one, from the weights that do not fit."""
     out = tmp_path / "c"
     shutil.copytree(lora_run / "checkpoints" / "step-0000003", out / "checkpoints" / "step-0000003")
-    rc = cli_main(["sft", f"model={tiny_model_dir}", f"data={data4}", f"output_dir={out}", "batch_size=4", *QUIET,
-                   "max_steps=6", "peft.target_modules=[q_proj,v_proj,down_proj]", "resume=true", *change])
+    args = ["sft", f"model={tiny_model_dir}", f"data={data4}", f"output_dir={out}", "batch_size=4", *QUIET,
+            "max_steps=6", "lr=1e-2", "peft.dropout=0.1", "peft.target_modules=[q_proj,v_proj,down_proj]",
+            "resume=true", *change]
+    rc = cli_main(args)
     err = error_line(capsys.readouterr().err)
     assert rc == 2 and "same peft" in err and needle in err, err
+    (out / "checkpoints" / "step-0000003" / "config.yaml").unlink()
+    rc = cli_main(args)
+    err = error_line(capsys.readouterr().err)
+    assert rc == 2 and "same peft" in err and load_needle in err, err
 
 
 # ------------------------------------------------------------------------------------------ merge

@@ -14,7 +14,7 @@ from alignkit.config import PPOConfig
 from alignkit.errors import UserError
 from alignkit.losses import value_loss_terms
 from alignkit.models import load_model, load_tokenizer
-from alignkit.models.value import CriticOptimizer, load_value_model
+from alignkit.models.value import load_value_model
 from alignkit.recipes import online as ol
 from alignkit.recipes.ppo import (KLController, RunningMoments, _reward_model_path, build_critic, explained_variance,
                                   global_whiten, ppo_value_loss_fn, take_rows, token_rewards, train_ppo)
@@ -185,8 +185,10 @@ def test_critic_from_policy_starts_at_zero_and_from_reward_model_reads_its_score
         assert (abs(metrics(out)[0]["values_mean"]) > 1e-4) == nonzero
 
 
-def test_critic_loss_is_normalised_over_the_global_batch(tiny_model_dir):
-    """Critic gradients for one micro-batch of 8 equal those for 4 micro-batches of 2."""
+def test_critic_loss_is_normalised_over_the_global_batch(tiny_model_dir, tmp_path):
+    """Critic gradients through its own Trainer: one micro-batch of 8 equals 4 micro-batches of 2."""
+    from alignkit.training.trainer import Trainer
+
     tok = load_tokenizer(str(tiny_model_dir))
     samples = [Sample(i, list(range(1, 2 + i % 3)), [5 + k for k in range(1 + (i * 5) % 7)], [0.0] * (1 + (i * 5) % 7),
                       "", "eos") for i in range(8)]
@@ -194,22 +196,23 @@ def test_critic_loss_is_normalised_over_the_global_batch(tiny_model_dir):
     g = torch.Generator().manual_seed(1)
     full["returns"] = torch.randn(full["input_ids"].shape, generator=g)
     full["old_values"] = 0.1 * torch.randn(full["input_ids"].shape, generator=g)
-    cfg = PPOConfig(model="x", value_clip=0.05)
+    cfg = PPOConfig(model="x", value_clip=0.05, output_dir=str(tmp_path / "c"), progress=False, tensorboard=False)
 
     def grads(n_mb):
         torch.manual_seed(0)
         crit = load_value_model("policy", str(tiny_model_dir), tok)
         torch.nn.init.normal_(crit.head.linear.weight, std=0.3)
-        opt = CriticOptimizer(crit.trainable_parameters(), 1e-3, 0.0, (0.9, 0.999), None, lambda s: 1.0, DistInfo())
+        tr = Trainer(cfg, crit, recipe="ppo-critic", total_steps=1, dist_info=DistInfo(), log=lambda s: None,
+                     log_metrics=False)
         rows = list(range(8))
         per = 8 // n_mb
         mbs = [take_rows(full, rows[i:i + per]) for i in range(0, 8, per)]
-        out = opt.accumulate(mbs, ppo_value_loss_fn(crit, cfg), lambda mb: float(mb["completion_mask"].sum()), "cpu")
+        out = tr.accumulate(mbs, ppo_value_loss_fn(cfg), lambda mb: float(mb["completion_mask"].sum()))
         return {n: p.grad.clone() for n, p in crit.named_parameters() if p.grad is not None}, out
 
     g1, o1 = grads(1)
     g4, o4 = grads(4)
-    assert o1["value_loss"] == pytest.approx(o4["value_loss"], rel=1e-6)
+    assert o1["loss"] == pytest.approx(o4["loss"], rel=1e-6)
     assert o1["value_clip_frac"] == pytest.approx(o4["value_clip_frac"]) and 0 < o1["value_clip_frac"] < 1
     assert g1.keys() == g4.keys() and len(g1) > 5
     for k in g1:
@@ -234,13 +237,13 @@ def test_shared_base_critic_holds_one_copy_of_the_base(tiny_model_dir, prompt_fi
     batch, _ = ragged_batch()
     t = batch.tensors(0)
     torch.nn.init.normal_(critic.head.linear.weight, std=0.5)
-    lp0 = ol.seq_logps(policy, t, 1.0, 64).detach()
+    lp0 = ol.token_logps(policy, t, 1.0, 64).detach()
     v0 = critic(t["input_ids"], t["attention_mask"], t["position_ids"]).detach()
     with torch.no_grad():
         for _, p in critic.adapter_parameters():
             p.add_(0.3)
     v1 = critic(t["input_ids"], t["attention_mask"], t["position_ids"]).detach()
-    lp1 = ol.seq_logps(policy, t, 1.0, 64).detach()
+    lp1 = ol.token_logps(policy, t, 1.0, 64).detach()
     assert float((v1 - v0).abs().max()) > 1e-3
     torch.testing.assert_close(lp0, lp1)
     assert policy.active_adapter == "default"
@@ -283,7 +286,7 @@ def test_ppo_resume_restores_critic_and_kl_controller(tiny_model_dir, prompt_fil
     a = tmp_path / "a"
     train_ppo(cfg(a, save_every=2), reward_fn=digits)
     mid = a / "checkpoints" / "step-0000004"  # after rollout step 2 of 4 (2 optimizer steps each)
-    assert (mid / "trainer_state.pt").is_file()
+    assert (mid / "trainer_state.json").is_file()
     assert not (mid / "critic").exists()  # checkpoints hold the policy adapter; the critic is in the trainer state
     b = tmp_path / "b"
     train_ppo(cfg(b, resume=str(mid)), reward_fn=digits)
@@ -329,3 +332,27 @@ def test_cli_ppo_bad_input_exit_2(tiny_model_dir, prompt_file, tmp_path, capsys,
     assert code == 2, err
     assert needle in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_critic_divergence_stops_with_a_checkpoint(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """The critic trains through a Trainer: a non-finite value loss stops the run before the update
+    (exit code 3) after saving the run's checkpoint, critic state included."""
+    import alignkit.recipes.ppo as ppo_mod
+    from alignkit.training.trainer import TrainingDiverged
+
+    real = ppo_mod.value_loss_terms
+
+    def nan_terms(*a, **k):
+        t = real(*a, **k)
+        return t._replace(loss_sum=t.loss_sum * float("nan"))
+
+    monkeypatch.setattr(ppo_mod, "value_loss_terms", nan_terms)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="loss is nan"):
+        train_ppo(PPOConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), max_steps=2,
+                            batch_size=2, num_generations=2, max_new_tokens=4, progress=False, seed=0),
+                  reward_fn=digits)
+    ckpts = list((out / "checkpoints").iterdir())
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0] / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 0 and "weights" in state["extra"]["critic"]

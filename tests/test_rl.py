@@ -131,3 +131,89 @@ def test_gsm8k_prompt_set_and_a_few_grpo_steps(tiny_model_dir, tmp_path):
     tr = metrics(out)
     assert len(tr) == 2 and all(r["reward_mean"] == 0.0 for r in tr)  # a random tiny model solves nothing
     assert (out / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- faults of the old loop
+
+
+def _prompt_text(p) -> str:
+    return p[-1]["content"] if isinstance(p, list) else p
+
+
+def test_grpo_refill_pairs_prompts_with_their_own_completions(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """Dynamic sampling: every samples.jsonl row's prompt is the prompt its completion was drawn
+    for, a refilled sample that was cut gets the truncation penalty, and refilled generations are
+    counted in generated_tokens. (Fault 1 of issue 13: the old loop wrote the first rollout's
+    completions beside the refilled prompts, skipped the penalty and the count.)"""
+    drawn: set[tuple[str, str]] = set()
+    calls = {"n": 0}
+
+    def first_call_flat(prompts, completions, **cols):
+        # the first scoring of each step gives every group one reward (all flat: refill them all)
+        calls["n"] += 1
+        for p, c in zip(prompts, completions):
+            drawn.add((_prompt_text(p), c))
+        if calls["n"] % 2 == 1:
+            return [0.5] * len(completions)
+        return [sum(ch.isdigit() for ch in t) / max(len(t), 1) + 0.01 * i for i, t in enumerate(completions)]
+
+    generated = {"tokens": 0}
+    real_generate = RolloutEngine.generate
+
+    def counting_generate(self, model, prompts, params):
+        batch = real_generate(self, model, prompts, params)
+        generated["tokens"] += sum(len(s.completion_ids) for s in batch.samples)
+        return batch
+
+    monkeypatch.setattr(RolloutEngine, "generate", counting_generate)
+    out = tmp_path / "refill"
+    train_grpo(GRPOConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), max_steps=2,
+                          batch_size=2, num_generations=4, max_new_tokens=5, stop=["�"], dynamic_sampling=True,
+                          max_refill_rounds=1, truncated="penalty", truncated_reward=-3.0, sample_every=1,
+                          progress=False, log_every=1, seed=0), reward_fn=first_call_flat)
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows
+    bad = [r for r in rows if (r["prompt"], r["completion"]) not in drawn]
+    assert not bad, (bad, [d for d in drawn if d[0] == bad[0]["prompt"]])
+    assert all(r["reward"] == -3.0 for r in rows if r["finish"] == "length"), rows
+    assert {r["finish"] for r in rows} == {"length", "stop"}  # the penalty rule was exercised
+    tr = metrics(out)
+    assert all(r["refilled_groups"] > 0 for r in tr)  # refilled groups were trained and written
+    assert tr[-1]["generated_tokens"] == generated["tokens"]
+
+
+def test_rs_resumed_mid_round_with_samples_on_equals_uninterrupted(tiny_model_dir, prompt_file, tmp_path):
+    """Resume inside round 2, whose best-of-N data is already on disk, with sample_every=1: the
+    run finishes (fault 2 of issue 13: AttributeError) and ends with the weights of the
+    uninterrupted run, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def cfg(out, **kw):
+        return RSConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), rounds=2,
+                        sft_steps=2, prompts_per_round=4, batch_size=2, num_generations=2, max_new_tokens=6,
+                        lr=3e-3, save_every=1, sample_every=1, progress=False, log_every=1, seed=0, **kw)
+
+    a = tmp_path / "a"
+    train_rs(cfg(a), reward_fn=digits)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    for f in b.glob("*.safetensors"):
+        f.unlink()
+    train_rs(cfg(b, resume=str(b / "checkpoints" / "step-0000002")), reward_fn=digits)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_rs_reference_logps_use_the_policy_temperature(tiny_model_dir, prompt_file, tmp_path):
+    """Before the first update the policy equals its reference, so the logged KL of the first
+    SFT step is 0 whatever the sampling temperature (fault 3 of issue 13: the reference was read
+    at `temperature`, the policy at 1)."""
+    out = tmp_path / "rs_t"
+    train_rs(RSConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), rounds=1, sft_steps=1,
+                      prompts_per_round=4, batch_size=4, num_generations=2, max_new_tokens=6, temperature=0.5,
+                      kl_coef=0.1, progress=False, log_every=1, seed=0), reward_fn=digits)
+    first = metrics(out)[0]
+    assert abs(first["kl"]) < 1e-6, first["kl"]

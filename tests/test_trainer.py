@@ -151,7 +151,7 @@ def test_nan_loss_stops_before_update_and_keeps_checkpoint(tiny_model_dir, tmp_p
         tr.optimizer_step(m)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    assert (tmp_path / "run" / "checkpoints" / "step-0000000" / "trainer_state.pt").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000000" / "trainer_state.json").exists()
 
 
 def _sft_cmd(model_dir, data, out, *extra):
@@ -248,3 +248,69 @@ def test_torchrun_sft_two_processes(tiny_model_dir, tmp_path):
 
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]  # written once, by rank 0
+
+
+def test_batch_with_nothing_to_train_is_a_logged_skipped_step(tiny_model_dir, tmp_path):
+    """Every label of the global batch masked: no pass, no update, the schedule moves on, the step
+    is logged as skipped; the next batch trains (issue 14 item 9)."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir))
+    cfg = SFTConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "run"), progress=False, tensorboard=False,
+                    lr=1e-2, warmup_steps=0, schedule="linear")
+    tr = Trainer(cfg, model, tok, recipe="sft", total_steps=4, log=lambda s: None)
+    rows = ragged_rows(tok, 2)
+    masked = pad_collate(rows, tok.pad_token_id)
+    masked["targets"][:] = IGNORE
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = tr.optimizer_step(tr.accumulate([masked], sft_loss_fn(64), n_trained))
+    assert m["skipped_steps"] == 1 and m["loss"] == 0.0 and m["grad_norm"] == 0.0 and m["lr"] == pytest.approx(1e-2)
+    assert tr.step == 1 and tr.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * 3 / 4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    m = tr.optimizer_step(tr.accumulate([pad_collate(rows, tok.pad_token_id)], sft_loss_fn(64), n_trained))
+    assert "skipped_steps" not in m and m["loss"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_grpo_run_where_every_step_is_empty_stops_with_one_line(tiny_model_dir, tmp_path):
+    """truncated=mask with every sample cut: each step is skipped and logged; a run made only of
+    such steps stops with one line naming the fix instead of saving an untrained model."""
+    from alignkit.config import GRPOConfig
+    from alignkit.errors import UserError
+    from alignkit.recipes.grpo import train_grpo
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i} + {i}?"} for i in range(8)])
+    out = tmp_path / "g"
+    with pytest.raises(UserError, match="none of the 2 optimizer steps had anything to train on") as e:
+        train_grpo(GRPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(out), max_steps=2,
+                              batch_size=2, num_generations=2, max_new_tokens=1, truncated="mask", progress=False,
+                              log_every=1),
+                   reward_fn=lambda p, c, **k: [float(len(t)) + 0.1 * i for i, t in enumerate(c)])
+    assert "\n" not in str(e.value)
+    import json
+
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["skipped_steps"], r["truncated_frac"]) for r in recs] == [(0.0, 1, 1.0)] * 2
+    assert not (out / "model.safetensors").exists()
+
+
+def test_epoch_remainder_is_stated_in_the_log(tiny_model_dir, tmp_path):
+    """10 rows, global batch 4: the 2 rows each epoch leaves out are stated (issue 14 item 10)."""
+    from alignkit.recipes.sft import train_sft
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(10))
+    lines: list[str] = []
+    import alignkit.training.trainer as T
+
+    real_init = T.Trainer.__init__
+
+    def init(self, *a, **k):
+        k["log"] = lines.append
+        real_init(self, *a, **k)
+
+    try:
+        T.Trainer.__init__ = init
+        train_sft(SFTConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "s"), batch_size=4,
+                            epochs=1, progress=False, tensorboard=False, plot=False))
+    finally:
+        T.Trainer.__init__ = real_init
+    assert any("2 steps of 4 rows per epoch; 2 of the 10 rows are left out of each epoch" in ln for ln in lines), lines

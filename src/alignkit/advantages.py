@@ -22,6 +22,8 @@ Everything here runs without gradient: advantages are targets, not functions of 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -239,34 +241,38 @@ def gae(
 
 
 @torch.no_grad()
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           reduce=None) -> torch.Tensor:
     """Standardise x over its (masked) entries:
 
         y = (x - mean) / sqrt(var + eps)          (+ mean back when shift_mean=False)
 
     mean and var (unbiased, n - 1; population variance when n = 1) are taken over entries where
-    mask is true (all entries when mask is None), in float64. Masked-out entries of the result
-    are 0, and all of it is 0 when no entry is masked in; when every masked entry is equal the
-    result is exactly 0 there (x with shift_mean=False), not a rounding residue scaled by
-    1/sqrt(eps). x, mask: same shape, any. Used for PPO's advantage whitening (as in OpenAI
-    baselines ppo2; Engstrom et al. 2020, arXiv:2005.12729).
+    mask is true (all entries when mask is None), in float64. `reduce` (a float64 tensor -> its
+    sum over processes, e.g. an all-reduce) makes them the moments of every process's entries.
+    Masked-out entries of the result are 0, and all of it is 0 when no entry is masked in; when
+    every masked entry is equal the result is exactly 0 there (x with shift_mean=False), not a
+    rounding residue scaled by 1/sqrt(eps). Across processes "equal" means each process's entries
+    are equal and the float64 variance is at rounding level (< 1e-30 relative). x, mask: same
+    shape, any. Used for PPO's advantage whitening (as in OpenAI baselines ppo2; Engstrom et al.
+    2020, arXiv:2005.12729).
     """
-    if mask is None:
-        m = torch.ones_like(x, dtype=torch.bool)
-    else:
-        m = mask.bool() if mask.dtype != torch.bool else mask
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    n = m.sum()
-    if int(n) == 0:
-        return torch.zeros_like(x)
+    m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
+    reduce = reduce or (lambda t: t)
     xd = x.double()
+    n, total = reduce(torch.tensor([float(m.sum()), float(xd[m].sum())], dtype=torch.float64)).tolist()
+    if n == 0:
+        return torch.zeros_like(x)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     vals = xd[m]
-    if bool(vals.max() == vals.min()):  # constant: exactly 0 (x itself with shift_mean=False), no residue
+    mean = total / n
+    sq, varied = reduce(torch.tensor([float(((vals - mean) ** 2).sum()),
+                                      float(vals.numel() > 0 and bool(vals.max() != vals.min()))],
+                                     dtype=torch.float64)).tolist()
+    var = sq / (n - 1) if n > 1 else sq / n
+    if varied == 0 and var <= 1e-30 * (1.0 + mean * mean):  # constant: exactly 0, no residue
         return torch.where(m, x if not shift_mean else zero, zero)
-    mean = vals.sum() / n
-    sq = ((vals - mean) ** 2).sum()
-    var = sq / (n - 1) if int(n) > 1 else sq / n
-    y = (xd - mean) * torch.rsqrt(var + eps)
+    y = (xd - mean) / math.sqrt(var + eps)
     if not shift_mean:
         y = y + mean
     return torch.where(m, y.to(x.dtype), zero)

@@ -486,7 +486,8 @@ def _run_stats(out: Path) -> dict:
     if not path.exists():
         return {}
     train = [r for r in world.read_jsonl(path) if r.get("kind") == "train"]
-    stats: dict = {"steps": train[-1]["step"] if train else 0}
+    # optimizer steps (online records file under the rollout step and carry optimizer_step)
+    stats: dict = {"steps": train[-1].get("optimizer_step", train[-1]["step"]) if train else 0}
     peaks = [r["peak_rss_mb"] for r in train if "peak_rss_mb" in r]
     if peaks:
         stats["peak_rss_mb"] = max(peaks)

@@ -39,8 +39,9 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
+from alignkit.data.prompts import columns_of, load_prompt_set  # noqa: F401  (moved to data/; re-exported)
 from alignkit.errors import UserError
 
 __all__ = [
@@ -767,41 +768,6 @@ def build_reward(spec: Any, tokenizer=None) -> Reward:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_prompt_set(path: str, split: str = "train", prompt_column: str = "prompt", chat: bool = True,
-                    what: str = "prompts", limit: int | None = None) -> list[dict]:
-    """Rows of a prompt set as dicts: `prompt` (a message list, or text) plus every other column.
-
-    The prompt is read from `prompt_column` (e.g. `question` for GSM8K); text there becomes one
-    user message when `chat` is true, or stays plain text (given to the model as is) when false.
-    Message lists are validated. `limit`: keep the first rows only."""
-    from alignkit.data.loading import check_messages, load_rows
-
-    ds = load_rows(path, split, what)
-    if prompt_column not in ds.column_names:
-        found = ", ".join(ds.column_names)
-        raise UserError(f"{path}: no '{prompt_column}' column for prompts (found: {found}); set prompt_column=NAME")
-    n = len(ds) if limit is None or limit < 0 else min(limit, len(ds))
-    rows = []
-    for i in range(n):
-        row = dict(ds[i])
-        p = row[prompt_column]
-        where = f"{path} row {i + 1}"
-        if isinstance(p, str):
-            if not p.strip():
-                raise UserError(f"{where}: empty prompt in '{prompt_column}'")
-            p = [{"role": "user", "content": p}] if chat else p
-        elif isinstance(p, list):
-            p = check_messages(p, f"{where} '{prompt_column}'", need_assistant=False)
-            if p[-1]["role"] == "assistant":
-                raise UserError(f"{where}: the prompt ends with an assistant message; a prompt must end with a user "
-                                f"(or system) turn")
-        else:
-            raise UserError(f"{where}: '{prompt_column}' must be text or a message list, got {type(p).__name__}")
-        row["prompt"] = p
-        rows.append(row)
-    return rows
-
-
 def load_gsm8k(path: str, split: str = "train", chat: bool = True, limit: int | None = None) -> list[dict]:
     """A GSM8K file (`{"question", "answer": "... #### 72"}`) as a prompt set: `prompt` = the
     question (as a user message when `chat`), `question` and `answer` kept, so the `gsm8k`
@@ -813,12 +779,3 @@ def load_gsm8k(path: str, split: str = "train", chat: bool = True, limit: int | 
         if gsm8k_number(r["answer"]) is None:
             raise UserError(f"{path} row {i + 1}: 'answer' has no '#### <number>' final answer")
     return rows
-
-
-def columns_of(rows: Iterable[dict], exclude: tuple[str, ...] = ("prompt",)) -> dict[str, list]:
-    """Rows -> column lists (every key of the first row except `exclude`), for reward calls."""
-    rows = list(rows)
-    if not rows:
-        return {}
-    keys = [k for k in rows[0] if k not in exclude]
-    return {k: [r.get(k) for r in rows] for k in keys}

@@ -46,6 +46,7 @@ from alignkit.errors import UserError
 from alignkit.models.arch import quiet_peft
 from alignkit.models.load import (DTYPES, _check_source, _first_line, hf_load_kwargs, load_model, load_tokenizer,
                                   save_pretrained)
+from alignkit.ops.masks import last_token_index as mask_last_index
 
 __all__ = [
     "REWARD_KINDS",
@@ -231,13 +232,10 @@ def reward_parts(model):
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of the rightmost position with attention_mask == 1 (any padding side)."""
-    m = attention_mask != 0
-    if not bool(m.any(-1).all()):
+    idx = mask_last_index(attention_mask)
+    if bool((idx < 0).any()):
         raise ValueError("a row of the batch has no real token (attention_mask all 0)")
-    T = m.shape[-1]
-    pos = torch.arange(T, device=m.device).expand_as(m)
-    # Rightmost real position: the largest index where the mask is 1 (index 0 for a row whose only real token is 0).
-    return torch.where(m, pos, torch.zeros_like(pos)).amax(-1)
+    return idx
 
 
 def sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

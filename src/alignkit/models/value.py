@@ -16,16 +16,15 @@ Two layouts (config key `critic`):
   own frozen base, plus the head. Policy (adapter "default"), reference (adapters off) and critic
   (adapter "critic") then share one copy of the base weights.
 
-`CriticOptimizer` is the critic's own AdamW with the trainer's schedule shape, global
-normalisation over micro-batches and processes, gradient clipping, and a state dict (weights
-included) that the PPO recipe registers with the trainer's checkpoints.
+The PPO recipe trains a critic through a second `alignkit.training.trainer.Trainer` (same
+accumulation, clipping, precision and divergence stop as the policy); `weights()` /
+`load_weights()` carry it in the policy trainer's checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -39,7 +38,6 @@ __all__ = [
     "ValueHead",
     "ValueModel",
     "AdapterValueModel",
-    "CriticOptimizer",
     "CRITIC_ADAPTER",
     "is_reward_model_folder",
     "load_value_model",
@@ -66,6 +64,7 @@ class ValueHead(torch.nn.Module):
             self.linear.bias.fill_(float(bias))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, H) -> values (B, T) float32."""
         with torch.autocast(hidden.device.type, enabled=False):  # float32 even under bf16 autocast
             return self.linear(hidden.float()).squeeze(-1)
 
@@ -75,7 +74,9 @@ def _last_hidden(decoder, input_ids, attention_mask, position_ids) -> torch.Tens
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _hidden_size(module) -> int:
+def hidden_size_of(module) -> int:
+    """The hidden size of a transformers model (its text config's hidden_size / n_embd / d_model);
+    UserError when it has none."""
     config = getattr(module, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     size = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", None)
@@ -94,24 +95,30 @@ class ValueModel(torch.nn.Module):
         self.source = source
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """(B, T) token ids -> V (B, T) float32, entry t = value of the state predicting token t + 1."""
         return self.head(_last_hidden(self.backbone, input_ids, attention_mask, position_ids))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter that requires grad (the whole backbone and the head)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def active(self):
         """Context for a forward + backward of the critic (nothing to switch for a separate model)."""
         return contextlib.nullcontext()
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Activation checkpointing in the backbone's blocks (non-reentrant; the kwargs the trainer
+        passes are accepted for the transformers-style signature)."""
         from alignkit.models.generation import enable_activation_checkpointing
 
         enable_activation_checkpointing(self.backbone)
 
     def weights(self) -> dict:
+        """CPU copy of the state dict (for the trainer's checkpoints)."""
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
 
     def load_weights(self, sd: dict) -> None:
+        """Load what `weights` returned."""
         self.load_state_dict(sd)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
@@ -159,6 +166,7 @@ class AdapterValueModel(torch.nn.Module):
         self._rx = re.compile(rf"\.{re.escape(CRITIC_ADAPTER)}(\.|$)")
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """(B, T) token ids -> V (B, T) float32 through the base with adapter "critic" active."""
         with use_adapter(self._policy, CRITIC_ADAPTER):
             return self.head(_last_hidden(self._decoder, input_ids, attention_mask, position_ids))
 
@@ -169,17 +177,21 @@ class AdapterValueModel(torch.nn.Module):
         return use_adapter(self._policy, CRITIC_ADAPTER)
 
     def adapter_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the critic adapter's weights inside the policy."""
         return [(n, p) for n, p in self._policy.named_parameters() if self._rx.search(n)]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The critic adapter's weights and the head's (not module parameters of this object)."""
         return [p for _, p in self.adapter_parameters()] + list(self.head.parameters())
 
     def weights(self) -> dict:
+        """CPU copies of the adapter weights (adapter.*) and the head (head.*)."""
         sd = {f"adapter.{n}": p.detach().cpu() for n, p in self.adapter_parameters()}
         sd.update({f"head.{k}": v.detach().cpu() for k, v in self.head.state_dict().items()})
         return sd
 
     def load_weights(self, sd: dict) -> None:
+        """Load what `weights` returned; UserError when the adapter layout differs."""
         params = dict(self.adapter_parameters())
         with torch.no_grad():
             for k, v in sd.items():
@@ -248,7 +260,7 @@ def load_value_model(source: str, path: str, tokenizer=None, log: Callable[[str]
                             "cannot read the policy's tokens; use critic_init=policy")
         rm = RewardModel.from_pretrained(path)
         backbone, score = reward_parts(rm.model)
-        H = _hidden_size(rm.model)
+        H = hidden_size_of(rm.model)
         w = score.weight.detach() if rm.spec.kind == "scalar" and score.weight.shape[0] == 1 else None
         b = float(score.bias.detach()[0]) if w is not None and getattr(score, "bias", None) is not None else 0.0
         if w is None:
@@ -271,7 +283,7 @@ def load_value_model(source: str, path: str, tokenizer=None, log: Callable[[str]
     backbone.config = getattr(backbone, "config", lm.config)
     for p in backbone.parameters():
         p.requires_grad_(True)
-    return ValueModel(backbone, ValueHead(_hidden_size(lm)), source=f"policy:{path}")
+    return ValueModel(backbone, ValueHead(hidden_size_of(lm)), source=f"policy:{path}")
 
 
 def load_critic_weights(path: str | os.PathLike) -> dict:
@@ -279,90 +291,3 @@ def load_critic_weights(path: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(path) / HEAD_FILE))
-
-
-# --------------------------------------------------------------------------- the critic's optimizer
-
-
-class CriticOptimizer:
-    """AdamW for the critic's parameters with the trainer's LR schedule shape (lr_lambda), global
-    normalisation and gradient clipping.
-
-    `accumulate(mbs, loss_fn, units)` mirrors `Trainer.accumulate`: each micro-batch backpropagates
-    loss_sum / global_units, where global_units is summed over all micro-batches and processes, and
-    gradients are then summed across processes (all-reduce), so the update is the same for any
-    split of the global batch. `step()` clips, steps and advances the schedule."""
-
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float, betas, max_grad_norm,
-                 lr_lambda: Callable[[int], float], dist, autocast=None, weights: Callable[[], dict] | None = None,
-                 load_weights: Callable[[dict], None] | None = None):
-        self.params = list(params)
-        if not self.params:
-            raise UserError("the critic has no trainable parameters")
-        from alignkit.training.trainer import fused_adamw_ok
-
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=tuple(betas), fused=fused_adamw_ok(self.params))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
-        self.max_grad_norm = max_grad_norm
-        self.dist = dist
-        self.autocast = autocast or contextlib.nullcontext
-        self._weights, self._load_weights = weights, load_weights
-
-    def accumulate(self, micro_batches: list[dict], loss_fn, units: Callable[[dict], float], device,
-                   context: Callable = contextlib.nullcontext) -> dict:
-        from alignkit.training.dist import all_reduce_sum
-
-        global_units = float(all_reduce_sum(float(sum(units(mb) for mb in micro_batches)), self.dist))
-        if global_units <= 0:
-            raise UserError("critic: nothing to train on in this batch (every response token is masked)")
-        sums: dict[str, float] = {}
-        loss_total = 0.0
-        with context():
-            for mb in micro_batches:
-                mb = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
-                with self.autocast():
-                    loss_sum, msums = loss_fn(mb)
-                (loss_sum.float() / global_units).backward()
-                loss_total += float(loss_sum.detach())
-                for k, v in msums.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        keys = sorted(sums)
-        red = all_reduce_sum(torch.tensor([loss_total] + [sums[k] for k in keys], dtype=torch.float64), self.dist)
-        if self.dist.enabled:
-            for p in self.params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-        out = {"value_loss": float(red[0]) / global_units}
-        out.update({k: float(red[i + 1]) / global_units for i, k in enumerate(keys)})
-        return out
-
-    def step(self) -> dict:
-        max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(gnorm):
-            from alignkit.training.trainer import TrainingDiverged
-
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"critic: gradient norm is {gnorm}; lower critic_lr or normalise the rewards "
-                            "(reward_norm=running)")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        return {"value_grad_norm": gnorm, "critic_lr": lr}
-
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self._weights is not None:
-            state["weights"] = self._weights()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if self._load_weights is not None and "weights" in state:
-            self._load_weights(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])

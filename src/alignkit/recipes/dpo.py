@@ -49,7 +49,8 @@ from alignkit.models import load_tokenizer
 from alignkit.models.peft import is_peft_model, load_base_model, prepare_trainable, reference_logps_context
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
-from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
+from alignkit.training.loop import run_offline, steps_for, to_device
+from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = [
     "DPOConfig",
@@ -191,6 +192,8 @@ def _orpo_pair_loss(pc, pr, nc, nr, cfg: DPOConfig) -> tuple[torch.Tensor, dict]
 
 
 def dpo_loss_fn(cfg: DPOConfig, reference: str):
+    """loss_fn(model, mb) -> (summed pair losses of the micro-batch, metrics) for `cfg.loss`; loss
+    units: pairs. Reference log-probs come from the batch (cached) or from `reference`."""
     def loss_fn(model, mb: dict):
         return pair_loss(model, mb, cfg, reference)
 
@@ -204,10 +207,6 @@ def _pairs_batch(pairs: list[Pair], idx: list[int], pad_id: int, ref: tuple | No
         mb["ref_chosen"] = ref[0].index_select(0, t)
         mb["ref_rejected"] = ref[1].index_select(0, t)
     return mb
-
-
-def _to(mb: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +235,7 @@ def compute_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: i
         with ctx:
             for s in range(0, len(mine), batch_size):
                 idx = mine[s:s + batch_size]
-                mb = _to(pair_collate([pairs[i] for i in idx], pad_id), device)
+                mb = to_device(pair_collate([pairs[i] for i in idx], pad_id), device)
                 with (autocast() if autocast else contextlib.nullcontext()):
                     lp, _ = sequence_logps(model, mb, chunk_size)
                 lp = lp.double().cpu()
@@ -363,7 +362,7 @@ def evaluate_pairs(model, pairs: list[Pair], cfg: DPOConfig, reference: str, pad
     mine = list(range(dist.rank, len(pairs), dist.world))
     try:
         for s in range(0, len(mine), cfg.batch_size):
-            mb = _to(_pairs_batch(pairs, mine[s:s + cfg.batch_size], pad_id, ref), device)
+            mb = to_device(_pairs_batch(pairs, mine[s:s + cfg.batch_size], pad_id, ref), device)
             with (autocast() if autocast else contextlib.nullcontext()):
                 loss_sum, m = pair_loss(model, mb, cfg, reference)
             sums["loss"] += float(loss_sum)
@@ -399,10 +398,6 @@ def _check(cfg: DPOConfig) -> None:
                         "simpo, or set label_smoothing=0")
 
 
-def batch_tokens(mb: dict) -> int:
-    return int(mb["attention_mask"].sum())
-
-
 def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
     """Run DPO (or a variant) as configured; returns the final evaluation metrics (empty without
     eval_data). `model` / `tokenizer` may be passed in already loaded. loss=kto is a recipe of
@@ -433,25 +428,25 @@ def train_dpo(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
     extra += f", orpo_lambda={cfg.orpo_lambda}" if cfg.loss == "orpo" else ""
     trainer.info(f"dpo: loss={cfg.loss}, beta={cfg.beta}{extra}, label_smoothing={cfg.label_smoothing}, "
                  f"sft_weight={cfg.sft_weight}, reference={reference}")
-    resume = trainer.prepare_run_dir()
     pad = tok.pad_token_id
-    ref = eval_ref = None
-    if reference == "precompute":
+    cache: dict = {"train": None, "eval": None}
+
+    def prepare():
         # Before any checkpoint is loaded: the model is still the starting point, i.e. the reference.
-        ref = cached_reference_logps(trainer, cfg, pairs, cfg.data, cfg.data_split, "train", pad)
-        if eval_pairs is not None:
-            eval_ref = cached_reference_logps(trainer, cfg, eval_pairs, cfg.eval_data, cfg.eval_split, "eval", pad)
-    if resume is not None:
-        trainer.load_checkpoint(resume)
+        if reference == "precompute":
+            cache["train"] = cached_reference_logps(trainer, cfg, pairs, cfg.data, cfg.data_split, "train", pad)
+            if eval_pairs is not None:
+                cache["eval"] = cached_reference_logps(trainer, cfg, eval_pairs, cfg.eval_data, cfg.eval_split,
+                                                       "eval", pad)
 
     def make_batch(idx):
-        return _pairs_batch(pairs, idx, pad, ref)
+        return _pairs_batch(pairs, idx, pad, cache["train"])
 
     eval_fn = None
     if eval_pairs is not None:
         def eval_fn():
-            return evaluate_pairs(trainer.model, eval_pairs, cfg, reference, pad, eval_ref, dist, trainer.autocast,
-                                  trainer.device)
+            return evaluate_pairs(trainer.model, eval_pairs, cfg, reference, pad, cache["eval"], dist,
+                                  trainer.autocast, trainer.device)
 
     return run_offline(trainer, len(pairs), make_batch, dpo_loss_fn(cfg, reference), lambda mb: mb["n_pairs"],
-                       eval_fn=eval_fn, tokens=batch_tokens)
+                       eval_fn=eval_fn, prepare=prepare)

@@ -25,38 +25,45 @@ from alignkit.advantages import group_normalized, zero_std_groups
 from alignkit.config import GRPOConfig
 from alignkit.losses import policy_loss_terms
 from alignkit.recipes import online as ol
-from alignkit.rollout.engine import RolloutBatch
+from alignkit.rollout.rollout import Rollout
+from alignkit.training.dist import all_reduce_sum
+from alignkit.training.loop import StepClock, StepResult
 
-__all__ = ["GRPOConfig", "train_grpo", "grpo_loss_fn"]
+__all__ = ["GRPOConfig", "train_grpo", "grpo_loss_fn", "grpo_units", "refill", "global_std"]
 
 
 def grpo_loss_fn(cfg: GRPOConfig):
+    """loss_fn(model, mb) -> (clipped surrogate [+ β KL] summed as `aggregation` says, metrics).
+    mb: the rollout rows' tensors with `advantages` (B,), `loss_mask` (B, T), `sampler_logps`,
+    optional `old_logps` (π_old; default π detached, μ = 1) and `ref_logps`."""
+
     def loss_fn(model, mb: dict):
-        out = ol.seq_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
-        lp, ent = out if cfg.compute_entropy else (out, None)
-        mask = mb["loss_mask"]
-        old = mb["old_trainer_logps"] if "old_trainer_logps" in mb else lp.detach()
-        terms = policy_loss_terms(lp, old, mb["advantages"], mask, cfg.clip_low, cfg.clip_high, cfg.aggregation,
-                                  ref_logps=mb.get("ref_logps"), kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-                                  max_length=cfg.max_new_tokens)
-        st, n_tok = terms.stats, terms.stats["tokens"]
-        cm = mb["completion_mask"]
+        out = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
+        logps, entropy = out if cfg.compute_entropy else (out, None)
+        old = mb["old_logps"] if "old_logps" in mb else logps.detach()
+        terms = policy_loss_terms(logps, old, mb["advantages"], mb["loss_mask"], cfg.clip_low, cfg.clip_high,
+                                  cfg.aggregation, ref_logps=mb.get("ref_logps"), kl_coef=cfg.kl_coef,
+                                  kl_estimator=cfg.kl_estimator, max_length=cfg.max_new_tokens)
+        stats, n_tok = terms.stats, terms.stats["tokens"]
+        completion = mb["completion_mask"]
         metrics = {
-            "clip_frac": (st["clipped"], n_tok),
-            "ratio_mean": (st["ratio_sum"], n_tok),
+            "clip_frac": (stats["clipped"], n_tok),
+            "ratio_mean": (stats["ratio_sum"], n_tok),
             # sampler vs trainer log-probs of the same tokens, before any update of this batch
-            "logprob_mismatch": ((mb["old_logps"] - old).abs()[cm].sum(), cm.sum()),
+            "logprob_mismatch": ((mb["sampler_logps"] - old).abs()[completion].sum(), completion.sum()),
         }
-        if "kl_sum" in st:
-            metrics["kl"] = (st["kl_sum"], n_tok)
-        if ent is not None:
-            metrics["entropy"] = ((ent.detach() * cm).sum(), cm.sum())
+        if "kl_sum" in stats:
+            metrics["kl"] = (stats["kl_sum"], n_tok)
+        if entropy is not None:
+            metrics["entropy"] = ((entropy.detach() * completion).sum(), completion.sum())
         return terms.loss_sum, metrics
 
     return loss_fn
 
 
 def grpo_units(aggregation: str):
+    """The loss units of a micro-batch: trained tokens (token_mean) or trained sequences."""
+
     def units(mb: dict) -> float:
         m = mb["loss_mask"]
         return float(m.sum()) if aggregation == "token_mean" else float((m.sum(-1) > 0).sum())
@@ -65,54 +72,63 @@ def grpo_units(aggregation: str):
 
 
 def train_grpo(cfg: GRPOConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
-    """Run GRPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides cfg.reward."""
+    """Run GRPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides
+    cfg.reward. `max_steps` counts rollout steps, each making `iterations` optimizer steps.
+    Returns the last held-out evaluation (empty without eval_data)."""
     run = ol.OnlineRun(cfg, "grpo", model, tokenizer, updates_per_step=cfg.iterations, reward_fn=reward_fn)
-    G = cfg.num_generations
+    G, tr = cfg.num_generations, run.trainer
     loss_fn, units = grpo_loss_fn(cfg), grpo_units(cfg.aggregation)
 
-    def step(rstep: int, clock: ol.StepClock) -> dict:
-        # 1. sample G answers for each of this rank's prompts, score them
-        ps, cols, batch, rewards, info = run.rollout(rstep)
+    def draw(rstep: int, prompts: list, columns: dict, clock: StepClock, stream: int | None = None) -> Rollout:
+        """Sample and score G answers per prompt; the truncation rule applies to every draw."""
+        rollout = run.collect(rstep, prompts, columns, clock, stream)
         if cfg.truncated == "penalty":
-            cut = torch.tensor([s.finish_reason == "length" for s in batch.samples])
-            rewards = torch.where(cut, torch.full_like(rewards, cfg.truncated_reward), rewards)
+            cut = rollout.truncated
+            rollout = rollout.with_rewards(torch.where(cut, torch.full_like(rollout.rewards, cfg.truncated_reward),
+                                                       rollout.rewards))
+        return rollout
+
+    def step(rstep: int, clock: StepClock) -> StepResult:
+        # 1. sample G answers for each of this rank's prompts, score them
+        rollout = draw(rstep, *run.prompts_for(rstep), clock)
+        info = ol.rollout_metrics(rollout)  # of the policy's own samples, before any selection
         # 2. groups with one reward for everyone carry no signal: count, optionally replace
-        flat = zero_std_groups(rewards, G)
+        flat = zero_std_groups(rollout.rewards, G)
         info["zero_std_groups"] = int(flat.sum())
         if cfg.dynamic_sampling and flat.any():
-            batch, rewards, info["refilled_groups"] = refill(run, rstep, ps, cols, batch, rewards)
-            ps, cols = run.last_prompts
+            rollout, info["refilled_groups"] = refill(run, rstep, rollout, draw, clock)
+        rewards = rollout.rewards
         if cfg.scale == "batch" and run.dist.enabled:  # the batch is every process's samples
             adv = group_normalized(rewards, G, "none") / (global_std(rewards, run.dist) + 1e-6)
         else:
             adv = group_normalized(rewards, G, cfg.scale)
-        clock.lap("score")
         # 3. micro-batches of whole groups; loss mask = completion tokens (minus masked truncations)
-        mbs = ol.split_groups(batch, cfg.batch_size, cfg.grad_accum, run.pad_id, {"advantages": adv})
-        for mb, lo in zip(mbs, range(0, len(batch.samples), cfg.batch_size * G)):
+        mbs = ol.split_groups(rollout, cfg.batch_size, cfg.grad_accum, run.pad_id,
+                              {"advantages": adv, "truncated": rollout.truncated})
+        for mb in mbs:
             mb["loss_mask"] = mb["completion_mask"].clone()
             if cfg.truncated == "mask":
-                cut = torch.tensor([s.finish_reason == "length" for s in batch.samples[lo:lo + len(mb["input_ids"])]])
-                mb["loss_mask"][cut] = False
+                mb["loss_mask"][mb["truncated"]] = False
+            del mb["truncated"]
         # 4. old (μ > 1) and reference log-probs, no grad, same numerics as the update
         if cfg.iterations > 1:
-            for mb, lp in zip(mbs, run.policy_logps(mbs)):
-                mb["old_trainer_logps"] = lp
+            for mb, lp in zip(mbs, run.old_logps(mbs)):
+                mb["old_logps"] = lp
         run.add_ref_logps(mbs)
+        clock.lap("prepare")
         # 5. μ updates on the same batch
+        updates = []
         for _ in range(cfg.iterations):
-            metrics = run.trainer.accumulate(mbs, loss_fn, units)
+            metrics = tr.accumulate(mbs, loss_fn, units)
             metrics.update(info)
-            run.update(metrics, clock, last=_ == cfg.iterations - 1)
-        return info
+            updates.append(tr.optimizer_step(metrics))
+        return StepResult(updates, rollout, rollout.generated_tokens)
 
     return run.loop(step)
 
 
 def global_std(x: torch.Tensor, dist) -> float:
     """Sample std (n - 1) of `x` over every process, as one process holding all of it would compute."""
-    from alignkit.training.dist import all_reduce_sum
-
     n, total = all_reduce_sum(torch.tensor([float(x.numel()), float(x.double().sum())], dtype=torch.float64),
                               dist).tolist()
     mean = total / n
@@ -120,43 +136,32 @@ def global_std(x: torch.Tensor, dist) -> float:
     return (sq / (n - 1)) ** 0.5 if n > 1 else 0.0
 
 
-def refill(run: "ol.OnlineRun", rstep: int, ps: list, cols: dict, batch: RolloutBatch, rewards: torch.Tensor):
-    """Dynamic sampling: replace groups whose rewards are all equal by groups of fresh prompts, up to
-    `max_refill_rounds` extra generations. Groups still flat after that stay (advantage 0)."""
-    cfg, G = run.cfg, run.cfg.num_generations
-    keep_ps, keep_cols = [], {k: [] for k in cols}
-    pool_flat = []
+def refill(run: "ol.OnlineRun", rstep: int, rollout: Rollout, draw, clock: StepClock) -> tuple[Rollout, int]:
+    """Dynamic sampling (DAPO): replace groups whose rewards are all equal by groups of fresh
+    prompts, drawn with `draw` (so they get the same autocast, truncation rule and token count),
+    up to `max_refill_rounds` extra generations. Returns the merged rollout of as many groups as
+    `rollout` (groups with signal first, in draw order, then flat ones, which keep advantage 0)
+    whose stats count every draw, and the number of groups with signal the refills gave."""
+    G, need = rollout.group_size, rollout.n_groups
+    keep: list[Rollout] = []
+    flat: list[Rollout] = []
+    drawn = [rollout]
 
-    def add(ps_, cols_, batch_, r_):
-        flat = zero_std_groups(r_, G).tolist()
-        for g, is_flat in enumerate(flat):
-            item = (ps_[g], {k: v[g] for k, v in cols_.items()}, batch_.samples[g * G:(g + 1) * G], r_[g * G:(g + 1) * G])
-            (pool_flat if is_flat else keep).append(item)
+    def sort(r: Rollout) -> int:
+        is_flat = zero_std_groups(r.rewards, G).tolist()
+        keep.append(r.select_groups([g for g, f in enumerate(is_flat) if not f]))
+        flat.append(r.select_groups([g for g, f in enumerate(is_flat) if f]))
+        return keep[-1].n_groups
 
-    keep: list = []
-    add(ps, cols, batch, rewards)
-    need = len(ps)
+    sort(rollout)
     refilled = 0
-    for rnd in range(cfg.max_refill_rounds):
-        if len(keep) >= need:
+    for rnd in range(run.cfg.max_refill_rounds):
+        have = sum(r.n_groups for r in keep)
+        if have >= need:
             break
-        extra_ps, extra_cols = run.extra_prompts(rstep, rnd, need - len(keep))
-        with run.trainer.gathered():
-            b2 = run.engine.generate(run.trainer.model, extra_ps,
-                                     ol.sampling_params(cfg, rstep, run.dist.rank + 64 * (rnd + 1)))
-        r2, _ = ol.score(run.reward_fn, extra_ps, extra_cols, b2)
-        before = len(keep)
-        add(extra_ps, extra_cols, b2, r2)
-        refilled += len(keep) - before
-    chosen = (keep + pool_flat)[:need]
-    samples, rs = [], []
-    for gi, (p, c, smp, r) in enumerate(chosen):
-        keep_ps.append(p)
-        for k in keep_cols:
-            keep_cols[k].append(c[k])
-        for s in smp:
-            s.prompt_index = gi
-        samples += smp
-        rs.append(r)
-    run.last_prompts = (keep_ps, keep_cols)
-    return RolloutBatch(samples, G), torch.cat(rs), refilled
+        extra = draw(rstep, *run.extra_prompts(rstep, rnd, need - have), clock, run.dist.rank + 64 * (rnd + 1))
+        drawn.append(extra)
+        refilled += sort(extra)
+    merged = Rollout.concat(keep + flat).select_groups(list(range(need)))
+    stats = Rollout.concat(drawn).stats  # what was drawn, kept or not
+    return Rollout(merged.prompts, merged.columns, merged.samples, G, merged.rewards, stats), refilled

@@ -41,7 +41,8 @@ from alignkit.models.peft import load_base_model, prepare_trainable, reference_l
 from alignkit.recipes.dpo import _check as _dpo_check
 from alignkit.recipes.dpo import cached_reference_logps, resolve_reference, sequence_logps
 from alignkit.training.dist import DistInfo, all_reduce_sum, init_distributed
-from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
+from alignkit.training.loop import run_offline, steps_for
+from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = ["KTOConfig", "train_kto", "kto_batch", "kto_row_loss", "mismatched_kl_sums", "evaluate_kto", "step_functions",
            "METRICS"]
@@ -233,25 +234,26 @@ def train_kto(cfg: DPOConfig, model=None, tokenizer=None) -> dict:
     trainer.info(f"kto: beta={cfg.beta}, desirable_weight={cfg.desirable_weight}, undesirable_weight="
                  f"{cfg.undesirable_weight} (weighted desirable:undesirable = {ratio:.3g}; the paper keeps it in "
                  f"[1, 4/3]), reference={reference}")
-    resume = trainer.prepare_run_dir()
     pad = tok.pad_token_id
-    ref = eval_ref = None
-    if reference == "precompute":
-        # Matched and mismatched rows ride in the chosen / rejected slots of DPO's cached pass.
-        ref = cached_reference_logps(trainer, cfg, examples, cfg.data, cfg.data_split, "kto_train", pad)
-        if eval_examples is not None:
-            eval_ref = cached_reference_logps(trainer, cfg, eval_examples, cfg.eval_data, cfg.eval_split, "kto_eval",
-                                              pad)
-    if resume is not None:
-        trainer.load_checkpoint(resume)
+    state: dict = {"eval_ref": None}
 
-    make_batch, loss_fn = step_functions(trainer, examples, cfg, reference, pad, ref)
+    def prepare():
+        # Before any checkpoint is loaded: the model is still the starting point, i.e. the reference.
+        ref = None
+        if reference == "precompute":
+            # Matched and mismatched rows ride in the chosen / rejected slots of DPO's cached pass.
+            ref = cached_reference_logps(trainer, cfg, examples, cfg.data, cfg.data_split, "kto_train", pad)
+            if eval_examples is not None:
+                state["eval_ref"] = cached_reference_logps(trainer, cfg, eval_examples, cfg.eval_data,
+                                                           cfg.eval_split, "kto_eval", pad)
+        state["make_batch"], state["loss_fn"] = step_functions(trainer, examples, cfg, reference, pad, ref)
 
     eval_fn = None
     if eval_examples is not None:
         def eval_fn():
-            return evaluate_kto(trainer.model, eval_examples, cfg, reference, pad, eval_ref, dist, trainer.autocast,
-                                trainer.device)
+            return evaluate_kto(trainer.model, eval_examples, cfg, reference, pad, state["eval_ref"], dist,
+                                trainer.autocast, trainer.device)
 
-    return run_offline(trainer, len(examples), make_batch, loss_fn, lambda mb: mb["n_rows"], eval_fn=eval_fn,
-                       tokens=lambda mb: int(mb["attention_mask"].sum()))
+    return run_offline(trainer, len(examples), lambda idx: state["make_batch"](idx),
+                       lambda model, mb: state["loss_fn"](model, mb), lambda mb: mb["n_rows"], eval_fn=eval_fn,
+                       prepare=prepare)

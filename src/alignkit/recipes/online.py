@@ -1,69 +1,34 @@
-"""Machinery shared by the online RL recipes (REINFORCE, RLOO, GRPO, rejection sampling).
+"""What the online recipes (REINFORCE, RLOO, GRPO, rejection sampling, PPO, online DPO) set up
+and do the same way: the prompt set, the policy and its `Trainer`, the reference model, the
+rollout engine, drawing rollouts (`OnlineRun.collect` -> `alignkit.rollout.Rollout`),
+teacher-forced log-probs, micro-batches of rollout rows and held-out greedy evaluation.
 
-Each recipe file holds its algorithm; this module holds what they all do the same way:
-loading the prompt set, the reference model, sampling with the rollout engine, scoring with a
-reward source, building micro-batches of (prompt + completion) rows, teacher-forced log-probs,
-per-step logging and held-out evaluation.
+The loop itself is `alignkit.training.loop.run_loop`: a recipe's step function takes the rollout
+step's index and returns a `StepResult` (its optimizer steps' metrics and the rollout).
+
+Log-prob names: `sampler_logps` are the engine's, recorded while sampling; `old_logps` are π_old's,
+recomputed by the trainer before the first update of a rollout (PPO, GRPO with μ > 1); `ref_logps`
+the reference's. All are per token (B, T), 0 off the completion (`token_logps`), at the sampling
+temperature unless a recipe says otherwise (rejection sampling trains plain SFT at 1).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
 
 from alignkit.config import OnlineConfig
-from alignkit.errors import UserError
+from alignkit.data.order import seeded_generator, stream_seed
+from alignkit.data.prompts import PromptSet, load_prompts, prompt_order
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
+from alignkit.rollout.rollout import Rollout, collect, score
 from alignkit.training.dist import DistInfo, all_reduce_sum
+from alignkit.training.loop import StepClock, StepResult, run_loop, to_device
 
-
-# --------------------------------------------------------------------------- prompts
-
-
-@dataclass
-class PromptSet:
-    prompts: list  # message lists or text
-    columns: dict[str, list] = field(default_factory=dict)  # the dataset's other columns
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def take(self, idx: list[int]) -> tuple[list, dict]:
-        return [self.prompts[i] for i in idx], {k: [v[i] for i in idx] for k, v in self.columns.items()}
-
-
-def load_prompts(path: str, split: str, column: str, chat: bool, what: str = "data") -> PromptSet:
-    """A prompt set: the prompt (messages, or text when chat=false) and the other columns, which
-    reward functions receive (e.g. `total`, or GSM8K's `answer` with prompt_column=question)."""
-    from alignkit.rewards import columns_of, load_prompt_set
-
-    rows = load_prompt_set(path, split, prompt_column=column, chat=chat, what=what)
-    return PromptSet([r["prompt"] for r in rows], columns_of(rows))
-
-
-def prompt_order(n: int, per_step: int, seed: int):
-    """Global prompt indices of a rollout step: a seeded permutation per epoch, consumed in order."""
-    if per_step > n:
-        raise UserError(f"the prompt set has {n} prompts, fewer than one step's {per_step} "
-                        "(batch_size x grad_accum x processes); lower batch_size or add prompts")
-    steps_per_epoch = n // per_step
-    cache: dict[int, list[int]] = {}
-
-    def for_step(step: int) -> list[int]:
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in cache:
-            cache.clear()
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            cache[epoch] = torch.randperm(n, generator=g).tolist()
-        return cache[epoch][k * per_step:(k + 1) * per_step]
-
-    return for_step
+__all__ = ["OnlineRun", "PromptSet", "load_prompts", "prompt_order", "token_logps", "sampling_params",
+           "split_groups", "row_batches", "rollout_metrics", "mismatch", "evaluate_greedy", "StepClock", "StepResult"]
 
 
 # --------------------------------------------------------------------------- models
@@ -96,15 +61,17 @@ def load_reference(cfg: OnlineConfig, policy, device):
 
 
 def ref_context(ref, policy):
-    import contextlib
-
+    """The adapter switched off when the reference is the policy itself; else nothing."""
     if ref is policy and hasattr(policy, "disable_adapter"):
         return policy.disable_adapter()
     return contextlib.nullcontext()
 
 
-def seq_logps(model, mb: dict, temperature: float, chunk: int, entropy: bool = False):
-    """Per-token log-probs (B, T) of the completion tokens (0 elsewhere), optionally entropy."""
+def token_logps(model, mb: dict, temperature: float, chunk: int, entropy: bool = False):
+    """Per-token log-probs (B, T) float32 of mb["targets"] (the completion tokens, aligned to the
+    positions predicting them; 0 elsewhere) under softmax(logits / temperature) (1 when
+    temperature is 0), computed in chunks of `chunk` positions; with `entropy`, also the
+    per-position entropy (B, T). Sum over a row for a sequence log-prob."""
     return causal_lm_token_logps(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"], mb["targets"],
                                  chunk_size=chunk, temperature=temperature if temperature > 0 else 1.0,
                                  return_entropy=entropy)
@@ -112,116 +79,100 @@ def seq_logps(model, mb: dict, temperature: float, chunk: int, entropy: bool = F
 
 @torch.no_grad()
 def forward_logps(model, mbs: list[dict], temperature: float, chunk: int, device, autocast) -> list[torch.Tensor]:
+    """`token_logps` of each micro-batch without grad, under `autocast()`; (B, T) float32 on the CPU."""
     out = []
     for mb in mbs:
-        d = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
         with autocast():
-            out.append(seq_logps(model, d, temperature, chunk).float().cpu())
+            out.append(token_logps(model, to_device(mb, device), temperature, chunk).float().cpu())
     return out
 
 
 # --------------------------------------------------------------------------- rollouts
 
 
-def sampling_params(cfg: OnlineConfig, step: int, rank: int, n: int | None = None, greedy=False) -> SamplingParams:
+def sampling_params(cfg: OnlineConfig, step: int, stream: int, n: int | None = None, greedy=False) -> SamplingParams:
+    """Sampling settings of rollout step `step`; the sampler seed is stream `stream` (the rank, or
+    rank + 64·round for dynamic sampling's extra rounds) of `alignkit.data.order` salt 64."""
     return SamplingParams(
         n=n or cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
         top_p=cfg.top_p, top_k=cfg.top_k, stop=tuple(cfg.stop),
-        seed=(cfg.seed * 1_000_003 + step) * 64 + rank, batch_size=cfg.generation_batch_size,
+        seed=stream_seed(cfg.seed, step, 64, stream), batch_size=cfg.generation_batch_size,
     )
 
 
-def score(reward_fn, prompts: list, cols: dict, batch: RolloutBatch) -> tuple[torch.Tensor, int]:
-    """Rewards of every sample (prompt columns repeated per sample); None counts as 0 and is reported."""
-    n = batch.group_size
-    ps = [prompts[s.prompt_index % len(prompts)] for s in batch.samples]
-    rep = {k: [v[s.prompt_index % len(prompts)] for s in batch.samples] for k, v in cols.items()}
-    vals = reward_fn(ps, batch.texts, **rep)
-    missing = sum(v is None for v in vals)
-    assert len(vals) == len(batch.samples) == len(prompts) * n
-    return torch.tensor([0.0 if v is None else float(v) for v in vals], dtype=torch.float32), missing
-
-
-def split_groups(batch: RolloutBatch, per_mb: int, n_mb: int, pad_id: int, extra: dict[str, torch.Tensor]) -> list[dict]:
-    """Micro-batches of whole groups: micro-batch i holds prompts [i*per_mb, (i+1)*per_mb) with all
-    their samples. `extra` holds per-sample tensors (advantages, rewards) to slice alongside."""
-    G = batch.group_size
+def row_batches(rollout, rows_per_mb: int, n_mb: int, pad_id: int, extra: dict[str, torch.Tensor]) -> list[dict]:
+    """`n_mb` micro-batches of `rows_per_mb` consecutive samples of `rollout` (a `Rollout` or the
+    engine's `RolloutBatch`), each its right-padded tensors with `sampler_logps`, plus the rows of
+    every per-sample tensor in `extra` (advantages, rewards) under its key."""
     out = []
     for i in range(n_mb):
-        lo, hi = i * per_mb * G, (i + 1) * per_mb * G
-        part = RolloutBatch(batch.samples[lo:hi], G)
+        lo, hi = i * rows_per_mb, (i + 1) * rows_per_mb
+        part = RolloutBatch(rollout.samples[lo:hi], rollout.group_size)
         if not part.samples:
             raise AssertionError("empty micro-batch")
         mb = part.tensors(pad_id)
+        mb["sampler_logps"] = mb.pop("old_logps")
         for k, v in extra.items():
             mb[k] = v[lo:hi]
         out.append(mb)
     return out
 
 
-def rollout_stats(batch: RolloutBatch, rewards: torch.Tensor) -> dict:
-    lens = [len(s.completion_ids) for s in batch.samples]
+def split_groups(rollout, per_mb: int, n_mb: int, pad_id: int, extra: dict[str, torch.Tensor]) -> list[dict]:
+    """Micro-batches of whole groups: micro-batch i holds prompts [i·per_mb, (i+1)·per_mb) with all
+    their samples (`row_batches` of per_mb · group_size rows)."""
+    return row_batches(rollout, per_mb * rollout.group_size, n_mb, pad_id, extra)
+
+
+def rollout_metrics(rollout: Rollout) -> dict:
+    """reward_mean / reward_std (of `rollout.rewards`), response_len (mean tokens), truncated_frac
+    and reward_missing of this process's samples."""
+    r = rollout.rewards
+    lens = [len(s.completion_ids) for s in rollout.samples]
+    n = max(len(lens), 1)
     return {
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "response_len": sum(lens) / max(len(lens), 1),
-        "truncated_frac": sum(s.finish_reason == "length" for s in batch.samples) / max(len(lens), 1),
+        "reward_mean": float(r.mean()),
+        "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+        "response_len": sum(lens) / n,
+        "truncated_frac": float(rollout.truncated.sum()) / n,
+        "reward_missing": int(rollout.stats.get("reward_missing", 0)),
     }
 
 
-def mismatch(rollout_lp: torch.Tensor, trainer_lp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+def mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """(sum |Δ log p|, token count) between the engine's sampling log-probs and the trainer's."""
     m = mask.bool()
-    return float((rollout_lp - trainer_lp).abs()[m].sum()), float(m.sum())
-
-
-class StepClock:
-    """Wall time split by phase (generate / score / train) for the step's log line."""
-
-    def __init__(self):
-        self.t = {}
-        self._last = time.time()
-
-    def lap(self, name: str) -> None:
-        now = time.time()
-        self.t[name] = self.t.get(name, 0.0) + now - self._last
-        self._last = now
-
-    def metrics(self) -> dict:
-        return {f"time_{k}_s": v for k, v in self.t.items()}
-
-
-def write_samples(run_dir: Path, step: int, prompts: list, batch: RolloutBatch, rewards: torch.Tensor, k: int = 4):
-    with (run_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
-        for s, r in list(zip(batch.samples, rewards.tolist()))[:k]:
-            p = prompts[s.prompt_index % len(prompts)]
-            p = p[-1]["content"] if isinstance(p, list) else p
-            f.write(json.dumps({"step": step, "prompt": p, "completion": s.text, "reward": r,
-                                "finish": s.finish_reason}, ensure_ascii=False) + "\n")
+    return float((sampler_logps - trainer_logps).abs()[m].sum()), float(m.sum())
 
 
 @torch.no_grad()
 def evaluate_greedy(model, engine: RolloutEngine, reward_fn, prompts: PromptSet, cfg: OnlineConfig,
                     dist: DistInfo) -> dict:
-    """Greedy answers on held-out prompts: mean reward, and the fraction reaching the top reward."""
+    """Greedy answers to the first `eval_prompts` held-out prompts, split across processes:
+    eval_reward (mean reward) and eval_solved (fraction reaching reward 1)."""
     n = min(cfg.eval_prompts, len(prompts))
     mine = list(range(dist.rank, n, dist.world))
     if not mine:
         return {}
-    ps, cols = prompts.take(mine)
-    batch = engine.generate(model, ps, sampling_params(cfg, 0, 0, n=1, greedy=True))
-    r, _ = score(reward_fn, ps, cols, batch)
-    red = all_reduce_sum(torch.tensor([float(r.sum()), float((r >= 1.0).sum()), float(len(r))],
+    prompt_list, columns = prompts.take(mine)
+    r = collect(engine, model, prompt_list, columns, sampling_params(cfg, 0, 0, n=1, greedy=True), reward_fn).rewards
+    sums = all_reduce_sum(torch.tensor([float(r.sum()), float((r >= 1.0).sum()), float(len(r))],
                                       dtype=torch.float64), dist)
-    return {"eval_reward": float(red[0] / red[2]), "eval_solved": float(red[1] / red[2])}
+    return {"eval_reward": float(sums[0] / sums[2]), "eval_solved": float(sums[1] / sums[2])}
 
 
 # --------------------------------------------------------------------------- the run
 
 
 class OnlineRun:
-    """Setup and the outer loop of an online recipe. A recipe supplies `step(rstep, clock)`, which
-    samples, scores and calls `update` after each optimizer step it makes."""
+    """Setup of an online recipe: tokenizer, prompt sets, reward, policy + `Trainer`, reference,
+    rollout engine. `loop(step)` runs `step(rollout_step, clock) -> StepResult` in the shared
+    loop for `rollout_steps` rollout steps of `updates_per_step` optimizer steps each.
+
+    rollout_steps: default `max_steps`, or `epochs` passes over the prompts when max_steps is -1.
+    prompts_per_step: prompts per process per rollout step (default batch_size x grad_accum).
+    need_reference: None = as β says (`reference_policy`); True / False = the recipe decides.
+    Raises UserError for a prompt set smaller than one step's prompts."""
 
     def __init__(self, cfg: OnlineConfig, recipe: str, model=None, tokenizer=None, updates_per_step: int = 1,
                  reward_fn=None, rollout_steps: int | None = None, prompts_per_step: int | None = None,
@@ -233,6 +184,7 @@ class OnlineRun:
         from alignkit.training.trainer import Trainer, seed_everything
 
         self.cfg = cfg
+        self.recipe = recipe
         self.dist = init_distributed()
         seed_everything(cfg.seed)
         self.tok = tokenizer or load_tokenizer(cfg.model)
@@ -257,7 +209,6 @@ class OnlineRun:
         self.updates_per_step = updates_per_step
         self.trainer = Trainer(cfg, policy, self.tok, recipe=recipe, total_steps=steps * updates_per_step,
                                dist_info=self.dist)
-        # need_reference: None = as β says (reference_policy); True / False = the recipe decides (online DPO)
         # Under FSDP a separate reference is sharded like the policy: read by rank 0 only (on the CPU),
         # its shards moved to the device, and gathered only for the no-grad reference pass.
         ref_device = self.dist.device
@@ -273,96 +224,74 @@ class OnlineRun:
         self.engine = RolloutEngine(self.tok)
         self.pad_id = self.engine.pad_id
         self.run_dir = self.trainer.run_dir
-        self.last_prompts: tuple[list, dict] = ([], {})
-        self._gen_tokens = 0
-        self.generated_total = 0  # tokens generated by all processes so far (logged as generated_tokens)
 
     # -- sampling
-    def rollout(self, rstep: int, n: int | None = None):
+    def prompts_for(self, rstep: int) -> tuple[list, dict]:
+        """This process's prompts of rollout step `rstep` and their columns."""
         d = self.dist
-        idx = self.order(rstep)[d.rank * self.per_rank:(d.rank + 1) * self.per_rank]
-        ps, cols = self.prompts.take(idx)
-        self.last_prompts = (ps, cols)
-        # gathered: under FSDP each process samples on full weights, its own number of decode steps.
-        with self.trainer.gathered(), self.trainer.autocast():
-            batch = self.engine.generate(self.trainer.model, ps, sampling_params(self.cfg, rstep, d.rank, n=n))
-        self.clock.lap("generate")
-        rewards, missing = score(self.reward_fn, ps, cols, batch)
-        info = rollout_stats(batch, rewards)
-        info["reward_missing"] = missing
-        n_gen = sum(len(s.completion_ids) for s in batch.samples)
-        self._gen_tokens += n_gen
-        self.generated_total += int(all_reduce_sum(n_gen, self.dist))
-        info["generated_tokens"] = self.generated_total
-        self._batch, self._rewards = batch, rewards
-        return ps, cols, batch, rewards, info
+        return self.prompts.take(self.order(rstep)[d.rank * self.per_rank:(d.rank + 1) * self.per_rank])
 
     def extra_prompts(self, rstep: int, rnd: int, k: int) -> tuple[list, dict]:
-        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + rstep) * 131 + rnd * 7 + self.dist.rank)
+        """`k` prompts drawn with replacement for dynamic sampling's round `rnd` (seeded, salt 131)."""
+        g = seeded_generator(self.cfg.seed, rstep, 131, rnd * 7 + self.dist.rank)
         idx = torch.randint(0, len(self.prompts), (k,), generator=g).tolist()
         return self.prompts.take(idx)
 
+    def collect(self, rstep: int, prompts: list, columns: dict, clock: StepClock, stream: int | None = None,
+                n: int | None = None) -> Rollout:
+        """`alignkit.rollout.collect` with the current policy on full weights (FSDP gathered) under
+        the trainer's autocast; sampler stream `stream` (default: the rank). Generation and
+        scoring time go to the clock's `generate` and `score` phases."""
+        stream = self.dist.rank if stream is None else stream
+        params = sampling_params(self.cfg, rstep, stream, n=n)
+        t0 = time.time()
+        with self.trainer.gathered(), self.trainer.autocast():
+            batch = self.engine.generate(self.trainer.model, prompts, params)
+        t1 = time.time()
+        rollout = score(batch, prompts, columns, self.reward_fn)
+        clock.add("generate", t1 - t0)
+        clock.add("score", time.time() - t1)
+        return rollout
+
     # -- log-probs without grad
-    def policy_logps(self, mbs: list[dict]) -> list[torch.Tensor]:
+    def old_logps(self, mbs: list[dict]) -> list[torch.Tensor]:
+        """π_old: the policy's `token_logps` before this rollout's first update, per micro-batch."""
         with self.trainer.gathered():
             return forward_logps(self.trainer.model, mbs, self.cfg.temperature, self.cfg.logits_chunk_size,
                                  self.dist.device, self.trainer.autocast)
 
-    def add_ref_logps(self, mbs: list[dict]) -> None:
+    def add_ref_logps(self, mbs: list[dict], temperature: float | None = None) -> None:
+        """Set mb["ref_logps"] (B, T) on each micro-batch: the reference's `token_logps` at
+        `temperature` (default the sampling temperature; it must be the policy's in the loss);
+        nothing without a reference."""
         if self.ref is None:
             return
         if self.ref is self.trainer.model:  # the policy with its adapter off
             gather = self.trainer.gathered()
         else:
             gather = self.ref_fsdp.gathered() if self.ref_fsdp is not None else contextlib.nullcontext()
+        temp = self.cfg.temperature if temperature is None else temperature
         with gather, ref_context(self.ref, self.trainer.model):
-            lps = forward_logps(self.ref, mbs, self.cfg.temperature, self.cfg.logits_chunk_size, self.dist.device,
+            lps = forward_logps(self.ref, mbs, temp, self.cfg.logits_chunk_size, self.dist.device,
                                 self.trainer.autocast)
         for mb, lp in zip(mbs, lps):
             mb["ref_logps"] = lp
 
-    # -- one optimizer step done
-    def update(self, metrics: dict, clock: StepClock, last: bool = True) -> None:
-        tr = self.trainer
-        tr.count_tokens(self._gen_tokens)
-        self._gen_tokens = 0
-        metrics = tr.optimizer_step(metrics)
-        if last:
-            clock.lap("train")
-            metrics.update(clock.metrics())
-        tr.log_step(metrics)
-
+    # -- the loop
     def loop(self, step_fn) -> dict:
-        tr, cfg = self.trainer, self.cfg
-        resume = tr.prepare_run_dir()
-        if resume is not None:
-            tr.load_checkpoint(resume)
-        tr.info(f"prompts: {len(self.prompts)}; {self.rollout_steps} rollout steps of "
-                f"{self.per_rank * self.dist.world} prompts x {cfg.num_generations} samples")
-        last_eval: dict = {}
-        tr.start_progress()
-        try:
-            while tr.step < tr.total_steps:
-                rstep = tr.step // self.updates_per_step
-                self.clock = StepClock()
-                step_fn(rstep, self.clock)
-                done = rstep + 1
-                if self.dist.main and cfg.sample_every and done % cfg.sample_every == 0:
-                    write_samples(self.run_dir, done, self.last_prompts[0], self._batch, self._rewards)
-                if cfg.save_every and done % cfg.save_every == 0 and tr.step < tr.total_steps:
-                    tr.save_checkpoint()
-                if self.eval_prompts and cfg.eval_every and done % cfg.eval_every == 0 and tr.step < tr.total_steps:
-                    tr.log_eval(self.evaluate())
-            if self.eval_prompts:
-                last_eval = self.evaluate()
-                tr.log_eval(last_eval)
-            tr.save_checkpoint()
-            tr.save_final()
-        finally:
-            tr.close()
-        return last_eval
+        """Run the recipe's step function in `alignkit.training.loop.run_loop`; returns the last
+        evaluation's metrics (empty without eval_data)."""
+        cfg = self.cfg
+        per_step = self.per_rank * self.dist.world
+        left_out = len(self.prompts) % per_step
+        describe = (f"prompts: {len(self.prompts)}; {self.rollout_steps} rollout steps of {per_step} prompts x "
+                    f"{cfg.num_generations} samples, {self.updates_per_step} optimizer step(s) each"
+                    + (f"; {left_out} prompts are left out of each pass over the prompt set" if left_out else ""))
+        return run_loop(self.trainer, step_fn, updates_per_step=self.updates_per_step,
+                        eval_fn=self.evaluate if self.eval_prompts else None, sample_every=cfg.sample_every,
+                        online=True, describe=describe)
 
     def evaluate(self) -> dict:
-        with self.trainer.gathered(), self.trainer.autocast():
-            return evaluate_greedy(self.trainer.model, self.engine, self.reward_fn, self.eval_prompts, self.cfg,
-                                   self.dist)
+        """`evaluate_greedy` on the eval prompts (the loop enters gathering and autocast)."""
+        return evaluate_greedy(self.trainer.model, self.engine, self.reward_fn, self.eval_prompts, self.cfg,
+                               self.dist)

@@ -30,6 +30,7 @@ from alignkit.losses import dpo_loss
 from alignkit.recipes import online as ol
 from alignkit.rollout.engine import RolloutBatch
 from alignkit.training.dist import all_reduce_sum
+from alignkit.training.loop import StepClock, StepResult
 
 __all__ = ["OnlineDPOConfig", "train_online_dpo", "build_pairs", "online_dpo_loss_fn", "pair_batches"]
 
@@ -53,15 +54,16 @@ def build_pairs(rewards: torch.Tensor, group_size: int, min_gap: float = 0.0) ->
     return pairs, ties
 
 
-def pair_batches(batch: RolloutBatch, pairs: list[tuple[int, int]], weights: list[float], per_mb: int,
-                 pad_id: int) -> list[dict]:
-    """Micro-batches of at most `per_mb` pairs: rows [chosen_1..chosen_P, rejected_1..rejected_P]
-    in one padded batch (one forward pass), plus `weight` (P,) (0 marks a filler pair)."""
+def pair_batches(batch, pairs: list[tuple[int, int]], weights: list[float], per_mb: int, pad_id: int) -> list[dict]:
+    """Micro-batches of at most `per_mb` pairs from `batch` (a `Rollout` or the engine's
+    `RolloutBatch`): rows [chosen_1..chosen_P, rejected_1..rejected_P] in one padded batch (one
+    forward pass) with `sampler_logps`, plus `weight` (P,) (0 marks a filler pair)."""
     out = []
     for i in range(0, len(pairs), per_mb):
         chunk = pairs[i:i + per_mb]
         samples = [batch.samples[c] for c, _ in chunk] + [batch.samples[r] for _, r in chunk]
         mb = RolloutBatch(samples, 1).tensors(pad_id)
+        mb["sampler_logps"] = mb.pop("old_logps")
         mb["weight"] = torch.tensor(weights[i:i + per_mb], dtype=torch.float32)
         out.append(mb)
     return out
@@ -72,7 +74,7 @@ def online_dpo_loss_fn(cfg: OnlineDPOConfig):
     answer) (units: pairs)."""
 
     def loss_fn(model, mb: dict):
-        lp = ol.seq_logps(model, mb, cfg.temperature, cfg.logits_chunk_size)
+        lp = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size)
         m = mb["completion_mask"]
         w = mb["weight"]
         P = w.shape[0]
@@ -92,7 +94,7 @@ def online_dpo_loss_fn(cfg: OnlineDPOConfig):
             "reward_accuracy": ((rc > rr).float() * w).sum(),
             "logp_chosen": (seq[:P].detach() * w).sum(),
             "logp_rejected": (seq[P:].detach() * w).sum(),
-            "logprob_mismatch": (((mb["old_logps"] - lp.detach()).abs() * wr).sum(), wr.sum()),
+            "logprob_mismatch": (((mb["sampler_logps"] - lp.detach()).abs() * wr).sum(), wr.sum()),
         }
         if ref is not None:
             metrics["kl"] = (((lp.detach() - mb["ref_logps"]) * wr).sum(), wr.sum())
@@ -102,36 +104,39 @@ def online_dpo_loss_fn(cfg: OnlineDPOConfig):
 
 
 def train_online_dpo(cfg: OnlineDPOConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
-    """Run online DPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides cfg.reward."""
+    """Run online DPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides
+    cfg.reward. One optimizer step per rollout step (`max_steps` of them); a step whose groups all
+    tie on every process is a skipped step (no update, `skipped_steps`). Returns the last held-out
+    evaluation plus `wall_s`."""
     run = ol.OnlineRun(cfg, "online-dpo", model, tokenizer, reward_fn=reward_fn,
                        need_reference=cfg.loss != "simpo")
-    G, dist = cfg.num_generations, run.dist
+    G, dist, tr = cfg.num_generations, run.dist, run.trainer
     loss_fn = online_dpo_loss_fn(cfg)
 
-    def step(rstep: int, clock: ol.StepClock) -> dict:
-        # 1. sample G answers per prompt and score them
-        ps, cols, batch, scores, info = run.rollout(rstep)
-        no_eos = torch.tensor([s.finish_reason == "length" for s in batch.samples])
-        scores = scores - cfg.missing_eos_penalty * no_eos.float()
+    def step(rstep: int, clock: StepClock) -> StepResult:
+        # 1. sample G answers per prompt and score them; a cut answer loses missing_eos_penalty
+        rollout = run.collect(rstep, *run.prompts_for(rstep), clock)
+        info = ol.rollout_metrics(rollout)
+        rollout = rollout.with_rewards(rollout.rewards - cfg.missing_eos_penalty * rollout.truncated.float())
+        scores = rollout.rewards
         # 2. best vs worst per prompt; ties skipped and counted
         pairs, ties = build_pairs(scores, G, cfg.min_score_gap)
         gap = sum(float(scores[c] - scores[r]) for c, r in pairs)
-        tot = all_reduce_sum(torch.tensor([len(pairs), ties, gap], dtype=torch.float64), dist).tolist()
-        info.update(pairs=tot[0], tied_groups=tot[1], score_gap=tot[2] / max(tot[0], 1.0))
-        clock.lap("score")
-        if tot[0] == 0:  # every group tied, on every process: a step that changes nothing
-            run.update({"loss": 0.0, **info}, clock)
-            return info
+        n_pairs, n_tied, gap = all_reduce_sum(torch.tensor([len(pairs), ties, gap], dtype=torch.float64),
+                                              dist).tolist()
+        info.update(pairs=n_pairs, tied_groups=n_tied, score_gap=gap / max(n_pairs, 1.0))
+        if n_pairs == 0:  # every group tied, on every process: nothing to learn from
+            return StepResult([tr.skip_update(info)], rollout, rollout.generated_tokens)
         weights = [1.0] * len(pairs)
         if not pairs:  # none here but some elsewhere: a zero-weight filler keeps the processes in step
             pairs, weights = [(0, 1)], [0.0]
         # 3. reference log-probs (adapter off / frozen copy), then the DPO step
-        mbs = pair_batches(batch, pairs, weights, cfg.batch_size, run.pad_id)
+        mbs = pair_batches(rollout, pairs, weights, cfg.batch_size, run.pad_id)
         run.add_ref_logps(mbs)
-        metrics = run.trainer.accumulate(mbs, loss_fn, lambda mb: float(mb["weight"].sum()))
+        clock.lap("prepare")
+        metrics = tr.accumulate(mbs, loss_fn, lambda mb: float(mb["weight"].sum()))
         metrics.update(info)
-        run.update(metrics, clock)
-        return info
+        return StepResult([tr.optimizer_step(metrics)], rollout, rollout.generated_tokens)
 
     t0 = time.time()
     result = dict(run.loop(step))

@@ -36,13 +36,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignkit.advantages import gae
+from alignkit.advantages import gae, whiten
 from alignkit.config import PPOConfig
+from alignkit.data.order import seeded_permutation
 from alignkit.errors import UserError
 from alignkit.losses import kl_estimate, policy_loss_terms, value_loss_terms
+from alignkit.ops.masks import last_token_index
 from alignkit.recipes import online as ol
-from alignkit.rollout.engine import RolloutBatch
 from alignkit.training.dist import DistInfo, all_reduce_sum
+from alignkit.training.loop import StepClock, StepResult, to_device
+from alignkit.training.trainer import Trainer
 
 __all__ = [
     "PPOConfig",
@@ -81,6 +84,7 @@ class KLController:
         self.updates = 0
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        """Adapt β to the last rollout's KL (summed per response, averaged) over n_steps responses; returns β."""
         if self.adaptive:
             err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + err * n_steps / self.horizon
@@ -88,9 +92,11 @@ class KLController:
         return self.value
 
     def state_dict(self) -> dict:
+        """β and the update count, for checkpoints."""
         return {"value": self.value, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
         self.value = float(state["value"])
         self.updates = int(state.get("updates", 0))
 
@@ -103,6 +109,7 @@ class RunningMoments:
         self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
 
     def update(self, n: float, total: float, total_sq: float) -> None:
+        """Merge a batch given by its count, sum and sum of squares."""
         if n <= 0:
             return
         mean_b = total / n
@@ -115,20 +122,16 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
+        """Sample standard deviation (n − 1) of every score seen; 0 before two."""
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
 
     def state_dict(self) -> dict:
+        """Count, mean and M2, for checkpoints."""
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
     def load_state_dict(self, s: dict) -> None:
+        """Restore what `state_dict` returned."""
         self.count, self.mean, self.m2 = float(s["count"]), float(s["mean"]), float(s["m2"])
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last True entry of each row of mask (B, T); -1 for an empty row."""
-    m = mask.bool()
-    pos = torch.arange(m.shape[-1], device=m.device).expand_as(m)
-    return torch.where(m, pos, torch.full_like(pos, -1)).amax(-1)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor | None, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -146,21 +149,10 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor | None, mask: torch.Ten
 
 def global_whiten(x: torch.Tensor, mask: torch.Tensor, dist: DistInfo, shift_mean: bool = True,
                   eps: float = 1e-8) -> torch.Tensor:
-    """`alignkit.advantages.whiten` over the masked entries of every process: (x − mean)/sqrt(var + eps),
-    var unbiased; with shift_mean=False the mean is added back (only the scale changes)."""
-    m = mask.bool()
-    xd = x.double()
-    s = all_reduce_sum(torch.tensor([float(m.sum()), float(xd[m].sum())], dtype=torch.float64), dist)
-    n = float(s[0])
-    if n == 0:
-        return torch.zeros_like(x)
-    mean = float(s[1]) / n
-    sq = float(all_reduce_sum(torch.tensor([float(((xd[m] - mean) ** 2).sum())], dtype=torch.float64), dist)[0])
-    var = sq / (n - 1) if n > 1 else sq / n
-    y = (x - mean) / math.sqrt(var + eps)
-    if not shift_mean:
-        y = y + mean
-    return torch.where(m, y, torch.zeros((), dtype=x.dtype))
+    """`alignkit.advantages.whiten` over the masked entries of every process (its moments summed
+    across processes): (x − mean)/sqrt(var + eps), var unbiased; with shift_mean=False the mean is
+    added back (only the scale changes)."""
+    return whiten(x, mask, shift_mean=shift_mean, eps=eps, reduce=lambda t: all_reduce_sum(t, dist))
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, dist: DistInfo) -> float:
@@ -186,16 +178,16 @@ def ppo_policy_loss_fn(cfg: PPOConfig):
     """Clipped surrogate summed over the micro-batch's response tokens (units: tokens)."""
 
     def loss_fn(model, mb: dict):
-        out = ol.seq_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
+        out = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
         lp, ent = out if cfg.compute_entropy else (out, None)
         m = mb["completion_mask"]
-        terms = policy_loss_terms(lp, mb["old_trainer_logps"], mb["advantages"], m, cfg.clip_low, cfg.clip_high,
+        terms = policy_loss_terms(lp, mb["old_logps"], mb["advantages"], m, cfg.clip_low, cfg.clip_high,
                                   "token_mean", dual_clip=cfg.dual_clip)
-        st, n = terms.stats, terms.stats["tokens"]
-        metrics = {"clip_frac": (st["clipped"], n), "ratio_mean": (st["ratio_sum"], n),
-                   "approx_kl": (st["approx_kl_sum"], n)}
-        if "dual_clipped" in st:
-            metrics["dual_clip_frac"] = (st["dual_clipped"], n)
+        stats, n = terms.stats, terms.stats["tokens"]
+        metrics = {"clip_frac": (stats["clipped"], n), "ratio_mean": (stats["ratio_sum"], n),
+                   "approx_kl": (stats["approx_kl_sum"], n)}
+        if "dual_clipped" in stats:
+            metrics["dual_clip_frac"] = (stats["dual_clipped"], n)
         if ent is not None:
             metrics["entropy"] = ((ent.detach() * m).sum(), m.sum())
         return terms.loss_sum, metrics
@@ -203,20 +195,22 @@ def ppo_policy_loss_fn(cfg: PPOConfig):
     return loss_fn
 
 
-def ppo_value_loss_fn(critic, cfg: PPOConfig):
-    """Clipped value loss summed over the micro-batch's response tokens (units: tokens)."""
+def ppo_value_loss_fn(cfg: PPOConfig):
+    """loss_fn(critic, mb): clipped value loss summed over the micro-batch's response tokens
+    (units: tokens); mb holds `old_values` and `returns` (B, T)."""
 
-    def loss_fn(mb: dict):
+    def loss_fn(critic, mb: dict):
         values = critic(mb["input_ids"], mb["attention_mask"], mb["position_ids"])
-        t = value_loss_terms(values, mb["old_values"], mb["returns"], mb["completion_mask"], cfg.value_clip)
-        st = t.stats
-        return t.loss_sum, {"value_clip_frac": st["clipped"], "value_mean": st["value_sum"],
-                            "value_mse": st["sq_error_sum"]}
+        terms = value_loss_terms(values, mb["old_values"], mb["returns"], mb["completion_mask"], cfg.value_clip)
+        stats = terms.stats
+        return terms.loss_sum, {"value_clip_frac": stats["clipped"], "value_mean": stats["value_sum"],
+                                "value_mse": stats["sq_error_sum"]}
 
     return loss_fn
 
 
 def n_tokens(mb: dict) -> float:
+    """Loss units of a micro-batch: its response tokens."""
     return float(mb["completion_mask"].sum())
 
 
@@ -265,8 +259,8 @@ def check_config(cfg: PPOConfig) -> None:
 def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
     """The critic of `cfg.critic` / `cfg.critic_init`, on the trainer's device (see models/value.py)."""
     from alignkit.models.peft import is_peft_model
-    from alignkit.models.value import (CRITIC_ADAPTER, AdapterValueModel, ValueHead, is_reward_model_folder,
-                                       load_value_model)
+    from alignkit.models.value import (CRITIC_ADAPTER, AdapterValueModel, ValueHead, hidden_size_of,
+                                       is_reward_model_folder, load_value_model)
 
     tr = run.trainer
     if cfg.critic == "shared_base":
@@ -288,9 +282,7 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
             return save_all(save_directory, **kwargs)
 
         policy.save_pretrained = save_policy_adapter
-        from alignkit.models.value import _hidden_size
-
-        critic = AdapterValueModel(policy, ValueHead(_hidden_size(policy.get_base_model())))
+        critic = AdapterValueModel(policy, ValueHead(hidden_size_of(policy.get_base_model())))
         critic.head.to(tr.device)
         tr.info("critic: adapter 'critic' + value head on the policy's base (one copy of the base weights)")
         return critic
@@ -310,9 +302,7 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
     else:
         source, path = ("reward" if is_reward_model_folder(init) else "policy"), init
     critic = load_value_model(source, path, run.tok, log=tr.info)
-    if cfg.gradient_checkpointing:
-        critic.gradient_checkpointing_enable()
-    critic.to(tr.device)
+    critic.to(tr.device)  # activation checkpointing, if on, is switched on by the critic's Trainer
     n = sum(p.numel() for p in critic.parameters())
     tr.info(f"critic: separate value model from the {source} at {path} ({n:,} parameters, all trained)")
     return critic
@@ -334,11 +324,41 @@ def _pad_cat(parts: list[torch.Tensor], T: int) -> torch.Tensor:
 
 @torch.no_grad()
 def critic_values(critic, chunks: list[dict], device, autocast) -> list[torch.Tensor]:
+    """V (B, T) float32 on the CPU of each chunk, no grad, under `autocast()`."""
     out = []
     for mb in chunks:
+        mb = to_device(mb, device)
         with critic.active(), autocast():
-            v = critic(mb["input_ids"].to(device), mb["attention_mask"].to(device), mb["position_ids"].to(device))
-        out.append(v.float().cpu())
+            out.append(critic(mb["input_ids"], mb["attention_mask"], mb["position_ids"]).float().cpu())
+    return out
+
+
+def critic_trainer(cfg: PPOConfig, critic, policy_trainer: Trainer) -> Trainer:
+    """The critic's own `Trainer`: AdamW at `critic_lr` with the policy's schedule shape and length,
+    the same accumulation, clipping, precision and divergence stop (which saves the policy
+    trainer's checkpoint, holding the critic's state). Under FSDP the critic is replicated (DDP)."""
+    distributed = "ddp" if policy_trainer.mode == "fsdp" else cfg.distributed
+    ccfg = cfg.model_copy(update={"lr": cfg.critic_lr, "distributed": distributed})
+    explicit = None if isinstance(critic, torch.nn.Module) and critic.trainable_parameters() == [
+        p for p in critic.parameters() if p.requires_grad] else critic.trainable_parameters()
+    return Trainer(ccfg, critic, recipe="ppo-critic", total_steps=policy_trainer.total_steps,
+                   dist_info=policy_trainer.dist, log=policy_trainer.info, params=explicit, log_metrics=False,
+                   on_diverge=policy_trainer.save_checkpoint)
+
+
+def rollout_diagnostics(full: dict, kl, values, returns, dist: DistInfo) -> dict:
+    """Global means of a prepared rollout: returns, values, KL per token and per response, the
+    explained variance and the sampler/trainer log-prob gap."""
+    mask = full["completion_mask"]
+    gap_sum, gap_count = ol.mismatch(full["sampler_logps"], full["old_logps"], mask)
+    n_samples, n_tok, kl_sum, gap_sum, gap_count, returns_sum, values_sum = all_reduce_sum(torch.tensor([
+        float(mask.shape[0]), float(mask.sum()), float(kl.sum()) if kl is not None else 0.0, gap_sum, gap_count,
+        float(returns.sum()), float(values.sum())], dtype=torch.float64), dist).tolist()
+    out = {"returns_mean": returns_sum / n_tok, "values_mean": values_sum / n_tok,
+           "explained_variance": explained_variance(values, returns, mask, dist),
+           "logprob_mismatch": gap_sum / max(gap_count, 1.0)}
+    if kl is not None:
+        out.update(kl=kl_sum / n_tok, kl_seq=kl_sum / n_samples, kl_per_response=kl_sum / n_samples)
     return out
 
 
@@ -346,7 +366,10 @@ def critic_values(critic, chunks: list[dict], device, autocast) -> list[torch.Te
 
 
 def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
-    """Run PPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides cfg.reward."""
+    """Run PPO; `reward_fn(prompts, completions, **columns) -> list[float | None]` overrides
+    cfg.reward. `max_steps` counts rollout steps, each making ppo_epochs x num_minibatches
+    optimizer steps of the policy and of the critic. Returns the last held-out evaluation plus
+    `wall_s`; writes the critic to output_dir/critic with save_critic."""
     check_config(cfg)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_control == "adaptive", cfg.kl_target, cfg.kl_horizon)
     prompts_per_mb = cfg.batch_size * cfg.grad_accum  # one optimizer step's prompts, per process
@@ -354,17 +377,88 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
                        reward_fn=reward_fn, prompts_per_step=prompts_per_mb * cfg.num_minibatches)
     tr, dist = run.trainer, run.dist
     critic = build_critic(cfg, run)
-    from alignkit.models.value import CriticOptimizer
-
-    copt = CriticOptimizer(critic.trainable_parameters(), cfg.critic_lr, cfg.weight_decay, cfg.adam_betas,
-                           cfg.max_grad_norm, tr._lr_lambda, dist, tr.autocast, critic.weights, critic.load_weights)
+    critic_tr = critic_trainer(cfg, critic, tr)
     moments = RunningMoments()
     tr.register_state("kl_controller", kl_ctl.state_dict, kl_ctl.load_state_dict)
-    tr.register_state("critic", copt.state_dict, copt.load_state_dict)
+    tr.register_state("critic", lambda: {"weights": critic.weights(), **critic_tr.optimizer_state()},
+                      lambda s: (critic.load_weights(s["weights"]), critic_tr.load_optimizer_state(s)))
     tr.register_state("reward_moments", moments.state_dict, moments.load_state_dict)
-    policy_loss, value_loss = ppo_policy_loss_fn(cfg), ppo_value_loss_fn(critic, cfg)
-    G = cfg.num_generations
-    micro_rows = cfg.batch_size * G
+    policy_loss, value_loss = ppo_policy_loss_fn(cfg), ppo_value_loss_fn(cfg)
+    micro_rows = cfg.batch_size * cfg.num_generations
+    normalise = score_normaliser(cfg, moments, dist)
+
+    def step(rstep: int, clock: StepClock) -> StepResult:
+        # 1. rollout: sample, score; EOS penalty, normalisation and clipping of the score
+        rollout = run.collect(rstep, *run.prompts_for(rstep), clock)
+        info = ol.rollout_metrics(rollout)
+        rollout = rollout.with_rewards(rollout.rewards - cfg.missing_eos_penalty * rollout.truncated.float())
+        scores = normalise(rollout.rewards)
+        # 2. no-grad passes over the whole rollout in micro-batch chunks: π_old, π_ref, V
+        full = rollout.tensors(run.pad_id)
+        B, T = full["input_ids"].shape
+        chunks = [take_rows(full, range(i, min(i + micro_rows, B))) for i in range(0, B, micro_rows)]
+        full["old_logps"] = _pad_cat(run.old_logps(chunks), T)
+        mask = full["completion_mask"]
+        kl = None
+        if run.ref is not None:
+            run.add_ref_logps(chunks)
+            ref_logps = _pad_cat([c["ref_logps"] for c in chunks], T)
+            kl = torch.where(mask, kl_estimate(full["old_logps"], ref_logps, cfg.kl_estimator), torch.zeros(()))
+        values = _pad_cat(critic_values(critic, chunks, tr.device, tr.autocast), T)
+        values = torch.where(mask, values, torch.zeros(()))
+        # 3. reward with KL: r_t = −β KL_t, plus the score on the response's last token
+        rewards = token_rewards(scores, kl, mask, kl_ctl.value)
+        if cfg.whiten_rewards:
+            rewards = global_whiten(rewards, mask, dist, shift_mean=False)
+        # 4. GAE, then whitening of the advantages over the rollout
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = global_whiten(adv, mask, dist)
+        full.update(advantages=adv, returns=returns, old_values=values)
+        diagnostics = rollout_diagnostics(full, kl, values, returns, dist)
+        kl_per_response = diagnostics.pop("kl_per_response", None)
+        info.update(diagnostics, kl_coef=kl_ctl.value,
+                    score_mean=float(all_reduce_sum(float(scores.sum()), dist)) / float(
+                        all_reduce_sum(float(scores.numel()), dist)))
+        clock.lap("prepare")
+        # 5. ppo_epochs passes over shuffled minibatches: clipped policy loss, clipped value loss
+        per_mb = B // cfg.num_minibatches
+        updates = []
+        for epoch in range(cfg.ppo_epochs):
+            perm = seeded_permutation(B, cfg.seed, rstep, 101, epoch)
+            for k in range(cfg.num_minibatches):
+                rows = perm[k * per_mb:(k + 1) * per_mb]
+                mbs = [take_rows(full, rows[i:i + micro_rows]) for i in range(0, len(rows), micro_rows)]
+                metrics = tr.accumulate(mbs, policy_loss, n_tokens)
+                with critic.active():
+                    value = critic_tr.accumulate(mbs, value_loss, n_tokens)
+                value = critic_tr.optimizer_step(value)
+                metrics = tr.optimizer_step(metrics)
+                metrics.update(info, policy_loss=metrics["loss"], ppo_epoch=epoch, value_loss=value["loss"],
+                               value_grad_norm=value["grad_norm"], critic_lr=value["lr"],
+                               **{k2: value[k2] for k2 in ("value_clip_frac", "value_mean", "value_mse")})
+                updates.append(metrics)
+        # 6. adaptive β from this rollout's KL per response
+        if kl is not None:
+            kl_ctl.update(kl_per_response, int(all_reduce_sum(B, dist)))
+        return StepResult(updates, rollout, rollout.generated_tokens)
+
+    t0 = time.time()
+    try:
+        result = dict(run.loop(step))
+    finally:
+        critic_tr.close()
+    if cfg.save_critic and dist.main:
+        from alignkit.training import checkpoint as ckpt
+
+        ckpt.atomic_dir_write(Path(cfg.output_dir) / "critic", critic.save_pretrained)
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def score_normaliser(cfg: PPOConfig, moments: RunningMoments, dist: DistInfo):
+    """scores (N,) -> scores normalised as `reward_norm` says (none | batch | running: by the mean
+    and std of the global batch, or of every score so far) and clipped to ±reward_clip."""
 
     def normalise(scores: torch.Tensor) -> torch.Tensor:
         if cfg.reward_norm == "none":
@@ -384,77 +478,4 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
             out = out.clamp(-cfg.reward_clip, cfg.reward_clip)
         return out
 
-    def step(rstep: int, clock: ol.StepClock) -> dict:
-        # 1. sample, score; EOS penalty, normalisation, clipping of the score
-        ps, cols, batch, scores, info = run.rollout(rstep)
-        no_eos = torch.tensor([s.finish_reason == "length" for s in batch.samples])
-        scores = scores - cfg.missing_eos_penalty * no_eos.float()
-        scores = normalise(scores)
-        info["score_mean"] = float(all_reduce_sum(float(scores.sum()), dist)) / float(
-            all_reduce_sum(float(scores.numel()), dist))
-        clock.lap("score")
-        # 2. one right-padded batch of the whole rollout; no-grad passes in micro-batch chunks
-        full = RolloutBatch(batch.samples, G).tensors(run.pad_id)
-        B, T = full["input_ids"].shape
-        chunks = [take_rows(full, range(i, min(i + micro_rows, B))) for i in range(0, B, micro_rows)]
-        full["old_trainer_logps"] = _pad_cat(run.policy_logps(chunks), T)
-        mask = full["completion_mask"]
-        kl = None
-        if run.ref is not None:
-            run.add_ref_logps(chunks)
-            ref = _pad_cat([c["ref_logps"] for c in chunks], T)
-            kl = torch.where(mask, kl_estimate(full["old_trainer_logps"], ref, cfg.kl_estimator), torch.zeros(()))
-        values = _pad_cat(critic_values(critic, chunks, tr.device, tr.autocast), T)
-        values = torch.where(mask, values, torch.zeros(()))
-        # 3. per-token rewards, 4. GAE, whitening
-        beta = kl_ctl.value
-        rewards = token_rewards(scores, kl, mask, beta)
-        if cfg.whiten_rewards:
-            rewards = global_whiten(rewards, mask, dist, shift_mean=False)
-        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = global_whiten(adv, mask, dist)
-        full.update(advantages=adv, returns=returns, old_values=values)
-        red = all_reduce_sum(torch.tensor([
-            float(B), float(mask.sum()),
-            float(kl.sum()) if kl is not None else 0.0,
-            *ol.mismatch(full["old_logps"], full["old_trainer_logps"], mask),
-            float(returns.sum()), float(values.sum()),
-        ], dtype=torch.float64), dist).tolist()
-        n_samples, n_tok = red[0], red[1]
-        info.update(kl_coef=beta, returns_mean=red[5] / n_tok, values_mean=red[6] / n_tok,
-                    explained_variance=explained_variance(values, returns, mask, dist),
-                    logprob_mismatch=red[3] / max(red[4], 1.0))
-        if kl is not None:
-            info.update(kl=red[2] / n_tok, kl_seq=red[2] / n_samples)
-        clock.lap("prepare")
-        # 5. ppo_epochs x num_minibatches optimizer steps, minibatches shuffled (seeded)
-        n_mb = cfg.num_minibatches
-        per_mb = B // n_mb
-        for epoch in range(cfg.ppo_epochs):
-            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + rstep) * 101 + epoch)
-            perm = torch.randperm(B, generator=g).tolist()
-            for k in range(n_mb):
-                rows = perm[k * per_mb:(k + 1) * per_mb]
-                mbs = [take_rows(full, rows[i:i + micro_rows]) for i in range(0, len(rows), micro_rows)]
-                metrics = tr.accumulate(mbs, policy_loss, n_tokens)
-                metrics["policy_loss"] = metrics["loss"]
-                metrics.update(copt.accumulate(mbs, value_loss, n_tokens, tr.device, critic.active))
-                metrics.update(copt.step())
-                metrics.update(info, ppo_epoch=epoch)
-                run.update(metrics, clock, last=epoch == cfg.ppo_epochs - 1 and k == n_mb - 1)
-        # 6. adaptive β from this rollout's KL
-        if kl is not None:
-            kl_ctl.update(red[2] / n_samples, int(n_samples))
-        return info
-
-    t0 = time.time()
-    result = run.loop(step)
-    if cfg.save_critic and dist.main:
-        from alignkit.training import checkpoint as ckpt
-
-        ckpt.atomic_dir_write(Path(cfg.output_dir) / "critic", critic.save_pretrained)
-    result = dict(result)
-    result["wall_s"] = time.time() - t0
-    return result
-
+    return normalise

@@ -21,57 +21,65 @@ from alignkit.config import ReinforceConfig
 from alignkit.losses import kl_estimate
 from alignkit.recipes import online as ol
 from alignkit.training.dist import all_reduce_sum
+from alignkit.training.loop import StepClock, StepResult
 
-__all__ = ["ReinforceConfig", "train_reinforce", "sequence_pg_loss_fn"]
+__all__ = ["ReinforceConfig", "train_reinforce", "sequence_pg_loss_fn", "n_sequences"]
 
 
 def sequence_pg_loss_fn(cfg, kl_in_loss: bool):
-    """L_i = −A_i · Σ_t log π(y_t) [+ β Σ_t KL_t]; summed over the micro-batch (units: sequences)."""
+    """loss_fn(model, mb) -> (Σ_i −A_i · Σ_t log π(y_t) [+ β Σ_t KL_t], metrics), summed over the
+    micro-batch's sequences (loss units: sequences). mb: rollout rows with `advantages` (B,),
+    `sampler_logps` and, with a reference, `ref_logps` (B, T)."""
 
     def loss_fn(model, mb: dict):
-        out = ol.seq_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
-        lp, ent = out if cfg.compute_entropy else (out, None)
+        out = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
+        logps, entropy = out if cfg.compute_entropy else (out, None)
         m = mb["completion_mask"]
-        seq_lp = (lp * m).sum(-1)
-        loss = -(mb["advantages"] * seq_lp).sum()
-        metrics = {"logprob_mismatch": ((mb["old_logps"] - lp.detach()).abs()[m].sum(), m.sum()),
-                   "seq_logp": seq_lp.detach().sum()}
+        sequence_logps = (logps * m).sum(-1)
+        loss = -(mb["advantages"] * sequence_logps).sum()
+        metrics = {"logprob_mismatch": ((mb["sampler_logps"] - logps.detach()).abs()[m].sum(), m.sum()),
+                   "seq_logp": sequence_logps.detach().sum()}
         if "ref_logps" in mb:
-            kl = kl_estimate(lp, mb["ref_logps"], cfg.kl_estimator) * m
+            kl = kl_estimate(logps, mb["ref_logps"], cfg.kl_estimator) * m
             if kl_in_loss and cfg.kl_coef:
                 loss = loss + cfg.kl_coef * kl.sum()
             metrics["kl"] = (kl.detach().sum(), m.sum())
             metrics["kl_seq"] = kl.detach().sum()
-        if ent is not None:
-            metrics["entropy"] = ((ent.detach() * m).sum(), m.sum())
+        if entropy is not None:
+            metrics["entropy"] = ((entropy.detach() * m).sum(), m.sum())
         return loss, metrics
 
     return loss_fn
 
 
 def n_sequences(mb: dict) -> float:
+    """Loss units of a micro-batch: its sequences."""
     return float(mb["input_ids"].shape[0])
 
 
 def train_reinforce(cfg: ReinforceConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
+    """Run REINFORCE with a moving-average baseline (Algorithm 1 above); `reward_fn(prompts,
+    completions, **columns)` overrides cfg.reward. One optimizer step per rollout step
+    (`max_steps` of them). Returns the last held-out evaluation (empty without eval_data)."""
     run = ol.OnlineRun(cfg, "reinforce", model, tokenizer, reward_fn=reward_fn)
     baseline = MovingAverageBaseline(cfg.baseline_alpha)
     run.trainer.register_state("baseline", baseline.state_dict, baseline.load_state_dict)
     loss_fn = sequence_pg_loss_fn(cfg, kl_in_loss=True)
+    rows_per_mb = cfg.batch_size * cfg.num_generations
 
-    def step(rstep: int, clock: ol.StepClock) -> dict:
-        ps, cols, batch, rewards, info = run.rollout(rstep)
-        # the baseline sees the mean reward of the whole global batch, on every rank alike
-        tot = all_reduce_sum(torch.tensor([float(rewards.sum()), float(rewards.numel())], dtype=torch.float64),
-                             run.dist)
-        adv = baseline.update(rewards, mean=float(tot[0] / tot[1]))  # b is updated first, then A = r - b
-        info["baseline"] = baseline.value
-        clock.lap("score")
-        mbs = ol.split_groups(batch, cfg.batch_size, cfg.grad_accum, run.pad_id, {"advantages": adv})
+    def step(rstep: int, clock: StepClock) -> StepResult:
+        # sample a batch of prompts, generate y_i ~ π(·|x_i), score r_i
+        rollout = run.collect(rstep, *run.prompts_for(rstep), clock)
+        r = rollout.rewards
+        # b ← α·b + (1 − α)·mean(r) over the whole global batch, then A_i = r_i − b
+        total = all_reduce_sum(torch.tensor([float(r.sum()), float(r.numel())], dtype=torch.float64), run.dist)
+        adv = baseline.update(r, mean=float(total[0] / total[1]))
+        info = {**ol.rollout_metrics(rollout), "baseline": baseline.value}
+        # L = −(1/N) Σ_i A_i · log π(y_i|x_i) [+ β KL], N over the global batch
+        mbs = ol.row_batches(rollout, rows_per_mb, cfg.grad_accum, run.pad_id, {"advantages": adv})
         run.add_ref_logps(mbs)
         metrics = run.trainer.accumulate(mbs, loss_fn, n_sequences)
         metrics.update(info)
-        run.update(metrics, clock)
-        return info
+        return StepResult([run.trainer.optimizer_step(metrics)], rollout, rollout.generated_tokens)
 
     return run.loop(step)

@@ -20,34 +20,40 @@ from alignkit.advantages import leave_one_out
 from alignkit.config import RLOOConfig
 from alignkit.recipes import online as ol
 from alignkit.recipes.reinforce import n_sequences, sequence_pg_loss_fn
+from alignkit.training.loop import StepClock, StepResult
 
 __all__ = ["RLOOConfig", "train_rloo"]
 
 
 def train_rloo(cfg: RLOOConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
+    """Run RLOO; `reward_fn(prompts, completions, **columns)` overrides cfg.reward. One optimizer
+    step per rollout step (`max_steps` of them). Returns the last held-out evaluation."""
     run = ol.OnlineRun(cfg, "rloo", model, tokenizer, reward_fn=reward_fn)
     k = cfg.num_generations
     loss_fn = sequence_pg_loss_fn(cfg, kl_in_loss=not cfg.kl_in_reward)
 
-    def step(rstep: int, clock: ol.StepClock) -> dict:
-        ps, cols, batch, rewards, info = run.rollout(rstep)
-        mbs = ol.split_groups(batch, cfg.batch_size, cfg.grad_accum, run.pad_id, {})
+    def step(rstep: int, clock: StepClock) -> StepResult:
+        # k answers per prompt, scored
+        rollout = run.collect(rstep, *run.prompts_for(rstep), clock)
+        info = ol.rollout_metrics(rollout)
+        mbs = ol.split_groups(rollout, cfg.batch_size, cfg.grad_accum, run.pad_id, {})
         run.add_ref_logps(mbs)
+        rewards = rollout.rewards
         if cfg.kl_in_reward and run.ref is not None:
-            # sequence k1 KL under the sampling policy (the engine's log-probs) minus the reference
-            seq_kl = [((mb["old_logps"] - mb["ref_logps"]) * mb["completion_mask"]).sum(-1) for mb in mbs]
+            # r_i ← r_i − β · Σ_t (log π_sampler(y_t) − log π_ref(y_t))   (sequence k1 KL)
+            seq_kl = [((mb["sampler_logps"] - mb["ref_logps"]) * mb["completion_mask"]).sum(-1) for mb in mbs]
             rewards = rewards - cfg.kl_coef * torch.cat(seq_kl)
             info["reward_with_kl"] = float(rewards.mean())
+        # A_i = r_i − mean of the other k − 1 rewards of its prompt
         adv = leave_one_out(rewards, k)
         lo = 0
         for mb in mbs:
             n = mb["input_ids"].shape[0]
             mb["advantages"] = adv[lo:lo + n]
             lo += n
-        clock.lap("score")
+        clock.lap("prepare")
         metrics = run.trainer.accumulate(mbs, loss_fn, n_sequences)
         metrics.update(info)
-        run.update(metrics, clock)
-        return info
+        return StepResult([run.trainer.optimizer_step(metrics)], rollout, rollout.generated_tokens)
 
     return run.loop(step)

@@ -63,7 +63,9 @@ from alignkit.models.reward import (
     score_entropy,
 )
 from alignkit.training.dist import init_distributed
-from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
+from alignkit.data.order import seeded_permutation
+from alignkit.training.loop import run_offline, steps_for, to_device
+from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = ["RMConfig", "train_rm", "rm_loss_fn", "evaluate_pairs"]
 
@@ -111,7 +113,7 @@ def pair_logits(model, pairs, batch_size: int, collate, dist, autocast, k: int) 
     for s in range(0, len(mine), batch_size):
         chunk = mine[s:s + batch_size]
         mb = collate([pairs[i] for i in chunk])
-        mb = {k: (v.to(dist.device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        mb = to_device(mb, dist.device)
         with autocast():
             logits = pair_batch_logits(model, mb).float().cpu()
         idx += chunk
@@ -240,10 +242,8 @@ def shared_prompt_agrees(model, pairs: list, pad_id: int, tol: float = 1e-3) -> 
     model.eval()
     device = next(model.parameters()).device
     try:
-        a = pair_batch_logits(model, {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                      for k, v in pair_collate(sample, pad_id).items()})
-        b = pair_batch_logits(model, {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                      for k, v in shared.items()})
+        a = pair_batch_logits(model, to_device(pair_collate(sample, pad_id), device))
+        b = pair_batch_logits(model, to_device(shared, device))
     except Exception:  # a model whose forward refuses the cache arguments
         return False, float("inf")
     finally:
@@ -257,8 +257,7 @@ def split_holdout(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
     n_eval = int(round(len(pairs) * fraction))
     if n_eval == 0:
         return pairs, []
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
-    perm = torch.randperm(len(pairs), generator=g).tolist()
+    perm = seeded_permutation(len(pairs), seed, 17)
     held = set(perm[:n_eval])
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
@@ -339,10 +338,6 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
                  f"(no LM head); held-out: {held_from if held else 'none'}")
     if cfg.kind == "distributional" and any(p.margin is not None for p in pairs):
         trainer.info("note: the 'margin' column only applies to kind=scalar; ignored")
-    resume = trainer.prepare_run_dir()
-    if resume is not None:
-        trainer.load_checkpoint(resume)
-
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     share = cfg.share_prompt
     if share:
@@ -375,8 +370,7 @@ def train_rm(cfg: RMConfig, model=None, tokenizer=None) -> dict:
             return metrics
 
     result = run_offline(trainer, len(pairs), make_batch, rm_loss_fn(spec, cfg.center_coef),
-                         units=lambda mb: mb["n_pairs"], eval_fn=eval_fn,
-                         tokens=batch_tokens)
+                         units=lambda mb: mb["n_pairs"], eval_fn=eval_fn)
     if dist.main and is_adapter_model(trainer.model):
         _write_reward_config(Path(cfg.output_dir), spec)
     return result

@@ -8,7 +8,12 @@
 
 The kept answers are trained as the exact tokens that were sampled (no re-tokenisation), up to
 and including their end-of-turn token. Each round's kept set is written to
-`round-K/best.jsonl` (reused on resume). `alignkit rs generate` writes the best-of-N set only,
+`round-K/best-rank<r>.jsonl`, its rollout metrics to `round-K/stats-rank<r>.json` (both reused
+on resume inside the round; that round's samples are not written again to samples.jsonl). The policy's log-probs in the
+SFT loss and the reference's in the KL term are both taken at temperature 1 (plain SFT), whatever
+the sampling temperature. A round whose samples all miss the threshold makes `sft_steps` skipped
+steps (logged, no update). `max_steps` is unused: a run is `rounds` rollout steps of `sft_steps`
+optimizer steps. `alignkit rs generate` writes the best-of-N set only,
 as SFT-ready `messages` rows: data curation without training.
 """
 
@@ -23,15 +28,19 @@ import torch
 from alignkit.config import RSConfig
 from alignkit.data.chat import Encoded
 from alignkit.data.collate import IGNORE, n_trained, pad_collate
+from alignkit.data.order import seeded_generator
+from alignkit.data.prompts import load_prompts
 from alignkit.losses import kl_estimate
 from alignkit.recipes import online as ol
-from alignkit.rollout.engine import RolloutBatch
+from alignkit.rollout.rollout import Rollout, collect
+from alignkit.training.loop import StepClock, StepResult
 
 __all__ = ["RSConfig", "train_rs", "best_of_n", "generate_best_of_n"]
 
 
-def best_of_n(batch: RolloutBatch, rewards: torch.Tensor, threshold: float | None) -> list[tuple[int, float]]:
-    """(sample index, reward) of each group's best sample (first on ties), if it passes the threshold."""
+def best_of_n(batch, rewards: torch.Tensor, threshold: float | None) -> list[tuple[int, float]]:
+    """(sample index, reward) of each group's best sample (first on ties), if it passes the
+    threshold. `batch`: a `Rollout` or the engine's `RolloutBatch`; rewards (N,)."""
     G = batch.group_size
     out = []
     for g in range(len(batch.samples) // G):
@@ -42,7 +51,7 @@ def best_of_n(batch: RolloutBatch, rewards: torch.Tensor, threshold: float | Non
     return out
 
 
-def _kept_rows(batch: RolloutBatch, kept: list[tuple[int, float]]) -> list[dict]:
+def _kept_rows(batch, kept: list[tuple[int, float]]) -> list[dict]:
     rows = []
     for i, r in kept:
         s = batch.samples[i]
@@ -52,13 +61,16 @@ def _kept_rows(batch: RolloutBatch, kept: list[tuple[int, float]]) -> list[dict]
 
 
 def rs_loss_fn(cfg: RSConfig):
+    """loss_fn(model, mb) -> (summed NLL of the kept answers' tokens [+ β Σ KL_t], metrics), at
+    temperature 1 (loss units: trained tokens). mb: padded SFT rows, optional `ref_logps` (B, T)."""
+
     def loss_fn(model, mb: dict):
-        lp = ol.seq_logps(model, mb, 1.0, cfg.logits_chunk_size)
+        logps = ol.token_logps(model, mb, 1.0, cfg.logits_chunk_size)
         m = mb["targets"] != IGNORE
-        loss = -(lp * m).sum()
+        loss = -(logps * m).sum()
         metrics = {}
         if "ref_logps" in mb:
-            kl = kl_estimate(lp, mb["ref_logps"], cfg.kl_estimator) * m
+            kl = kl_estimate(logps, mb["ref_logps"], cfg.kl_estimator) * m
             loss = loss + cfg.kl_coef * kl.sum()
             metrics["kl"] = kl.detach().sum()
         return loss, metrics
@@ -67,49 +79,62 @@ def rs_loss_fn(cfg: RSConfig):
 
 
 def train_rs(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
+    """Run rejection sampling (best-of-N, then SFT on the winners) for `rounds` rounds;
+    `reward_fn(prompts, completions, **columns)` overrides cfg.reward. Returns the last held-out
+    evaluation (empty without eval_data)."""
     run = ol.OnlineRun(cfg, "rs", model, tokenizer, updates_per_step=cfg.sft_steps, reward_fn=reward_fn,
                        rollout_steps=cfg.rounds, prompts_per_step=_per_rank(cfg))
+    tr = run.trainer
     loss_fn = rs_loss_fn(cfg)
 
-    def step(rnd: int, clock: ol.StepClock) -> dict:
+    def step(rnd: int, clock: StepClock) -> StepResult:
         path = run.run_dir / f"round-{rnd + 1}" / f"best-rank{run.dist.rank}.jsonl"
-        info: dict = {}
-        if path.exists():  # resumed mid-round: the round's data was already drawn
+        stats_path = path.with_name(f"stats-rank{run.dist.rank}.json")
+        rollout = None
+        if path.exists() and stats_path.exists():  # resumed inside the round: its best-of-N set was drawn
             rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()]
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+            info, generated = stats["info"], stats["generated_tokens"]
         else:
-            ps, cols, batch, rewards, info = run.rollout(rnd)
-            kept = best_of_n(batch, rewards, cfg.threshold)
-            rows = _kept_rows(batch, kept)
-            info["kept_frac"] = len(kept) / max(len(ps), 1)
-            info["best_reward"] = sum(r for _, r in kept) / max(len(kept), 1)
+            # best of N per prompt
+            rollout = run.collect(rnd, *run.prompts_for(rnd), clock)
+            kept = best_of_n(rollout, rollout.rewards, cfg.threshold)
+            rows = _kept_rows(rollout, kept)
+            info = {**ol.rollout_metrics(rollout), "kept_frac": len(kept) / max(rollout.n_groups, 1),
+                    "best_reward": sum(r for _, r in kept) / max(len(kept), 1)}
+            generated = rollout.generated_tokens
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-            tmp.replace(path)
-        clock.lap("score")
+            _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            _write_atomic(stats_path, json.dumps({"info": info, "generated_tokens": generated}))
         encs = [Encoded(r["prompt_ids"] + r["completion_ids"],
                         [IGNORE] * len(r["prompt_ids"]) + r["completion_ids"]) for r in rows]
         if not encs:
-            run.trainer.info(f"round {rnd + 1}: no sample passed the threshold; skipping its SFT")
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + rnd)
+            tr.info(f"round {rnd + 1}: no sample passed the threshold; skipping its SFT")
+        # SFT on the kept answers: sft_steps steps of rows drawn with replacement (seeded per round)
         per_step = cfg.batch_size * cfg.grad_accum
-        start = run.trainer.step - rnd * cfg.sft_steps  # resume inside a round
-        order = torch.randint(0, max(len(encs), 1), (cfg.sft_steps, per_step), generator=g)
-        for k in range(start, cfg.sft_steps):
+        draws = torch.randint(0, max(len(encs), 1), (cfg.sft_steps, per_step), generator=seeded_generator(
+            cfg.seed, rnd, 7919))
+        updates = []
+        for k in range(tr.step - rnd * cfg.sft_steps, cfg.sft_steps):  # from inside the round on resume
             if not encs:
-                run.trainer.step += 1
+                updates.append(tr.skip_update(dict(info)))
                 continue
-            idx = order[k].tolist()
+            idx = draws[k].tolist()
             mbs = [pad_collate([encs[i] for i in idx[j * cfg.batch_size:(j + 1) * cfg.batch_size]], run.pad_id)
                    for j in range(cfg.grad_accum)]
-            run.add_ref_logps(mbs)
-            run.trainer.count_tokens(sum(int(mb["attention_mask"].sum()) for mb in mbs))
-            metrics = run.trainer.accumulate(mbs, loss_fn, n_trained)
+            run.add_ref_logps(mbs, temperature=1.0)  # the policy's numerics in the loss
+            metrics = tr.accumulate(mbs, loss_fn, n_trained)
             metrics.update(info)
-            run.update(metrics, clock, last=k == cfg.sft_steps - 1)
-        return info
+            updates.append(tr.optimizer_step(metrics))
+        return StepResult(updates, rollout, generated)
 
     return run.loop(step)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _per_rank(cfg: RSConfig) -> int:
@@ -129,7 +154,7 @@ def generate_best_of_n(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None
         raise UserError("rs generate: pass output=FILE.jsonl for the best-of-N rows")
     tok = tokenizer or load_tokenizer(cfg.model)
     setup_chat_template(tok, cfg.chat_template)
-    prompts = ol.load_prompts(cfg.data, cfg.data_split, cfg.prompt_column, cfg.chat_prompts)
+    prompts = load_prompts(cfg.data, cfg.data_split, cfg.prompt_column, cfg.chat_prompts)
     reward_fn = reward_fn or build_reward(cfg.reward, tokenizer=tok)
     model = model or load_model(cfg.model)
     engine = RolloutEngine(tok)
@@ -141,9 +166,8 @@ def generate_best_of_n(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None
         for lo in range(0, len(prompts), cfg.generation_batch_size):
             idx = list(range(lo, min(lo + cfg.generation_batch_size, len(prompts))))
             ps, cols = prompts.take(idx)
-            batch = engine.generate(model, ps, ol.sampling_params(cfg, lo, 0))
-            rewards, _ = ol.score(reward_fn, ps, cols, batch)
-            for i, r in best_of_n(batch, rewards, cfg.threshold):
+            batch: Rollout = collect(engine, model, ps, cols, ol.sampling_params(cfg, lo, 0), reward_fn)
+            for i, r in best_of_n(batch, batch.rewards, cfg.threshold):
                 s = batch.samples[i]
                 p = ps[s.prompt_index]
                 msgs = (p if isinstance(p, list) else [{"role": "user", "content": p}])

@@ -19,12 +19,15 @@ from alignkit.models import load_tokenizer
 from alignkit.models.peft import load_base_model, prepare_trainable
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.training.dist import init_distributed
-from alignkit.training.trainer import Trainer, run_offline, seed_everything, steps_for
+from alignkit.training.loop import run_offline, steps_for
+from alignkit.training.trainer import Trainer, seed_everything
 
 __all__ = ["SFTConfig", "train_sft", "sft_loss_fn"]
 
 
 def sft_loss_fn(chunk_size: int):
+    """loss_fn(model, mb) -> (summed NLL of the trained tokens (targets != -100), {}); loss units:
+    trained tokens. Log-probs in chunks of `chunk_size` positions."""
     def loss_fn(model, mb: dict):
         logps = causal_lm_token_logps(
             model, mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],
@@ -36,10 +39,6 @@ def sft_loss_fn(chunk_size: int):
     return loss_fn
 
 
-def batch_tokens(mb: dict) -> int:
-    if mb["attention_mask"] is None:
-        return int(mb["input_ids"].numel())
-    return int(mb["attention_mask"].sum())
 
 
 def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
@@ -65,10 +64,6 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
     if template_note:
         trainer.info(template_note)
     trainer.info(f"data: {cfg.data}: {stats.summary()}")
-    resume = trainer.prepare_run_dir()
-    if resume is not None:
-        trainer.load_checkpoint(resume)
-
     def make_batch(idx, source=rows):
         picked = [source[i] for i in idx]
         return pack_collate(picked) if cfg.packing else pad_collate(picked, tok.pad_token_id)
@@ -80,4 +75,4 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
                             cfg.logits_chunk_size, dist, trainer.autocast)
 
     return run_offline(trainer, len(rows), make_batch, sft_loss_fn(cfg.logits_chunk_size), n_trained,
-                       eval_fn=eval_fn, tokens=batch_tokens)
+                       eval_fn=eval_fn)

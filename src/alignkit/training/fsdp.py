@@ -214,8 +214,9 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path:
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Load a sharded checkpoint into `model` / `optimizer`, sharded or not, on any number of
     processes (torch.distributed.checkpoint reshards as it reads)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from alignkit.training.checkpoint import safe_dcp_load
 
     msd, osd = get_state_dict(model, optimizer, options=_options())
     state = {"model": msd, "optim": osd}
@@ -224,7 +225,10 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path:
             # One process without a process group (a multi-GPU run resumed on one) reads every shard:
             # intended, so torch's notice about it is noise.
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+            # Never unpickles: the folder may come from someone else (see checkpoint.safe_dcp_load).
+            safe_dcp_load(state, path, no_dist=not torch.distributed.is_initialized())
+    except UserError:
+        raise
     except Exception as e:  # a different model / trainable set / adapter than the run that wrote it
         msg = str(e).strip().splitlines()
         raise UserError(f"{path.parent}: sharded checkpoint does not match this run ({(msg[0] if msg else '')[:200]}); "

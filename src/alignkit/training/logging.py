@@ -200,6 +200,9 @@ class _Tracker:
 
     def close(self) -> None: ...
 
+    def resume_at(self, step: int) -> None:
+        """A resumed run logs again from step + 1 (only TensorBoard can hide later records)."""
+
 
 class _TensorBoard(_Tracker):
     def __init__(self, run_dir: Path, config: dict):
@@ -220,6 +223,12 @@ class _TensorBoard(_Tracker):
 
     def close(self):
         self.w.close()
+
+    def resume_at(self, step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w.close()
+        self.w = SummaryWriter(self.w.log_dir, purge_step=step + 1)
 
 
 class _WandB(_Tracker):
@@ -332,14 +341,27 @@ class MetricsLog:
         t = self.trackers.get("tensorboard")
         return t.w if t is not None else None
 
+    def resume_at(self, step: int) -> None:
+        """A resumed run continues after `step`: trackers that can (TensorBoard) hide what a killed
+        run logged after it."""
+        for t in self.trackers.values():
+            t.resume_at(step)
+
     def truncate_after(self, step: int) -> None:
-        """On resume, forget records written after the checkpoint so the log has no duplicates."""
+        """On resume, forget records written after optimizer step `step` (the checkpoint's) so the log
+        has no duplicates. Online records are filed under the rollout step and carry `optimizer_step`."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+
+        def optimizer_step(rec: dict) -> int:
+            return rec.get("optimizer_step", rec.get("step", 0))
+
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and optimizer_step(json.loads(ln)) <= step]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, step: int, metrics: dict, kind: str = "train") -> None:
+        """Append one record {step, kind, time, **metrics} to metrics.jsonl and send its numbers to
+        every tracker as `<kind>/<key>` (non-finite floats are written as strings)."""
         if not self.enabled:
             return
         rec = {"step": step, "kind": kind, "time": round(time.time(), 3)}
@@ -353,6 +375,7 @@ class MetricsLog:
             t.log(step, scalars)
 
     def close(self) -> None:
+        """Send the last step's samples to the trackers and close them (idempotent)."""
         if not self.trackers:
             return
         rows = read_metrics(self.run_dir / "samples.jsonl")
@@ -377,6 +400,7 @@ def _clean(v):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a JSONL metrics / samples file ([] when missing; a line being written is skipped)."""
     if not path.exists():
         return []
     out = []

@@ -81,3 +81,25 @@ def test_bad_arguments():
         rollout_correction(TRAINER, SAMPLER, MASK, "tis", cap=1.0)
     with pytest.raises(ValueError, match="shape"):
         rollout_correction(TRAINER, SAMPLER[:, :2], MASK, "tis")
+
+
+def test_grpo_with_correction_runs_and_logs(tiny_model_dir, prompt_file, tmp_path):
+    """GRPO on alignkit's engine with TIS and MIS: the trainer's log-probs are taken up front, the
+    correction applied before the loss units are counted, and the fractions logged."""
+    from alignkit.config import GRPOConfig, RLOOConfig, load_config
+    from alignkit.errors import UserError
+    from alignkit.recipes.grpo import train_grpo
+    from conftest import digits, metrics
+
+    for mode, key in (("tis", "rollout_capped_frac"), ("mis", "rollout_dropped_frac")):
+        out = tmp_path / mode
+        train_grpo(GRPOConfig(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), max_steps=2,
+                              batch_size=2, num_generations=2, max_new_tokens=4, progress=False, log_every=1,
+                              rollout_correction=mode, rollout_correction_cap=1.5, tensorboard=False, plot=False),
+                   reward_fn=digits)
+        tr = metrics(out)
+        assert len(tr) == 2
+        for r in tr:  # same weights, fp32: nothing to correct, and the gap is float noise
+            assert r[key] == 0.0 and r["logprob_mismatch"] < 1e-4 and 1.0 <= r["mismatch_ratio_max"] < 1.001
+    with pytest.raises(UserError, match="unknown config key 'rollout_correction'"):
+        load_config(RLOOConfig, None, ["rollout_correction=tis"])  # GRPO only

@@ -694,10 +694,6 @@ class OnlineConfig(TrainConfig):
         "alignkit", description="Who samples: alignkit's engine, vLLM, or auto (vLLM when installed and a GPU is "
         "present)")
     vllm: VLLMSection = Field(default_factory=VLLMSection, description="vLLM engine settings (rollout_engine=vllm)")
-    rollout_correction: Literal["none", "tis", "mis"] = Field(
-        "none", description="Sampler-vs-trainer correction: tis = loss x min(ratio, cap); mis = drop tokens whose "
-        "ratio leaves [1/cap, cap]")
-    rollout_correction_cap: float = Field(2.0, gt=1, description="C of rollout_correction")
 
     @model_validator(mode="after")
     def _engine_keys(self):
@@ -764,6 +760,10 @@ class GRPOConfig(OnlineConfig):
         False, description="Drop groups whose rewards are all equal (no signal) and refill with new prompts"
     )
     max_refill_rounds: int = Field(3, ge=0, description="Dynamic sampling: extra generation rounds per step at most")
+    rollout_correction: Literal["none", "tis", "mis"] = Field(
+        "none", description="Sampler-vs-trainer correction (docs/vllm.md): tis = loss x min(ratio, cap); "
+        "mis = drop tokens whose ratio leaves [1/cap, cap]")
+    rollout_correction_cap: float = Field(2.0, gt=1, description="C of rollout_correction")
 
 
 class RLOOConfig(OnlineConfig):

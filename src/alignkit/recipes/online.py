@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
+
 import torch
 
 from alignkit.config import OnlineConfig
@@ -28,7 +30,7 @@ from alignkit.training.dist import DistInfo, all_reduce_sum
 from alignkit.training.loop import StepClock, StepResult, run_loop, to_device
 
 __all__ = ["OnlineRun", "PromptSet", "load_prompts", "prompt_order", "token_logps", "sampling_params",
-           "split_groups", "row_batches", "rollout_metrics", "mismatch", "evaluate_greedy", "StepClock", "StepResult"]
+           "split_groups", "row_batches", "rollout_metrics", "mismatch", "correct_rollout", "max_over_ranks", "evaluate_greedy", "StepClock", "StepResult"]
 
 
 # --------------------------------------------------------------------------- models
@@ -139,6 +141,39 @@ def rollout_metrics(rollout: Rollout) -> dict:
     }
 
 
+def correct_rollout(mbs: list[dict], cfg: OnlineConfig, dist: DistInfo) -> dict:
+    """Apply `rollout_correction` to micro-batches that hold `old_logps` (the trainer's log-probs
+    under the rollout's weights), `sampler_logps` and `loss_mask` (see
+    `alignkit.losses.rollout_correction`): MIS narrows each `loss_mask` (before the loss units
+    are counted, so the aggregation stays exact over the kept tokens), TIS sets `is_weights`.
+    Returns the fraction of completion tokens capped / dropped over every process."""
+    from alignkit.losses import rollout_correction
+
+    touched, tokens = 0.0, 0.0
+    for mb in mbs:
+        c = rollout_correction(mb["old_logps"], mb["sampler_logps"], mb["loss_mask"], cfg.rollout_correction,
+                               cfg.rollout_correction_cap)
+        mb["loss_mask"] = c.mask
+        if c.weights is not None:
+            mb["is_weights"] = c.weights
+        touched += float(c.stats.get("capped", 0.0) + c.stats.get("dropped", 0.0))
+        tokens += float(c.stats["tokens"])
+    if cfg.rollout_correction == "none":
+        return {}
+    touched, tokens = all_reduce_sum(torch.tensor([touched, tokens], dtype=torch.float64), dist).tolist()
+    key = "rollout_capped_frac" if cfg.rollout_correction == "tis" else "rollout_dropped_frac"
+    return {key: touched / max(tokens, 1.0)}
+
+
+def max_over_ranks(x: float, dist: DistInfo) -> float:
+    """The largest `x` over every process (x itself in one process)."""
+    if not dist.enabled:
+        return x
+    from alignkit.training.fsdp import all_reduce_max
+
+    return all_reduce_max(x, dist.device)
+
+
 def mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """(sum |Δ log p|, token count) between the engine's sampling log-probs and the trainer's."""
     m = mask.bool()
@@ -162,6 +197,26 @@ def evaluate_greedy(model, engine: RolloutEngine, reward_fn, prompts: PromptSet,
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def rollout_engine(cfg: OnlineConfig, tok, policy, run_dir) -> RolloutEngine:
+    """The engine `cfg.rollout_engine` asks for (see `alignkit.rollout.engines.build_engine`).
+    vLLM starts from `cfg.model`; a policy handed in without a model folder is saved to
+    <run_dir>/vllm_start first (the engine reads a folder, then takes the trainer's weights)."""
+    from alignkit.rollout.engines import build_engine
+    from alignkit.rollout.vllm_engine import check_engine_config
+
+    path = cfg.model
+    if check_engine_config(cfg) == "vllm" and cfg.vllm.mode == "colocate" and not path:
+        from alignkit.rollout.weight_sync import unwrap
+
+        base = unwrap(policy)
+        base = base.get_base_model() if hasattr(base, "peft_config") else base
+        path = str(Path(run_dir) / "vllm_start")
+        base.save_pretrained(path)
+        tok.save_pretrained(path)
+    return build_engine(cfg, tok, path, sampling=sampling_params(cfg, 0, 0))
+
 
 
 class OnlineRun:
@@ -221,7 +276,7 @@ class OnlineRun:
         self.ref_fsdp = None
         if self.ref is not None and self.ref is not self.trainer.model:
             self.ref_fsdp = self.trainer.shard_frozen(self.ref)
-        self.engine = RolloutEngine(self.tok)
+        self.engine = rollout_engine(cfg, self.tok, self.trainer.model, self.trainer.run_dir)
         self.pad_id = self.engine.pad_id
         self.run_dir = self.trainer.run_dir
 

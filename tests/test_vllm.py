@@ -309,3 +309,18 @@ def test_other_online_recipes_run_two_steps_on_vllm(recipe, folder, prompts, tmp
     assert tr and all(r["loss"] == r["loss"] for r in tr)  # logged, finite
     gaps = [r["logprob_mismatch"] for r in tr if "logprob_mismatch" in r]
     assert all(g < 1e-3 for g in gaps), gaps
+
+
+def test_rs_generate_on_vllm(folder, prompts, tmp_path, vllm_calls):
+    import json
+
+    from alignkit.config import RSConfig
+    from alignkit.recipes.rs import generate_best_of_n
+
+    out = tmp_path / "best.jsonl"
+    generate_best_of_n(RSConfig(model=str(folder[0]), data=str(prompts), output=str(out), num_generations=3,
+                                max_new_tokens=5, generation_batch_size=16, rollout_engine="vllm", max_length=128,
+                                dtype="float32"), reward_fn=digits)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 32 and len(vllm_calls) == 2  # 32 prompts in 2 calls of 16
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)

@@ -174,6 +174,13 @@ class VLLMEngine(RolloutEngine):
                   enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
         if on_gpu:
             kw.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # one engine per training process on its own GPU, inside torchrun's process group
+                # (vLLM's external launcher; the pattern GRPO trainers use for colocated engines).
+                # Not exercised here: no GPU was available when this was written.
+                kw.update(distributed_executor_backend="external_launcher", seed=seed + dist.get_rank())
         else:
             # vLLM 0.32 rewinds a seeded request's generator when a step's token is discarded (a
             # prefill split over steps), which CPU generators cannot do: whole prefills only
@@ -184,6 +191,8 @@ class VLLMEngine(RolloutEngine):
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._synced: dict[str, tuple] = {}
         self._warned_truncation = False
+        self.sleep_mode = bool(enable_sleep_mode and on_gpu)
+        self._asleep = False
         self.last_sync: dict = {}
         try:
             packed = self.llm.apply_model(lambda m: dict(getattr(m, "packed_modules_mapping", {}) or {}))[0]
@@ -201,6 +210,7 @@ class VLLMEngine(RolloutEngine):
         `alignkit.rollout.weight_sync`). Returns {"tensors", "bytes", "buckets", "seconds"}.
         Raises UserError for adapters / quantisation the engine cannot take."""
         check_syncable(model)
+        self.wake_up()
         t0 = time.perf_counter()
         n = size = buckets = 0
         with _quiet_reload():
@@ -217,12 +227,17 @@ class VLLMEngine(RolloutEngine):
         return self.last_sync
 
     def sleep(self) -> None:
-        """Free the KV cache (and offload weights) while the trainer runs (GPU, enable_sleep_mode)."""
-        self.llm.sleep(level=1)
+        """Free the KV cache and offload the engine's weights to the CPU while the trainer runs
+        (GPU with enable_sleep_mode; `generate` does this after each rollout)."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
 
     def wake_up(self) -> None:
-        """Undo `sleep` before sampling."""
-        self.llm.wake_up()
+        """Undo `sleep` (`generate` does this before syncing weights and sampling)."""
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     # ------------------------------------------------------------------ sampling
 
@@ -238,6 +253,7 @@ class VLLMEngine(RolloutEngine):
         syncing `model`'s changed weights (pass model=None to sample with the engine's weights).
         Seeds: prompt i's k-th sample uses seed + i * n + k offsets of a per-call base, so a call
         repeats exactly and equal prompts in one call still get different samples."""
+        self.wake_up()
         if model is not None:
             self.sync_weights(model)
         if (params.top_k or params.top_p < 1.0) and params.temperature not in (0.0, 1.0) \
@@ -268,6 +284,7 @@ class VLLMEngine(RolloutEngine):
                     reason = "eos"
                 decode += len(comp)
                 samples.append(self._finish(i, ids[i], comp, lps, reason, params))
+        self.sleep()  # the trainer gets the KV cache's memory back until the next rollout
         stats = {"prefill_tokens": sum(len(x) for x in ids), "decode_tokens": decode,
                  "decode_steps": max((len(s.completion_ids) for s in samples), default=0), "engine": "vllm"}
         return RolloutBatch(samples, params.n, stats)
@@ -279,6 +296,7 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams as VParams
         from vllm.inputs import TokensPrompt
 
+        self.wake_up()
         full = list(prompt_ids) + list(completion_ids)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=full)],
                                 VParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)[0]

@@ -309,6 +309,8 @@ def test_other_online_recipes_run_two_steps_on_vllm(recipe, folder, prompts, tmp
     assert tr and all(r["loss"] == r["loss"] for r in tr)  # logged, finite
     gaps = [r["logprob_mismatch"] for r in tr if "logprob_mismatch" in r]
     assert all(g < 1e-3 for g in gaps), gaps
+    if recipe in ("rloo", "reinforce", "ppo"):
+        assert gaps and all(1.0 <= r["mismatch_ratio_max"] < 1.01 for r in tr)
 
 
 def test_rs_generate_on_vllm(folder, prompts, tmp_path, vllm_calls):

@@ -47,9 +47,8 @@ def grpo_loss_fn(cfg: GRPOConfig):
                                   is_weights=mb.get("is_weights"))
         stats, n_tok = terms.stats, terms.stats["tokens"]
         completion = mb["completion_mask"]
-        if completion.any():  # the largest per-token probability ratio, either way (a max: kept aside)
-            gap = (mb["sampler_logps"] - old.detach()).abs()[completion].max()
-            loss_fn.ratio_max = max(loss_fn.ratio_max, float(torch.exp(gap)))
+        # the largest per-token probability ratio, either way: a max, so kept aside, not summed
+        loss_fn.ratio_max = max(loss_fn.ratio_max, ol.ratio_max(mb["sampler_logps"], old, completion))
         metrics = {
             "clip_frac": (stats["clipped"], n_tok),
             "ratio_mean": (stats["ratio_sum"], n_tok),

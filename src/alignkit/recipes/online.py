@@ -30,7 +30,7 @@ from alignkit.training.dist import DistInfo, all_reduce_sum
 from alignkit.training.loop import StepClock, StepResult, run_loop, to_device
 
 __all__ = ["OnlineRun", "PromptSet", "load_prompts", "prompt_order", "token_logps", "sampling_params",
-           "split_groups", "row_batches", "rollout_metrics", "mismatch", "correct_rollout", "max_over_ranks", "evaluate_greedy", "StepClock", "StepResult"]
+           "split_groups", "row_batches", "rollout_metrics", "mismatch", "correct_rollout", "max_over_ranks", "ratio_max", "evaluate_greedy", "StepClock", "StepResult"]
 
 
 # --------------------------------------------------------------------------- models
@@ -163,6 +163,15 @@ def correct_rollout(mbs: list[dict], cfg: OnlineConfig, dist: DistInfo) -> dict:
     touched, tokens = all_reduce_sum(torch.tensor([touched, tokens], dtype=torch.float64), dist).tolist()
     key = "rollout_capped_frac" if cfg.rollout_correction == "tis" else "rollout_dropped_frac"
     return {key: touched / max(tokens, 1.0)}
+
+
+def ratio_max(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> float:
+    """The largest per-token probability ratio between sampler and trainer, either way:
+    max exp|sampler_logps - trainer_logps| over `mask` (1.0 for an empty mask). All (B, T)."""
+    m = mask.bool()
+    if not m.any():
+        return 1.0
+    return float(torch.exp((sampler_logps.detach() - trainer_logps.detach()).abs()[m].max()))
 
 
 def max_over_ranks(x: float, dist: DistInfo) -> float:

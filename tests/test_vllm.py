@@ -326,3 +326,13 @@ def test_rs_generate_on_vllm(folder, prompts, tmp_path, vllm_calls):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 32 and len(vllm_calls) == 2  # 32 prompts in 2 calls of 16
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+
+
+def test_cli_refuses_a_model_vllm_cannot_run_before_training(tiny_model_dir, prompts, tmp_path, capsys):
+    from alignkit.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["grpo", f"model={tiny_model_dir}", f"data={prompts}", f"output_dir={out}", "rollout_engine=vllm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "head size 8 is not supported by vLLM's CPU kernels" in err[0], err
+    assert not out.exists()

@@ -356,9 +356,12 @@ def _check_before_run(cmd: Command, cfg) -> None:
             check_source(val, what, key)
 
     if hasattr(cfg, "rollout_engine"):  # vLLM missing, adapters it cannot take: before any model loads
-        from alignkit.rollout.vllm_engine import check_engine_config
+        from alignkit.rollout.vllm_engine import check_engine_config, check_vllm_model
 
-        check_engine_config(cfg)
+        if check_engine_config(cfg) == "vllm" and cfg.vllm.mode == "colocate" and cfg.model:
+            import torch
+
+            check_vllm_model(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")  # architecture, head size
     out = getattr(cfg, "output_dir", None)
     if isinstance(out, str):
         check_output_dir(out)

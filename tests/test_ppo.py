@@ -354,5 +354,7 @@ def test_critic_divergence_stops_with_a_checkpoint(tiny_model_dir, prompt_file, 
                   reward_fn=digits)
     ckpts = list((out / "checkpoints").iterdir())
     assert len(ckpts) == 1
-    state = torch.load(ckpts[0] / "trainer_state.pt", weights_only=False)
+    from alignkit.training import checkpoint as ckpt
+
+    state = ckpt.load_state(ckpts[0] / "trainer_state.json")
     assert state["step"] == 0 and "weights" in state["extra"]["critic"]

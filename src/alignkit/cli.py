@@ -170,7 +170,8 @@ def _vllm_serve_run(cfg):
     if not cfg.model:
         raise UserError("vllm-serve: give the model to serve: model=<folder or hub id>")
     serve(cfg.model, cfg.host, cfg.port, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
-          gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb, ready_file=cfg.ready_file)
+          gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
+          tensor_parallel_size=cfg.tensor_parallel_size, ready_file=cfg.ready_file)
 
 
 def _merge_cfg():

@@ -730,6 +730,7 @@ class VLLMServeConfig(Section):
     max_model_len: int | None = Field(None, ge=2, description="Longest prompt + completion (default: the model's)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU for weights + KV cache")
     kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache GiB on CPU")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the served model is split over")
     seed: int = Field(0, description="Engine seed")
     ready_file: str | None = Field(None, description="Write the server's address to this file once it listens")
 

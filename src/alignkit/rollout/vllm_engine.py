@@ -155,13 +155,15 @@ class VLLMEngine(RolloutEngine):
     max_model_len: longest prompt + completion (tokens). gpu_memory_utilization: share of the GPU
     for weights + KV cache (GPU only). kv_cache_gb: KV-cache GiB on CPU. enable_sleep_mode: let
     `sleep()` free the KV cache while the trainer works (GPU only). bucket_mb: weight-sync bucket
-    size, MiB. Raises UserError: vLLM missing or broken, unsupported architecture / CPU head size.
+    size, MiB. tensor_parallel_size: GPUs per engine (server mode; weights then reload from files).
+    Raises UserError: vLLM missing or broken, unsupported architecture / CPU head size.
     """
 
     def __init__(self, tokenizer, model_path: str, *, dtype: str = "auto", seed: int = 0,
                  sampling: SamplingParams | None = None, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 1.0, enable_sleep_mode: bool = False,
-                 bucket_mb: float = 256, stop_token_ids: set[int] | None = None, enforce_eager: bool | None = None):
+                 bucket_mb: float = 256, stop_token_ids: set[int] | None = None, enforce_eager: bool | None = None,
+                 tensor_parallel_size: int = 1):
         super().__init__(tokenizer, stop_token_ids)
         vllm = require_vllm()
         on_gpu = torch.cuda.is_available()
@@ -172,6 +174,8 @@ class VLLMEngine(RolloutEngine):
         kw = dict(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
                   max_model_len=max_model_len, logprobs_mode=self.logprobs_mode,
                   enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
+        if tensor_parallel_size > 1:
+            kw.update(tensor_parallel_size=tensor_parallel_size)
         if on_gpu:
             kw.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
             import torch.distributed as dist
@@ -221,10 +225,16 @@ class VLLMEngine(RolloutEngine):
                 size += sum(t.numel() * t.element_size() for _, t in bucket)
                 buckets += 1
         if buckets:
-            self.llm.apply_model(_refresh_tied)
-            self.llm.reset_prefix_cache()
+            self.after_reload()
         self.last_sync = {"tensors": n, "bytes": size, "buckets": buckets, "seconds": time.perf_counter() - t0}
         return self.last_sync
+
+    def after_reload(self) -> None:
+        """After new weights: re-process tied layers (CPU keeps packed copies) and drop the prefix
+        cache, whose keys and values came from the old weights."""
+        if not torch.cuda.is_available():
+            self.llm.apply_model(_refresh_tied)
+        self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         """Free the KV cache and offload the engine's weights to the CPU while the trainer runs

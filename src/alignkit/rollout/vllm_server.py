@@ -9,12 +9,15 @@ interface. Requests (JSON over HTTP, one at a time: the engine is not shared bet
     POST /generate {prompts, params, stop_token_ids}
                                        -> {"samples": [{prompt_index, completion_ids, logprobs,
                                            finish_reason}], "stats": {...}}
-    POST /reload   {files: [...]}      -> {"tensors": n}   load safetensors files into the engine
+    POST /reload   {dir: ...}          -> {"ok": true}     load a folder of safetensors files into the
+                                                           engine (vLLM's own loader reads them, so
+                                                           each tensor-parallel worker takes its part)
     POST /shutdown                     -> {"ok": true}     the server exits after answering
 
 Weights travel through a folder both sides can read (`vllm.sync_dir`, by default inside the run
 folder): the trainer writes the changed tensors as safetensors files, one per bucket (see
-`weight_sync`), asks the server to load them, then deletes them. Token ids go in and out;
+`weight_sync`), asks the server to reload from that folder (vLLM's in-place reload, which leaves
+layers without a file as they were), then deletes it. Token ids go in and out;
 alignkit's tokenizer decodes on the training side, so nothing is re-tokenised.
 
 Every request has a timeout (`vllm.timeout` seconds); a server that does not answer, or cannot be
@@ -95,7 +98,7 @@ class VLLMServerEngine(RolloutEngine):
         writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         t0 = time.perf_counter()
         n = size = 0
-        files: list[str] = []
+        files = 0
         folder = self.sync_dir / f"sync-{os.getpid()}-{self._n}"
         self._n += 1
         try:
@@ -106,12 +109,12 @@ class VLLMServerEngine(RolloutEngine):
                     folder.mkdir(parents=True, exist_ok=True)
                     path = folder / f"bucket-{k:05d}.safetensors"
                     save_file({name: t.detach().to("cpu").contiguous().clone() for name, t in bucket}, str(path))
-                    files.append(str(path.resolve()))
+                    files += 1
             if files:
-                request(self.url + "/reload", {"files": files}, self.timeout)
+                request(self.url + "/reload", {"dir": str(folder.resolve())}, self.timeout)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self.last_sync = {"tensors": n, "bytes": size, "buckets": len(files), "seconds": time.perf_counter() - t0}
+        self.last_sync = {"tensors": n, "bytes": size, "buckets": files, "seconds": time.perf_counter() - t0}
         return self.last_sync
 
     def generate(self, model, prompts: list, params: SamplingParams) -> RolloutBatch:
@@ -132,7 +135,7 @@ class VLLMServerEngine(RolloutEngine):
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8765, *, dtype: str = "auto", seed: int = 0,
           max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, kv_cache_gb: float = 1.0,
-          ready_file: str | None = None) -> None:
+          tensor_parallel_size: int = 1, ready_file: str | None = None) -> None:
     """Run a vLLM engine for `model` behind the HTTP interface of the module docstring until a
     /shutdown request. `ready_file`: written with the address once the server listens (for
     scripts and tests). Raises UserError for what `VLLMEngine` refuses, or a port in use."""
@@ -144,7 +147,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8765, *, dtype: str =
 
     tok = AutoTokenizer.from_pretrained(model)
     engine = VLLMEngine(tok, model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                        gpu_memory_utilization=gpu_memory_utilization, kv_cache_gb=kv_cache_gb)
+                        gpu_memory_utilization=gpu_memory_utilization, kv_cache_gb=kv_cache_gb,
+                        tensor_parallel_size=tensor_parallel_size)
     default_stop = set(engine.stop_ids)
     state = {"stop": False}
 
@@ -172,7 +176,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8765, *, dtype: str =
                 if self.path == "/generate":
                     self._answer(200, _generate(engine, payload, default_stop))
                 elif self.path == "/reload":
-                    self._answer(200, _reload(engine, payload["files"]))
+                    self._answer(200, _reload(engine, payload["dir"]))
                 elif self.path == "/shutdown":
                     state["stop"] = True
                     self._answer(200, {"ok": True})
@@ -205,18 +209,10 @@ def _generate(engine, payload: dict, default_stop: set[int]) -> dict:
                          "finish_reason": s.finish_reason} for s in batch.samples], "stats": batch.stats}
 
 
-def _reload(engine, files: list[str]) -> dict:
-    from safetensors.torch import load_file
+def _reload(engine, folder: str) -> dict:
+    from alignkit.rollout.vllm_engine import _quiet_reload
 
-    from alignkit.rollout.vllm_engine import _quiet_reload, _refresh_tied
-
-    n = 0
     with _quiet_reload():
-        for f in files:
-            tensors = load_file(f)
-            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(tensors.items()),
-                                                                "is_checkpoint_format": True})
-            n += len(tensors)
-    engine.llm.apply_model(_refresh_tied)
-    engine.llm.reset_prefix_cache()
-    return {"tensors": n}
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
+    engine.after_reload()
+    return {"ok": True}

@@ -179,3 +179,15 @@ def test_fsdp_gathers_unit_by_unit_and_ranks_agree(tiny_model_dir, tmp_path, met
                          capture_output=True, text=True, env=env, timeout=300, cwd=str(root))
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.count("ok") == 2
+
+
+def test_fingerprint_is_chunk_independent_and_sees_one_element(monkeypatch):
+    import alignkit.rollout.weight_sync as ws
+
+    p = torch.nn.Parameter(torch.randn(37, 11))
+    whole = ws._sig(p)
+    monkeypatch.setattr(ws, "_CHUNK", 10)  # many chunks, one partial
+    assert ws._sig(p) == whole
+    with torch.no_grad():
+        p.view(-1)[205] = torch.nextafter(p.view(-1)[205], torch.tensor(10.0))  # one ulp, mid-chunk
+    assert ws._sig(p) != whole

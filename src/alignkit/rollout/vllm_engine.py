@@ -217,7 +217,8 @@ class VLLMEngine(RolloutEngine):
         self.wake_up()
         t0 = time.perf_counter()
         n = size = buckets = 0
-        with _quiet_reload():
+        # merged LoRA weights in float32, whatever autocast the trainer wraps around the rollout
+        with _quiet_reload(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             for bucket in changed_buckets(model, self._synced, self.bucket_bytes, self.packed, full=full):
                 self.llm.collective_rpc("reload_weights",
                                         kwargs={"weights_iterator": bucket, "is_checkpoint_format": True})

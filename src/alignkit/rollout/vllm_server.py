@@ -43,6 +43,14 @@ from alignkit.rollout.weight_sync import changed_buckets, check_syncable
 __all__ = ["VLLMServerEngine", "serve", "request"]
 
 
+def _buckets_in_fp32(model, synced: dict, bucket_bytes: int, full: bool):
+    """`changed_buckets` with autocast off (merged LoRA weights computed in float32)."""
+    import torch
+
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield from changed_buckets(model, synced, bucket_bytes, full=full)
+
+
 def request(url: str, payload: dict | None, timeout: float) -> dict:
     """POST `payload` as JSON to `url` (GET when None) and return the JSON answer. Raises
     UserError (one line) when the server cannot be reached, does not answer within `timeout`
@@ -102,7 +110,7 @@ class VLLMServerEngine(RolloutEngine):
         folder = self.sync_dir / f"sync-{os.getpid()}-{self._n}"
         self._n += 1
         try:
-            for k, bucket in enumerate(changed_buckets(model, self._synced, self.bucket_bytes, full=full)):
+            for k, bucket in enumerate(_buckets_in_fp32(model, self._synced, self.bucket_bytes, full)):
                 n += len(bucket)
                 size += sum(t.numel() * t.element_size() for _, t in bucket)
                 if writer:

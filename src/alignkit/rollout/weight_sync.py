@@ -71,6 +71,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 24  # elements fingerprinted at once
 
 
 @torch.no_grad()
@@ -83,9 +84,14 @@ def _sig(t: torch.Tensor) -> tuple:
     loc = _local(t).detach()
     if not t.requires_grad:
         return (id(t), t._version, loc._version, loc.data_ptr())
-    bits = loc.contiguous().view(-1).view(_INT_OF[loc.element_size()]).long()
-    pos = torch.arange(1, bits.numel() + 1, device=bits.device) % 65521
-    return (id(t), loc.data_ptr(), int(bits.sum()), int((bits * pos).sum()))
+    bits = loc.contiguous().view(-1).view(_INT_OF[loc.element_size()])
+    plain = weighted = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for lo in range(0, bits.numel(), _CHUNK):  # chunks: a few hundred MB at most, even for an embedding
+        part = bits[lo:lo + _CHUNK].long()
+        pos = (torch.arange(lo, lo + part.numel(), device=bits.device) % 65521) + 1
+        plain = plain + part.sum()
+        weighted = weighted + (part * pos).sum()
+    return (id(t), loc.data_ptr(), int(plain), int(weighted))
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

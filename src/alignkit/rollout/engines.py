@@ -21,7 +21,7 @@ def build_engine(cfg, tokenizer, model_path: str, sampling: SamplingParams | Non
     """The rollout engine a config asks for: alignkit's `RolloutEngine`, a `VLLMServerEngine`
     (vllm.mode=server: the server must answer), or a `VLLMEngine` on `model_path` with the
     config's vllm.* settings (dtype auto = the training dtype, float32 on
-    CPU; max_model_len = max_length). See `check_engine_config` for the errors."""
+    CPU; vllm.max_model_len: default the model's context). See `check_engine_config` for the errors."""
     if check_engine_config(cfg) != "vllm":
         return RolloutEngine(tokenizer, stop_token_ids)
     v = cfg.vllm
@@ -35,6 +35,6 @@ def build_engine(cfg, tokenizer, model_path: str, sampling: SamplingParams | Non
     if dtype == "auto":
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     return VLLMEngine(tokenizer, model_path, dtype=dtype, seed=cfg.seed, sampling=sampling,
-                      max_model_len=cfg.max_length, gpu_memory_utilization=v.gpu_memory_utilization,
+                      max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
                       kv_cache_gb=v.kv_cache_gb, enable_sleep_mode=v.enable_sleep_mode, bucket_mb=v.sync_bucket_mb,
                       stop_token_ids=stop_token_ids)

@@ -192,6 +192,7 @@ class VLLMEngine(RolloutEngine):
         t0 = time.perf_counter()
         self.llm = vllm.LLM(**kw)
         self.start_seconds = time.perf_counter() - t0
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.bucket_bytes = int(bucket_mb * 2**20)
         self._synced: dict[str, tuple] = {}
         self._warned_truncation = False
@@ -279,6 +280,11 @@ class VLLMEngine(RolloutEngine):
         reqs = [TokensPrompt(prompt_token_ids=x) for x in ids]
         sps = [self._params(params, base + i * params.n) for i in range(len(ids))]
         # vLLM runs its own dtype: a trainer's autocast around the call must not reach its kernels
+        longest = max((len(x) for x in ids), default=0)
+        if self.max_model_len and longest + params.max_new_tokens > self.max_model_len:
+            raise UserError(f"rollout_engine=vllm: a prompt of {longest} tokens + max_new_tokens "
+                            f"{params.max_new_tokens} exceeds the engine's {self.max_model_len} tokens (vllm.max_model_len, "
+                            "default the model's context); raise it, lower max_new_tokens or shorten the prompts")
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             outs = self.llm.generate(reqs, sps, use_tqdm=False)
         samples: list[Sample] = []

@@ -274,15 +274,9 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
         pconf = build_peft_config(cfg.peft, policy.get_base_model(), cfg)
         policy.add_adapter(CRITIC_ADAPTER, pconf)
         policy.set_adapter("default")
-        # The trainer's checkpoints and final folder hold the policy's adapter only (peft would also write
-        # every other adapter into a subfolder); the critic travels in the trainer state and output_dir/critic.
-        save_all = policy.save_pretrained
-
-        def save_policy_adapter(save_directory, **kwargs):
-            kwargs.setdefault("selected_adapters", ["default"])
-            return save_all(save_directory, **kwargs)
-
-        policy.save_pretrained = save_policy_adapter
+        # Checkpoints and the final folder hold the policy's adapter only (models.load.save_pretrained
+        # saves the "default" adapter of a multi-adapter model); the critic travels in the trainer
+        # state and output_dir/critic.
         critic = AdapterValueModel(policy, ValueHead(hidden_size_of(policy.get_base_model())))
         critic.head.to(tr.device)
         tr.info("critic: adapter 'critic' + value head on the policy's base (one copy of the base weights)")

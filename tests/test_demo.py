@@ -84,6 +84,32 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path, cache_env):
     assert "reusing the cached build" in r3.stderr
 
 
+@pytest.mark.slow
+def test_new_objective_rows_run_and_distill_learns_from_the_best_rl_row(tmp_path, cache_env):
+    """The rows of issue 17 on the tiny preset at a fiftieth of their budget: each finishes and is
+    evaluated; distill's teacher is the RL row with the best greedy accuracy."""
+    out = tmp_path / "demo"
+    rows = ["grpo", "gspo", "cispo", "dapo", "kto", "orpo", "distill"]
+    r = _demo(out, "preset=tiny", "scale=0.02", "n_eval=6", "max_new_tokens=6", f"methods=[{','.join(rows)}]",
+              env=cache_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())["runs"]
+    for key in rows:
+        assert res[key]["returncode"] == 0, (key, res[key].get("error"))
+        assert "eval" in res[key], key
+    rl = ["grpo", "gspo", "cispo", "dapo"]
+    best = max(rl, key=lambda k: (res[k]["eval"]["accuracy"], res[k]["eval"]["accuracy_t1"]))
+    assert f"teacher={res[best]['dir']}" in res["distill"]["command"]
+    assert "ratio_level=sequence" in res["gspo"]["command"] and "loss_type=cispo" in res["cispo"]["command"]
+    assert "overlong_buffer=8" in res["dapo"]["command"] and "loss=orpo" in res["orpo"]["command"]
+
+
+def test_distill_row_without_an_rl_row_is_one_line_and_exit_2(tmp_path):
+    r = _demo(tmp_path / "d", "methods=[dpo,distill]", timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "distill learns from the best RL row" in r.stderr
+
+
 def test_unknown_method_is_one_line_and_exit_2(tmp_path):
     r = _demo(tmp_path / "d", "methods=[grpo,dpoo]", timeout=120)
     assert r.returncode == 2

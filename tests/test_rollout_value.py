@@ -4,6 +4,7 @@ every sample with its own prompt and count what was drawn, tensors carry the sam
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -28,13 +29,13 @@ def test_score_select_concat_keep_prompts_with_their_samples():
 
     r1 = score(batch(2, 2, "a"), ["a0", "a1"], {"k": [0, 1]}, reward)
     assert seen[0][0] == ["a0", "a0", "a1", "a1"] and seen[0][2] == {"k": [0, 0, 1, 1]}
-    assert r1.stats == {"generated_tokens": 8, "reward_missing": 1} and float(r1.rewards[1]) == 0.0
+    assert r1.stats == {"generated_tokens": 8, "reward_missing": 1} and math.isnan(r1.rewards[1])  # not scored: NaN
     r2 = score(batch(1, 2, "b"), ["b0"], {"k": [7]}, reward)
     merged = Rollout.concat([r1.select_groups([1]), r2, r1.select_groups([0])])
     assert [merged.prompt_of(i) for i in range(len(merged))] == ["a1", "a1", "b0", "b0", "a0", "a0"]
     assert [s.text[:2] for s in merged.samples] == ["a1", "a1", "b0", "b0", "a0", "a0"]
     assert merged.columns == {"k": [1, 7, 0]}
-    assert merged.rewards.tolist() == [4.0, 4.0, 4.0, 4.0, 4.0, 0.0]
+    assert merged.rewards[:5].tolist() == [4.0] * 5 and math.isnan(merged.rewards[5])
     assert merged.truncated.tolist() == [False, True] * 3
     t = merged.tensors(0)
     assert "sampler_logps" in t and "old_logps" not in t

@@ -31,6 +31,8 @@ _LAZY = {
     "train_ppo": "alignkit.recipes.ppo",
     "OnlineDPOConfig": "alignkit.config",
     "train_online_dpo": "alignkit.recipes.online_dpo",
+    "DistillConfig": "alignkit.config",
+    "train_distill": "alignkit.recipes.distill",
     "UserError": "alignkit.errors",
     "load_model": "alignkit.models",
     "load_tokenizer": "alignkit.models",

@@ -233,6 +233,8 @@ COMMANDS: dict[str, Command] = {
                           *_online("online_dpo", "OnlineDPOConfig", "train_online_dpo")),
     "rs": Command("rs", "rejection sampling: best-of-N, then SFT on the winners (rounds)",
                   *_online("rs", "RSConfig", "train_rs")),
+    "distill": Command("distill", "on-policy distillation: the student samples, the teacher scores every token "
+                       "(reverse KL or generalized JSD)", *_online("distill", "DistillConfig", "train_distill")),
     "rs generate": Command("rs generate", "write the best-of-N answers of a prompt set as SFT rows (no training)",
                            _online("rs", "RSConfig", "train_rs")[0], _rs_generate_run),
     "eval": Command("eval", "evaluate a model: reward, KL to a reference, accuracy, win rate, perplexity, "

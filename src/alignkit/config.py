@@ -361,6 +361,7 @@ ALIASES = {
     "torch_dtype": "dtype",
     "bf16": "dtype",
     "output": "output_dir",
+    "clip_ratio_c": "dual_clip",  # verl's name
 }
 
 
@@ -692,6 +693,10 @@ class OnlineConfig(TrainConfig):
     eval_prompts: int = Field(64, ge=0, description="Held-out prompts scored greedily at each evaluation")
     sample_every: int = Field(10, ge=0, description="Write a few sample completions to samples.jsonl every N steps")
     compute_entropy: bool = Field(True, description="Log the policy's token entropy (costs a little compute)")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO overlong shaping: the reward falls linearly by up to "
+                                 "`overlong_penalty` over the last N tokens of max_new_tokens (0: off)")
+    overlong_penalty: float = Field(1.0, ge=0, description="DAPO overlong shaping: the penalty at and past "
+                                    "max_new_tokens (reward units)")
     rollout_engine: Literal["alignkit", "vllm", "auto"] = Field(
         "alignkit", description="Who samples: alignkit's engine, vLLM, or auto (vLLM when installed and a GPU is "
         "present)")
@@ -719,6 +724,9 @@ class OnlineConfig(TrainConfig):
         if self.temperature == 0 and self._policy_gradient:
             raise ValueError("temperature=0 (greedy) samples are not draws from the policy, so the policy gradient "
                              "is wrong; set temperature > 0 (e.g. 1.0)")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(f"overlong_buffer={self.overlong_buffer} is longer than max_new_tokens="
+                             f"{self.max_new_tokens}; the buffer is the last part of the budget, so lower it")
         return self
 
 
@@ -737,6 +745,25 @@ class VLLMServeConfig(Section):
     ready_file: str | None = Field(None, description="Write the server's address to this file once it listens")
 
 
+def _check_objective(cfg):
+    """CISPO's weight is already bounded above, so a dual clip on it is refused (docs/objectives.md)."""
+    if cfg.loss_type == "cispo" and cfg.dual_clip is not None:
+        raise ValueError("loss_type=cispo caps the importance weight already, so dual_clip does not apply; "
+                         "remove dual_clip (or use loss_type=clip)")
+    return cfg
+
+
+def _refuse_ratio_keys(cfg):
+    """REINFORCE and RLOO make one update per rollout (π_old = π): every ratio is 1, and the ratio
+    options would silently change nothing, so they are refused."""
+    for key, default in (("ratio_level", "token"), ("loss_type", "clip"), ("dual_clip", None)):
+        if getattr(cfg, key) != default:
+            raise ValueError(f"{key}={getattr(cfg, key)} changes nothing here: this recipe makes one update per "
+                             "rollout, so every importance ratio is 1; use `alignkit grpo iterations=2` (or ppo) "
+                             f"with {key}")
+    return cfg
+
+
 class GRPOConfig(OnlineConfig):
     """GRPO: G samples per prompt, group-normalised advantages, clipped ratio, KL in the loss."""
 
@@ -750,6 +777,14 @@ class GRPOConfig(OnlineConfig):
     clip_low: float = Field(0.2, ge=0, description="Ratio clip below: 1 - clip_low")
     clip_high: float = Field(0.2, ge=0, description="Ratio clip above: 1 + clip_high (clip-higher when > clip_low)")
     iterations: int = Field(1, ge=1, description="Updates (μ) per rollout batch, old log-probs held fixed")
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance ratio per token (PPO) or per sequence, the geometric mean of its token "
+        "ratios (GSPO, docs/objectives.md)")
+    loss_type: Literal["clip", "cispo"] = Field(
+        "clip", description="clip: PPO's clipped surrogate; cispo: the clipped, detached importance weight times "
+        "log π, every token keeps its gradient (CISPO, docs/objectives.md)")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 for negative advantages "
+                                    "(loss ≤ −c·A; verl's clip_ratio_c); null: off")
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), "
         "seq_mean_token_sum_norm (Dr. GRPO, divides by max_new_tokens)"
@@ -768,8 +803,31 @@ class GRPOConfig(OnlineConfig):
         "mis = drop tokens whose ratio leaves [1/cap, cap]")
     rollout_correction_cap: float = Field(2.0, gt=1, description="C of rollout_correction")
 
+    @model_validator(mode="after")
+    def _objective(self):
+        return _check_objective(self)
 
-class RLOOConfig(OnlineConfig):
+
+class _OneUpdateOnline(OnlineConfig):
+    """Online recipes that make one update per rollout (RLOO, REINFORCE): every importance ratio
+    is 1, so the ratio-shaping keys are accepted only at their defaults, to refuse a setting
+    that would silently do nothing."""
+
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token", description="Only `token`: one update per rollout makes every ratio 1 (use grpo iterations>1 "
+        "for GSPO)")
+    loss_type: Literal["clip", "cispo"] = Field(
+        "clip", description="Only `clip`: one update per rollout makes every ratio 1 (use grpo iterations>1 for "
+        "CISPO)")
+    dual_clip: float | None = Field(None, gt=1, description="Only null: one update per rollout makes every ratio "
+                                    "1, so the bound never binds (use grpo iterations>1)")
+
+    @model_validator(mode="after")
+    def _objective(self):
+        return _refuse_ratio_keys(self)
+
+
+class RLOOConfig(_OneUpdateOnline):
     """RLOO: k samples per prompt, REINFORCE with the leave-one-out mean of the others as baseline."""
 
     output_dir: str = Field("runs/rloo", description="Run folder")
@@ -777,7 +835,7 @@ class RLOOConfig(OnlineConfig):
     kl_in_reward: bool = Field(True, description="Subtract β·(sequence k1 KL) from the reward (else KL in the loss)")
 
 
-class ReinforceConfig(OnlineConfig):
+class ReinforceConfig(_OneUpdateOnline):
     """REINFORCE with a moving-average baseline (the seed report's Algorithm 1)."""
 
     output_dir: str = Field("runs/reinforce", description="Run folder")
@@ -799,6 +857,34 @@ class RSConfig(OnlineConfig):
     max_steps: int = Field(-1, description="Unused by rs: the length is rounds x sft_steps")
     kl_coef: float = Field(0.0, ge=0, description="Weight of a KL(π‖π_start) term on the kept answers in the SFT loss")
     output: str | None = Field(None, description="rs generate: where to write the best-of-N rows (JSONL)")
+
+
+class DistillConfig(OnlineConfig):
+    """On-policy distillation (docs/distill.md): the student samples answers, the teacher scores
+    every sampled token, and the student moves towards the teacher token by token."""
+
+    output_dir: str = Field("runs/distill", description="Run folder")
+    teacher: str = Field("", description="The teacher: a hub id or local folder sharing the student's tokenizer")
+    loss: Literal["reverse_kl", "jsd"] = Field(
+        "reverse_kl", description="reverse_kl: per-token KL(student ‖ teacher) on the student's samples (sampled-"
+        "token estimator); jsd: generalized Jensen–Shannon over the full vocabulary (GKD), computed in chunks")
+    beta: float = Field(0.5, ge=0, le=1, description="loss=jsd: β of JSD_β (0: forward KL(teacher ‖ student), "
+                        "1: reverse KL(student ‖ teacher))")
+    lmbda: float = Field(1.0, ge=0, le=1, description="Share of rollout steps trained on the student's own samples; "
+                         "the others train on the data's answers (`completion_column`); 1: fully on-policy")
+    completion_column: str = Field("completion", description="Column holding a dataset answer (text), used when "
+                                   "lmbda < 1")
+    num_generations: int = Field(1, ge=1, description="Samples per prompt on on-policy steps")
+    reward: RewardSection | None = Field(
+        None, description="Optional reward source(s), only to log reward_mean and score eval_data (distillation "
+        "itself trains on no reward); null: none")
+    kl_coef: float = Field(0.0, ge=0, description="Unused by distill: the teacher is the target, not a tie")
+
+    @model_validator(mode="after")
+    def _distill_keys(self):
+        if self.overlong_buffer:
+            raise ValueError("overlong_buffer shapes a reward, and distill trains on none; remove overlong_buffer")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -958,8 +1044,14 @@ class PPOConfig(OnlineConfig):
                                  "takes batch_size x grad_accum x num_minibatches prompts per process")
     clip_low: float = Field(0.2, ge=0, description="Ratio clip below: 1 − clip_low")
     clip_high: float = Field(0.2, ge=0, description="Ratio clip above: 1 + clip_high")
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance ratio per token (PPO) or per sequence, the geometric mean of its token "
+        "ratios (GSPO, docs/objectives.md)")
+    loss_type: Literal["clip", "cispo"] = Field(
+        "clip", description="clip: PPO's clipped surrogate; cispo: the clipped, detached importance weight times "
+        "log π, every token keeps its gradient (CISPO, docs/objectives.md)")
     dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 for negative advantages "
-                                    "(loss ≤ −c·A); null: off")
+                                    "(loss ≤ −c·A; verl's clip_ratio_c); null: off")
     value_clip: float | None = Field(0.2, ge=0, description="Value clip ε: V is kept within V_old ± ε in the clipped "
                                      "value loss; null: plain squared error")
     whiten_advantages: bool = Field(True, description="Standardise advantages over the rollout batch (all processes)")
@@ -974,6 +1066,10 @@ class PPOConfig(OnlineConfig):
         0.0, ge=0, description="Subtracted from the score of a response cut at max_new_tokens without eos/stop"
     )
     save_critic: bool = Field(True, description="Write the trained critic to output_dir/critic at the end")
+
+    @model_validator(mode="after")
+    def _objective(self):
+        return _check_objective(self)
 
 
 class OnlineDPOConfig(OnlineConfig):

@@ -39,7 +39,9 @@ MEASURED_FULL = "18 minutes on the same machine"
 # Measured seconds per stage in that run (training + evaluation), for the stage bar's ETA: the bar
 # advances by these weights, so its rate is this machine's speed relative to that one.
 STAGE_COST_S = {"base": 135, "sft": 35, "reward models": 70, "dpo": 30, "dpo_lora": 25, "reinforce": 33,
-                "rloo": 38, "grpo": 56, "rs": 23, "ppo": 87, "online_dpo": 25, "report": 5}
+                "rloo": 38, "grpo": 56, "rs": 23, "ppo": 87, "online_dpo": 25, "report": 5,
+                # not yet measured: estimates from the closest measured method
+                "gspo": 56, "cispo": 56, "dapo": 70, "kto": 35, "orpo": 25, "distill": 50}
 
 
 class DemoConfig(Section):
@@ -50,8 +52,9 @@ class DemoConfig(Section):
         "quick", description=f"quick: one seed per method ({MEASURED}); full: 3 seeds per method ({MEASURED_FULL})")
     seeds: list[int] | None = Field(None, description="Seeds of the method runs (default: [0] quick, [0, 1, 2] full)")
     methods: list[str] | None = Field(
-        None, description="Methods to run after SFT (default: all): rm, dpo, dpo_lora, reinforce, rloo, grpo, rs, ppo, "
-        "online_dpo; [] runs base and SFT only")
+        None, description="Methods to run after SFT (default: all): rm, dpo, dpo_lora, kto, orpo, reinforce, rloo, "
+        "grpo, gspo, cispo, dapo, rs, ppo, online_dpo, distill (its teacher: the best RL row, so with at least one RL "
+        "method); [] runs base and SFT only")
     n_eval: int = Field(500, ge=1, description="Held-out prompts for evaluation (500: a standard error of about 0.02 "
                                                "on accuracy)")
     preset: str = Field("default", description="Toy base-model preset (default, or tiny for a fast smoke run)")
@@ -108,8 +111,36 @@ METHODS: dict[str, Method] = {
         Method("online_dpo", "online-dpo", "prompts + reward", "prompts",
                dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, beta=0.1,
                     sft_weight=1.0)),
+        # the objectives of docs/objectives.md on GRPO's settings: only the objective differs
+        Method("gspo", "grpo", "prompts + reward", "prompts",
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, kl_coef=0.02,
+                    iterations=2, ratio_level="sequence", clip_low=3e-4, clip_high=4e-4,
+                    aggregation="seq_mean_token_mean")),
+        Method("cispo", "grpo", "prompts + reward", "prompts",
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, kl_coef=0.02,
+                    iterations=2, loss_type="cispo", clip_high=0.28)),
+        # the full DAPO recipe (docs/grpo.md): clip-higher, dynamic sampling, token mean, no KL, overlong
+        # shaping over the last third of the 24-token budget (a right answer is far shorter)
+        Method("dapo", "grpo", "prompts + reward", "prompts",
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=2e-5, kl_coef=0.0,
+                    iterations=2, clip_low=0.2, clip_high=0.28, dynamic_sampling=True, max_refill_rounds=2,
+                    aggregation="token_mean", overlong_buffer=8, overlong_penalty=0.5)),
+        # KTO on the same on-policy pairs as DPO, each split into a desirable and an undesirable row;
+        # ORPO on them without a reference model
+        Method("kto", "kto", "prompts + reference answers", "pairs_onpolicy",
+               dict(max_steps=PROMPTS // 32 * 3 // 2, batch_size=32, lr=1e-4, beta=0.1, warmup_steps=2,
+                    max_length=256)),
+        Method("orpo", "dpo", "prompts + reference answers", "pairs_onpolicy",
+               dict(max_steps=PROMPTS // 32 * 3 // 4, batch_size=32, lr=1e-4, loss="orpo", orpo_lambda=0.1,
+                    warmup_steps=2, max_length=256)),
+        # on-policy distillation of the SFT model from the best RL row of this demo (`teacher` is set
+        # when the RL rows are done, see Pipeline.best_rl); runs after every other method
+        Method("distill", "distill", "prompts + teacher", "prompts",
+               dict(_RL, max_steps=PROMPTS // 16, batch_size=16, num_generations=4, lr=5e-5)),
     ]
 }
+# Methods whose trained model can teach `distill`: trained on the toy reward.
+RL_METHODS = ("reinforce", "rloo", "grpo", "gspo", "cispo", "dapo", "rs", "ppo", "online_dpo")
 
 
 def _say(msg: str) -> None:
@@ -137,7 +168,8 @@ class Pipeline:
         self.seeds = cfg.seeds or ([0] if cfg.mode == "quick" else [0, 1, 2])
         chosen = list(METHODS) + ["rm"] if cfg.methods is None else cfg.methods
         self.with_rm = "rm" in chosen
-        self.methods = [METHODS[m] for m in chosen if m != "rm"]
+        # distillation's teacher is the best RL row, so it runs last
+        self.methods = sorted((METHODS[m] for m in chosen if m != "rm"), key=lambda m: m.name == "distill")
         self.results_path = self.run / "results.json"
         self.found_results = cfg.reuse and self.results_path.exists()
         self.results: dict = json.loads(self.results_path.read_text()) if self.found_results else {"runs": {}}
@@ -327,6 +359,17 @@ class Pipeline:
         return bool(self.cfg.reuse and rec and rec.get("returncode") == 0 and "eval" in rec
                     and Path(rec["dir"]).exists())
 
+    def best_rl(self) -> str | None:
+        """The folder of the finished RL row (any seed) with the highest greedy held-out accuracy
+        (ties: the temperature-1 accuracy), distillation's teacher; None when there is none."""
+        best = None
+        for rec in self.results["runs"].values():
+            if rec.get("method") in RL_METHODS and rec.get("returncode") == 0 and "eval" in rec:
+                score = (rec["eval"].get("accuracy", 0.0), rec["eval"].get("accuracy_t1", 0.0))
+                if best is None or score > best[0]:
+                    best = (score, rec["dir"])
+        return None if best is None else best[1]
+
     def record(self, key: str, rec: dict) -> None:
         self.results["runs"][key] = rec
         self._save()
@@ -421,6 +464,16 @@ class Pipeline:
                     args[m.steps_key] = self.steps(args[m.steps_key])
                     src = self.onpolicy_pairs(str(sft_dir)) if m.data == "pairs_onpolicy" else data[m.data]
                     args.update(model=str(sft_dir), data=src, seed=seed, log_every=1)
+                    if m.command == "distill":
+                        teacher = self.best_rl()
+                        if teacher is None:
+                            self.record(key, {"name": key, "command": "alignkit distill", "wall_s": 0.0,
+                                              "returncode": 2, "dir": str(self.run / key), "method": m.name,
+                                              "seed": seed, "needs": m.needs,
+                                              "error": "no RL row finished, so distill has no teacher"})
+                            self.stage_done(key, reused=False)
+                            continue
+                        args["teacher"] = teacher
                     if m.data == "prompts":  # greedy accuracy on held-out prompts 4 times per run, for the curves
                         args.update(eval_data=data["eval"], eval_prompts=min(100, c.n_eval),
                                     eval_every=max(1, args[m.steps_key] // 4))
@@ -530,4 +583,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     unknown = [m for m in (cfg.methods or []) if m not in METHODS and m != "rm"]
     if unknown:
         raise UserError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if cfg.methods is not None and "distill" in cfg.methods and not any(m in RL_METHODS for m in cfg.methods):
+        raise UserError(f"methods: distill learns from the best RL row, so add one of {', '.join(RL_METHODS)} "
+                        "to methods")
     return Pipeline(cfg).go()

@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from alignkit.errors import UserError
+from alignkit.training.logging import read_metrics
 
 COLUMNS = [  # key, header, format
     ("method", "method", "{}"),
@@ -62,19 +63,6 @@ def method_color(name: str, others: list[str] | None = None) -> str:
     return _EXTRA_COLORS[(extra.index(m) if m in extra else 0) % len(_EXTRA_COLORS)]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if ln.strip():
-            try:
-                out.append(json.loads(ln))
-            except json.JSONDecodeError:  # a line being written right now
-                continue
-    return out
-
-
 def _is_finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -89,7 +77,7 @@ def run_status(run_dir: Path, recs: list[dict]) -> str:
 
 
 def _single_run_row(run_dir: Path) -> dict:
-    recs = _read_jsonl(run_dir / "metrics.jsonl")
+    recs = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in recs if r.get("kind", "train") == "train"]
     evals = [r for r in recs if r.get("kind") == "eval"]
     row: dict = {"method": run_dir.name, "dir": str(run_dir), "status": run_status(run_dir, recs)}
@@ -199,8 +187,8 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def _series(run_dir: Path, keys: list[str], kind: str) -> tuple[list, list, list]:
-    recs = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind", "train") == kind]
-    train = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind", "train") == kind]
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind", "train") == "train"]
     # eval records carry no elapsed time: take the train record of the same step
     t_at = {r["step"]: r.get("elapsed_s") for r in train}
     xs, ts, ys = [], [], []
@@ -242,7 +230,7 @@ def _run_config(run_dir: Path) -> dict:
 
 def _last_point(run_dir: Path) -> tuple[float | None, float | None]:
     """(step, elapsed seconds) of a run's last train record."""
-    train = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind", "train") == "train"]
     return (train[-1].get("step"), train[-1].get("elapsed_s")) if train else (None, None)
 
 

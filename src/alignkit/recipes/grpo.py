@@ -15,13 +15,20 @@ the clipped surrogate, the old log-probs held fixed:
 
 aggregated over tokens as `aggregation` says (see alignkit.losses.policy_loss). β = 0 loads no
 reference model. With μ = 1, π_old = π (detached) and the update is a plain policy gradient.
+
+The objective's options (docs/objectives.md): `ratio_level=sequence` uses one ratio per answer,
+the geometric mean of its token ratios (GSPO); `loss_type=cispo` replaces the clipped surrogate by
+−sg(min(ρ_t, 1 + clip_high)) · A · log π(y_t) (CISPO); `dual_clip=c` bounds the loss of negative
+advantages by −c·A. `overlong_buffer` adds DAPO's overlong shaping to the rewards before the
+advantages. A sample the reward source cannot score (None) gets advantage 0, is left out of its
+group's mean and std and is masked out of the loss.
 """
 
 from __future__ import annotations
 
 import torch
 
-from alignkit.advantages import group_normalized, zero_std_groups
+from alignkit.advantages import group_normalized, scored_mask, zero_std_groups
 from alignkit.config import GRPOConfig
 from alignkit.losses import policy_loss_terms
 from alignkit.recipes import online as ol
@@ -44,6 +51,7 @@ def grpo_loss_fn(cfg: GRPOConfig):
         terms = policy_loss_terms(logps, old, mb["advantages"], mb["loss_mask"], cfg.clip_low, cfg.clip_high,
                                   cfg.aggregation, ref_logps=mb.get("ref_logps"), kl_coef=cfg.kl_coef,
                                   kl_estimator=cfg.kl_estimator, max_length=cfg.max_new_tokens,
+                                  dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level, loss_type=cfg.loss_type,
                                   is_weights=mb.get("is_weights"))
         stats, n_tok = terms.stats, terms.stats["tokens"]
         completion = mb["completion_mask"]
@@ -55,6 +63,8 @@ def grpo_loss_fn(cfg: GRPOConfig):
             # sampler vs trainer log-probs of the same tokens, before any update of this batch
             "logprob_mismatch": ((mb["sampler_logps"] - old).abs()[completion].sum(), completion.sum()),
         }
+        if "dual_clipped" in stats:
+            metrics["dual_clip_frac"] = (stats["dual_clipped"], n_tok)
         if "kl_sum" in stats:
             metrics["kl"] = (stats["kl_sum"], n_tok)
         if entropy is not None:
@@ -84,13 +94,14 @@ def train_grpo(cfg: GRPOConfig, model=None, tokenizer=None, reward_fn=None) -> d
     loss_fn, units = grpo_loss_fn(cfg), grpo_units(cfg.aggregation)
 
     def draw(rstep: int, prompts: list, columns: dict, clock: StepClock, stream: int | None = None) -> Rollout:
-        """Sample and score G answers per prompt; the truncation rule applies to every draw."""
+        """Sample and score G answers per prompt; the truncation rule and the overlong shaping
+        apply to every draw."""
         rollout = run.collect(rstep, prompts, columns, clock, stream)
         if cfg.truncated == "penalty":
             cut = rollout.truncated
             rollout = rollout.with_rewards(torch.where(cut, torch.full_like(rollout.rewards, cfg.truncated_reward),
                                                        rollout.rewards))
-        return rollout
+        return ol.shape_rewards(rollout, cfg)
 
     def step(rstep: int, clock: StepClock) -> StepResult:
         # 1. sample G answers for each of this rank's prompts, score them
@@ -106,11 +117,12 @@ def train_grpo(cfg: GRPOConfig, model=None, tokenizer=None, reward_fn=None) -> d
             adv = group_normalized(rewards, G, "none") / (global_std(rewards, run.dist) + 1e-6)
         else:
             adv = group_normalized(rewards, G, cfg.scale)
-        # 3. micro-batches of whole groups; loss mask = completion tokens (minus masked truncations)
+        # 3. micro-batches of whole groups; loss mask = completion tokens (minus masked truncations
+        #    and the samples the reward source could not score)
         mbs = ol.split_groups(rollout, cfg.batch_size, cfg.grad_accum, run.pad_id,
-                              {"advantages": adv, "truncated": rollout.truncated})
+                              {"advantages": adv, "truncated": rollout.truncated, "scored": scored_mask(rewards)})
         for mb in mbs:
-            mb["loss_mask"] = mb["completion_mask"].clone()
+            mb["loss_mask"] = mb["completion_mask"] & mb.pop("scored")[:, None]
             if cfg.truncated == "mask":
                 mb["loss_mask"][mb["truncated"]] = False
             del mb["truncated"]
@@ -135,10 +147,12 @@ def train_grpo(cfg: GRPOConfig, model=None, tokenizer=None, reward_fn=None) -> d
 
 
 def global_std(x: torch.Tensor, dist) -> float:
-    """Sample std (n - 1) of `x` over every process, as one process holding all of it would compute."""
+    """Sample std (n - 1) of `x` over every process, as one process holding all of it would compute;
+    NaN entries (unscored samples) are left out."""
+    x = x[scored_mask(x)]
     n, total = all_reduce_sum(torch.tensor([float(x.numel()), float(x.double().sum())], dtype=torch.float64),
                               dist).tolist()
-    mean = total / n
+    mean = total / n if n else 0.0
     sq = float(all_reduce_sum(float(((x.double() - mean) ** 2).sum()), dist))
     return (sq / (n - 1)) ** 0.5 if n > 1 else 0.0
 

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from alignkit.advantages import scored_mask
 from alignkit.config import OnlineConfig
 from alignkit.data.order import seeded_generator, stream_seed
 from alignkit.data.prompts import PromptSet, load_prompts, prompt_order
+from alignkit.losses import overlong_penalty
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
 from alignkit.rollout.rollout import Rollout, collect, score
@@ -30,7 +32,8 @@ from alignkit.training.dist import DistInfo, all_reduce_sum
 from alignkit.training.loop import StepClock, StepResult, run_loop, to_device
 
 __all__ = ["OnlineRun", "PromptSet", "load_prompts", "prompt_order", "token_logps", "sampling_params",
-           "split_groups", "row_batches", "rollout_metrics", "mismatch", "correct_rollout", "max_over_ranks", "ratio_max", "evaluate_greedy", "StepClock", "StepResult"]
+           "shape_rewards", "scored_rows", "split_groups", "row_batches", "rollout_metrics", "mismatch",
+           "correct_rollout", "max_over_ranks", "ratio_max", "evaluate_greedy", "StepClock", "StepResult"]
 
 
 # --------------------------------------------------------------------------- models
@@ -102,6 +105,24 @@ def sampling_params(cfg: OnlineConfig, step: int, stream: int, n: int | None = N
     )
 
 
+def shape_rewards(rollout: Rollout, cfg: OnlineConfig) -> Rollout:
+    """The rollout with DAPO's overlong shaping added to its rewards (`alignkit.losses.overlong_penalty`
+    of each completion's token count, with L = max_new_tokens, c = overlong_buffer and
+    `overlong_penalty`); unchanged when overlong_buffer is 0. Unscored samples (NaN) stay NaN."""
+    if not cfg.overlong_buffer:
+        return rollout
+    lengths = torch.tensor([len(s.completion_ids) for s in rollout.samples], dtype=torch.float32)
+    shaping = overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    return rollout.with_rewards(rollout.rewards + shaping)
+
+
+def scored_rows(rewards: torch.Tensor) -> torch.Tensor:
+    """(N,) float32: 1 for a scored sample, 0 for one the reward source could not score (NaN).
+    Recipes multiply it into their per-sample loss weights, so an unscored sample gives no
+    gradient (no policy-gradient term, no KL term) and no loss units."""
+    return scored_mask(rewards).float()
+
+
 def row_batches(rollout, rows_per_mb: int, n_mb: int, pad_id: int, extra: dict[str, torch.Tensor]) -> list[dict]:
     """`n_mb` micro-batches of `rows_per_mb` consecutive samples of `rollout` (a `Rollout` or the
     engine's `RolloutBatch`), each its right-padded tensors with `sampler_logps`, plus the rows of
@@ -127,13 +148,15 @@ def split_groups(rollout, per_mb: int, n_mb: int, pad_id: int, extra: dict[str, 
 
 
 def rollout_metrics(rollout: Rollout) -> dict:
-    """reward_mean / reward_std (of `rollout.rewards`), response_len (mean tokens), truncated_frac
-    and reward_missing of this process's samples."""
-    r = rollout.rewards
+    """reward_mean / reward_std (of the scored `rollout.rewards`; NaN = not scored is left out, and
+    both are 0 when nothing was scored), response_len (mean tokens), truncated_frac and
+    reward_missing (samples the reward source could not score, every draw counted) of this
+    process's samples."""
+    r = rollout.rewards[scored_mask(rollout.rewards)]
     lens = [len(s.completion_ids) for s in rollout.samples]
     n = max(len(lens), 1)
     return {
-        "reward_mean": float(r.mean()),
+        "reward_mean": float(r.mean()) if r.numel() else 0.0,
         "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
         "response_len": sum(lens) / n,
         "truncated_frac": float(rollout.truncated.sum()) / n,
@@ -193,16 +216,18 @@ def mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: tor
 def evaluate_greedy(model, engine: RolloutEngine, reward_fn, prompts: PromptSet, cfg: OnlineConfig,
                     dist: DistInfo) -> dict:
     """Greedy answers to the first `eval_prompts` held-out prompts, split across processes:
-    eval_reward (mean reward) and eval_solved (fraction reaching reward 1)."""
+    eval_reward (mean reward of the scored answers) and eval_solved (fraction of all answers
+    reaching reward 1; an answer the reward source cannot score is not solved)."""
     n = min(cfg.eval_prompts, len(prompts))
     mine = list(range(dist.rank, n, dist.world))
     if not mine:
         return {}
     prompt_list, columns = prompts.take(mine)
     r = collect(engine, model, prompt_list, columns, sampling_params(cfg, 0, 0, n=1, greedy=True), reward_fn).rewards
-    sums = all_reduce_sum(torch.tensor([float(r.sum()), float((r >= 1.0).sum()), float(len(r))],
-                                      dtype=torch.float64), dist)
-    return {"eval_reward": float(sums[0] / sums[2]), "eval_solved": float(sums[1] / sums[2])}
+    ok = scored_mask(r)
+    sums = all_reduce_sum(torch.tensor([float(r[ok].sum()), float((r[ok] >= 1.0).sum()), float(len(r)),
+                                        float(ok.sum())], dtype=torch.float64), dist)
+    return {"eval_reward": float(sums[0] / max(float(sums[3]), 1.0)), "eval_solved": float(sums[1] / sums[2])}
 
 
 # --------------------------------------------------------------------------- the run

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from alignkit.advantages import scored_mask
 from alignkit.config import OnlineDPOConfig
 from alignkit.losses import dpo_loss
 from alignkit.recipes import online as ol
@@ -37,17 +38,21 @@ __all__ = ["OnlineDPOConfig", "train_online_dpo", "build_pairs", "online_dpo_los
 
 def build_pairs(rewards: torch.Tensor, group_size: int, min_gap: float = 0.0) -> tuple[list[tuple[int, int]], int]:
     """(chosen, rejected) sample indices per group of `group_size` contiguous samples: the highest
-    and the lowest score (the first one among equals). Groups whose best − worst gap is at most
-    `min_gap` (0: groups whose scores are all equal) are skipped; returns (pairs, skipped groups)."""
+    and the lowest score (the first one among equals) among the scored samples (NaN = the reward
+    source could not score it; such a sample is never in a pair). Groups whose best − worst gap is
+    at most `min_gap` (0: groups whose scores are all equal), or with fewer than 2 scored samples,
+    are skipped; returns (pairs, skipped groups)."""
     if rewards.dim() != 1 or rewards.numel() % group_size or group_size < 2:
         raise ValueError(f"need (n_groups x group_size,) rewards with group_size >= 2, got shape "
                          f"{tuple(rewards.shape)} and group_size {group_size}")
     r = rewards.view(-1, group_size)
-    best, worst = r.argmax(-1), r.argmin(-1)
+    ok = scored_mask(r)
+    inf = torch.tensor(float("inf"), dtype=r.dtype)
+    best, worst = torch.where(ok, r, -inf).argmax(-1), torch.where(ok, r, inf).argmin(-1)
     pairs, ties = [], 0
     for g in range(r.shape[0]):
         hi, lo = int(best[g]), int(worst[g])
-        if float(r[g, hi] - r[g, lo]) <= min_gap:
+        if int(ok[g].sum()) < 2 or float(r[g, hi] - r[g, lo]) <= min_gap:
             ties += 1
             continue
         pairs.append((g * group_size + hi, g * group_size + lo))
@@ -115,7 +120,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, model=None, tokenizer=None, reward_fn
 
     def step(rstep: int, clock: StepClock) -> StepResult:
         # 1. sample G answers per prompt and score them; a cut answer loses missing_eos_penalty
-        rollout = run.collect(rstep, *run.prompts_for(rstep), clock)
+        rollout = ol.shape_rewards(run.collect(rstep, *run.prompts_for(rstep), clock), cfg)
         info = ol.rollout_metrics(rollout)
         rollout = rollout.with_rewards(rollout.rewards - cfg.missing_eos_penalty * rollout.truncated.float())
         scores = rollout.rewards

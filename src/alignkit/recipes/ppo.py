@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignkit.advantages import gae, whiten
+from alignkit.advantages import gae, scored_mask, whiten
 from alignkit.config import PPOConfig
 from alignkit.data.order import seeded_permutation
 from alignkit.errors import UserError
@@ -182,7 +182,8 @@ def ppo_policy_loss_fn(cfg: PPOConfig):
         lp, ent = out if cfg.compute_entropy else (out, None)
         m = mb["completion_mask"]
         terms = policy_loss_terms(lp, mb["old_logps"], mb["advantages"], m, cfg.clip_low, cfg.clip_high,
-                                  "token_mean", dual_clip=cfg.dual_clip)
+                                  "token_mean", dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level,
+                                  loss_type=cfg.loss_type)
         stats, n = terms.stats, terms.stats["tokens"]
         metrics = {"clip_frac": (stats["clipped"], n), "ratio_mean": (stats["ratio_sum"], n),
                    "approx_kl": (stats["approx_kl_sum"], n)}
@@ -273,15 +274,9 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
         pconf = build_peft_config(cfg.peft, policy.get_base_model(), cfg)
         policy.add_adapter(CRITIC_ADAPTER, pconf)
         policy.set_adapter("default")
-        # The trainer's checkpoints and final folder hold the policy's adapter only (peft would also write
-        # every other adapter into a subfolder); the critic travels in the trainer state and output_dir/critic.
-        save_all = policy.save_pretrained
-
-        def save_policy_adapter(save_directory, **kwargs):
-            kwargs.setdefault("selected_adapters", ["default"])
-            return save_all(save_directory, **kwargs)
-
-        policy.save_pretrained = save_policy_adapter
+        # Checkpoints and the final folder hold the policy's adapter only (models.load.save_pretrained
+        # saves the "default" adapter of a multi-adapter model); the critic travels in the trainer
+        # state and output_dir/critic.
         critic = AdapterValueModel(policy, ValueHead(hidden_size_of(policy.get_base_model())))
         critic.head.to(tr.device)
         tr.info("critic: adapter 'critic' + value head on the policy's base (one copy of the base weights)")
@@ -389,13 +384,17 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
     normalise = score_normaliser(cfg, moments, dist)
 
     def step(rstep: int, clock: StepClock) -> StepResult:
-        # 1. rollout: sample, score; EOS penalty, normalisation and clipping of the score
-        rollout = run.collect(rstep, *run.prompts_for(rstep), clock)
+        # 1. rollout: sample, score; overlong shaping, EOS penalty, normalisation and clipping of the score
+        rollout = ol.shape_rewards(run.collect(rstep, *run.prompts_for(rstep), clock), cfg)
         info = ol.rollout_metrics(rollout)
         rollout = rollout.with_rewards(rollout.rewards - cfg.missing_eos_penalty * rollout.truncated.float())
-        scores = normalise(rollout.rewards)
-        # 2. no-grad passes over the whole rollout in micro-batch chunks: π_old, π_ref, V
+        scored = scored_mask(rollout.rewards)
+        scores = torch.where(scored, normalise(rollout.rewards), torch.zeros(()))
+        # 2. no-grad passes over the whole rollout in micro-batch chunks: π_old, π_ref, V.
+        #    A sample the reward source could not score leaves the mask: no reward, no advantage,
+        #    no policy or value loss, no part in any whitening
         full = rollout.tensors(run.pad_id)
+        full["completion_mask"] = full["completion_mask"] & scored[:, None]
         B, T = full["input_ids"].shape
         chunks = [take_rows(full, range(i, min(i + micro_rows, B))) for i in range(0, B, micro_rows)]
         full["old_logps"] = _pad_cat(run.old_logps(chunks), T)
@@ -419,8 +418,8 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
         diagnostics = rollout_diagnostics(full, kl, values, returns, dist)
         kl_per_response = diagnostics.pop("kl_per_response", None)
         info.update(diagnostics, kl_coef=kl_ctl.value,
-                    score_mean=float(all_reduce_sum(float(scores.sum()), dist)) / float(
-                        all_reduce_sum(float(scores.numel()), dist)))
+                    score_mean=float(all_reduce_sum(float(scores.sum()), dist)) / max(float(
+                        all_reduce_sum(float(scored.sum()), dist)), 1.0))
         clock.lap("prepare")
         # 5. ppo_epochs passes over shuffled minibatches: clipped policy loss, clipped value loss
         per_mb = B // cfg.num_minibatches
@@ -459,20 +458,22 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
 
 def score_normaliser(cfg: PPOConfig, moments: RunningMoments, dist: DistInfo):
     """scores (N,) -> scores normalised as `reward_norm` says (none | batch | running: by the mean
-    and std of the global batch, or of every score so far) and clipped to ±reward_clip."""
+    and std of the global batch, or of every score so far) and clipped to ±reward_clip. NaN
+    scores (not scored) take no part in the statistics and stay NaN."""
 
     def normalise(scores: torch.Tensor) -> torch.Tensor:
         if cfg.reward_norm == "none":
             out = scores
         else:
-            s = all_reduce_sum(torch.tensor([float(scores.numel()), float(scores.double().sum()),
-                                             float((scores.double() ** 2).sum())], dtype=torch.float64), dist).tolist()
+            ok = scores[scored_mask(scores)].double()
+            s = all_reduce_sum(torch.tensor([float(ok.numel()), float(ok.sum()), float((ok ** 2).sum())],
+                                            dtype=torch.float64), dist).tolist()
             if cfg.reward_norm == "running":
                 moments.update(*s)
                 mean, std = moments.mean, moments.std
             else:
                 n = s[0]
-                mean = s[1] / n
+                mean = s[1] / n if n else 0.0
                 std = math.sqrt(max(s[2] - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
             out = (scores - mean) / (std if std > 0 else 1.0)
         if cfg.reward_clip is not None:

@@ -10,13 +10,16 @@ log π(y|x) is the sum of the answer's token log-probs, KL_i the sum over its to
 per-token estimator against the reference (β = 0 loads no reference). The gradient of L is the
 policy-gradient estimate ∇E[r] ≈ (1/N) Σ (r_i − b) ∇log π(y_i|x_i): the baseline lowers its
 variance without biasing it, since E[b ∇log π] = b ∇Σ π = 0.
+
+A sample the reward source cannot score (None) is left out: not in the baseline's mean, advantage
+0, no loss term and no unit of N. `overlong_buffer` adds DAPO's overlong shaping to the rewards.
 """
 
 from __future__ import annotations
 
 import torch
 
-from alignkit.advantages import MovingAverageBaseline
+from alignkit.advantages import MovingAverageBaseline, scored_mask
 from alignkit.config import ReinforceConfig
 from alignkit.losses import kl_estimate
 from alignkit.recipes import online as ol
@@ -27,14 +30,16 @@ __all__ = ["ReinforceConfig", "train_reinforce", "sequence_pg_loss_fn", "n_seque
 
 
 def sequence_pg_loss_fn(cfg, kl_in_loss: bool):
-    """loss_fn(model, mb) -> (Σ_i −A_i · Σ_t log π(y_t) [+ β Σ_t KL_t], metrics), summed over the
-    micro-batch's sequences (loss units: sequences). mb: rollout rows with `advantages` (B,),
-    `sampler_logps` and, with a reference, `ref_logps` (B, T)."""
+    """loss_fn(model, mb) -> (Σ_i w_i · (−A_i · Σ_t log π(y_t) [+ β Σ_t KL_t]), metrics), summed
+    over the micro-batch's sequences (loss units: scored sequences, `n_sequences`). mb: rollout rows
+    with `advantages` (B,), `scored` (B,) float (w_i: 0 for a sample the reward source could not
+    score, so it gives no gradient), `sampler_logps` and, with a reference, `ref_logps` (B, T)."""
 
     def loss_fn(model, mb: dict):
         out = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
         logps, entropy = out if cfg.compute_entropy else (out, None)
-        m = mb["completion_mask"]
+        w = mb["scored"]
+        m = mb["completion_mask"] & (w[:, None] > 0)
         sequence_logps = (logps * m).sum(-1)
         loss = -(mb["advantages"] * sequence_logps).sum()
         metrics = {"logprob_mismatch": ((mb["sampler_logps"] - logps.detach()).abs()[m].sum(), m.sum()),
@@ -55,8 +60,8 @@ def sequence_pg_loss_fn(cfg, kl_in_loss: bool):
 
 
 def n_sequences(mb: dict) -> float:
-    """Loss units of a micro-batch: its sequences."""
-    return float(mb["input_ids"].shape[0])
+    """Loss units of a micro-batch: its scored sequences (all of them when every sample was scored)."""
+    return float(mb["scored"].sum())
 
 
 def train_reinforce(cfg: ReinforceConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
@@ -71,14 +76,17 @@ def train_reinforce(cfg: ReinforceConfig, model=None, tokenizer=None, reward_fn=
 
     def step(rstep: int, clock: StepClock) -> StepResult:
         # sample a batch of prompts, generate y_i ~ π(·|x_i), score r_i
-        rollout = run.collect(rstep, *run.prompts_for(rstep), clock)
+        rollout = ol.shape_rewards(run.collect(rstep, *run.prompts_for(rstep), clock), cfg)
         r = rollout.rewards
-        # b ← α·b + (1 − α)·mean(r) over the whole global batch, then A_i = r_i − b
-        total = all_reduce_sum(torch.tensor([float(r.sum()), float(r.numel())], dtype=torch.float64), run.dist)
-        adv = baseline.update(r, mean=float(total[0] / total[1]))
+        # b ← α·b + (1 − α)·mean(r) over the whole global batch (scored samples only; NaN = not
+        # scored), then A_i = r_i − b (0 for an unscored sample)
+        ok = scored_mask(r)
+        total = all_reduce_sum(torch.tensor([float(r[ok].sum()), float(ok.sum())], dtype=torch.float64), run.dist)
+        adv = baseline.update(r, mean=float(total[0] / total[1]) if total[1] > 0 else float("nan"))
         info = {**ol.rollout_metrics(rollout), "baseline": baseline.value}
-        # L = −(1/N) Σ_i A_i · log π(y_i|x_i) [+ β KL], N over the global batch
-        mbs = ol.row_batches(rollout, rows_per_mb, cfg.grad_accum, run.pad_id, {"advantages": adv})
+        # L = −(1/N) Σ_i A_i · log π(y_i|x_i) [+ β KL], N = scored samples of the global batch
+        mbs = ol.row_batches(rollout, rows_per_mb, cfg.grad_accum, run.pad_id,
+                             {"advantages": adv, "scored": ol.scored_rows(r)})
         run.add_ref_logps(mbs)
         loss_fn.ratio_max = 1.0
         metrics = run.trainer.accumulate(mbs, loss_fn, n_sequences)

@@ -10,6 +10,10 @@ the estimate stays unbiased:
 With `kl_in_reward` (default), the reward carries the KL penalty as in RLHF:
 r_i ← r_i − β · Σ_t (log π(y_t) − log π_ref(y_t)) (k1, summed over the answer's tokens), so the
 baseline covers it too; otherwise β · KL goes into the loss per token (`kl_estimator`).
+
+A sample the reward source cannot score (None) is left out of the baselines of the others, gets
+advantage 0 and no loss term; N counts scored samples. `overlong_buffer` adds DAPO's overlong
+shaping to the rewards before the baseline.
 """
 
 from __future__ import annotations
@@ -34,17 +38,19 @@ def train_rloo(cfg: RLOOConfig, model=None, tokenizer=None, reward_fn=None) -> d
 
     def step(rstep: int, clock: StepClock) -> StepResult:
         # k answers per prompt, scored
-        rollout = run.collect(rstep, *run.prompts_for(rstep), clock)
+        rollout = ol.shape_rewards(run.collect(rstep, *run.prompts_for(rstep), clock), cfg)
         info = ol.rollout_metrics(rollout)
-        mbs = ol.split_groups(rollout, cfg.batch_size, cfg.grad_accum, run.pad_id, {})
+        # an unscored sample (NaN reward) has weight 0: no gradient, no unit of N
+        mbs = ol.split_groups(rollout, cfg.batch_size, cfg.grad_accum, run.pad_id,
+                              {"scored": ol.scored_rows(rollout.rewards)})
         run.add_ref_logps(mbs)
         rewards = rollout.rewards
         if cfg.kl_in_reward and run.ref is not None:
             # r_i ← r_i − β · Σ_t (log π_sampler(y_t) − log π_ref(y_t))   (sequence k1 KL)
             seq_kl = [((mb["sampler_logps"] - mb["ref_logps"]) * mb["completion_mask"]).sum(-1) for mb in mbs]
             rewards = rewards - cfg.kl_coef * torch.cat(seq_kl)
-            info["reward_with_kl"] = float(rewards.mean())
-        # A_i = r_i − mean of the other k − 1 rewards of its prompt
+            info["reward_with_kl"] = float(rewards.nanmean()) if bool((rewards == rewards).any()) else 0.0
+        # A_i = r_i − mean of the other scored rewards of its prompt (0 for an unscored sample)
         adv = leave_one_out(rewards, k)
         lo = 0
         for mb in mbs:

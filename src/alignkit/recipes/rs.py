@@ -27,6 +27,7 @@ import torch
 
 from alignkit.config import RSConfig
 from alignkit.data.chat import Encoded
+from alignkit.advantages import scored_mask
 from alignkit.data.collate import IGNORE, n_trained, pad_collate
 from alignkit.data.order import seeded_generator
 from alignkit.data.prompts import load_prompts
@@ -39,13 +40,18 @@ __all__ = ["RSConfig", "train_rs", "best_of_n", "generate_best_of_n"]
 
 
 def best_of_n(batch, rewards: torch.Tensor, threshold: float | None) -> list[tuple[int, float]]:
-    """(sample index, reward) of each group's best sample (first on ties), if it passes the
-    threshold. `batch`: a `Rollout` or the engine's `RolloutBatch`; rewards (N,)."""
+    """(sample index, reward) of each group's best scored sample (first on ties), if it passes the
+    threshold. `batch`: a `Rollout` or the engine's `RolloutBatch`; rewards (N,), NaN = the reward
+    source could not score the sample: it is never kept, and a group with no scored sample keeps
+    nothing."""
     G = batch.group_size
     out = []
     for g in range(len(batch.samples) // G):
         r = rewards[g * G:(g + 1) * G]
-        i = int(torch.argmax(r))
+        ok = scored_mask(r)
+        if not bool(ok.any()):
+            continue
+        i = int(torch.argmax(torch.where(ok, r, torch.tensor(float("-inf"), dtype=r.dtype))))
         if threshold is None or float(r[i]) >= threshold:
             out.append((g * G + i, float(r[i])))
     return out
@@ -97,7 +103,7 @@ def train_rs(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
             info, generated = stats["info"], stats["generated_tokens"]
         else:
             # best of N per prompt
-            rollout = run.collect(rnd, *run.prompts_for(rnd), clock)
+            rollout = ol.shape_rewards(run.collect(rnd, *run.prompts_for(rnd), clock), cfg)
             kept = best_of_n(rollout, rollout.rewards, cfg.threshold)
             rows = _kept_rows(rollout, kept)
             info = {**ol.rollout_metrics(rollout), "kept_frac": len(kept) / max(rollout.n_groups, 1),

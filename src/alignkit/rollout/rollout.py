@@ -27,9 +27,11 @@ class Rollout:
     prompts: P prompts (message lists or text). columns: the prompt set's other columns, P values
     each (reward functions receive them per sample). samples: P x group_size `Sample`s, group by
     group (sample i belongs to prompt samples[i].prompt_index). rewards: (P x group_size,) float32,
-    the scores the recipe trains on (a recipe's truncation rule applied, see `with_rewards`).
+    the scores the recipe trains on (a recipe's truncation rule applied, see `with_rewards`);
+    NaN marks a sample the reward source could not score (it returned None): the recipes give it
+    no gradient and leave it out of every reward statistic (`alignkit.advantages.scored_mask`).
     stats: counts over everything drawn to build it, also samples dropped on the way:
-    `generated_tokens` (sampled tokens), `reward_missing` (scores that were None, counted as 0)."""
+    `generated_tokens` (sampled tokens), `reward_missing` (scores that were None)."""
 
     prompts: list
     columns: dict[str, list]
@@ -136,15 +138,17 @@ def collect(engine: RolloutEngine, model, prompts: list, columns: dict[str, list
 def score(batch: RolloutBatch, prompts: list, columns: dict[str, list], reward_fn: Callable) -> Rollout:
     """The rollout of an engine batch drawn for `prompts`, scored by
     `reward_fn(prompts, completions, **columns) -> list[float | None]`, which receives one entry
-    per sample (its prompt and column values repeated). A None score counts as 0 and is counted
-    in stats["reward_missing"]; stats["generated_tokens"] counts the sampled tokens.
+    per sample (its prompt and column values repeated). A None score becomes NaN ("not scored",
+    as `alignkit.rewards.rewards_tensor` makes it) and is counted in stats["reward_missing"];
+    stats["generated_tokens"] counts the sampled tokens.
     Raises ValueError when the reward function returns another number of scores."""
     ps = [prompts[s.prompt_index] for s in batch.samples]
     cols = {k: [v[s.prompt_index] for s in batch.samples] for k, v in columns.items()}
     vals = reward_fn(ps, batch.texts, **cols)
     if len(vals) != len(batch.samples):
         raise ValueError(f"the reward function returned {len(vals)} scores for {len(batch.samples)} samples")
-    rewards = torch.tensor([0.0 if v is None else float(v) for v in vals], dtype=torch.float32)
+    # None -> NaN, not 0: a 0 would enter its group's mean and std and bias every advantage there
+    rewards = torch.tensor([float("nan") if v is None else float(v) for v in vals], dtype=torch.float32)
     stats = {"generated_tokens": sum(len(s.completion_ids) for s in batch.samples),
              "reward_missing": sum(v is None for v in vals)}
     return Rollout(list(prompts), {k: list(v) for k, v in columns.items()}, batch.samples, batch.group_size, rewards,

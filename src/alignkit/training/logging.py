@@ -404,7 +404,7 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if ln.strip():
             try:
                 out.append(json.loads(ln))

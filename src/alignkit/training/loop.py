@@ -90,13 +90,14 @@ class StepResult:
 def write_samples(path: Path, step: int, rollout, k: int = 4) -> None:
     """Append the first `k` samples of `rollout` to `path` (JSON lines): step, the prompt each
     completion was drawn for (its last message's text), the completion, the reward it was trained
-    with and its finish reason."""
+    with (null when the reward source could not score it) and its finish reason."""
     with path.open("a", encoding="utf-8") as f:
         for i in range(min(k, len(rollout))):
             s = rollout.samples[i]
             p = rollout.prompt_of(i)
             p = p[-1]["content"] if isinstance(p, list) else p
-            f.write(json.dumps({"step": step, "prompt": p, "completion": s.text, "reward": float(rollout.rewards[i]),
+            r = float(rollout.rewards[i])
+            f.write(json.dumps({"step": step, "prompt": p, "completion": s.text, "reward": None if r != r else r,
                                 "finish": s.finish_reason}, ensure_ascii=False) + "\n")
 
 

@@ -212,6 +212,19 @@ def test_server_mode_weights_through_files_and_clean_shutdown(folder, tmp_path):
         train_step(model)
         eng.generate(model, [PROMPT], p)
         assert 0 < eng.last_sync["tensors"]
+        # a GRPO run of 2 steps through the server: every step's weights reach it
+        from alignkit.config import GRPOConfig
+        from alignkit.recipes.grpo import train_grpo
+
+        data = tmp_path / "p.jsonl"
+        data.write_text("".join(f'{{"prompt": "{i} + {i}?"}}\n' for i in range(8)))
+        train_grpo(GRPOConfig(model=str(folder[0]), data=str(data), output_dir=str(tmp_path / "g"), max_steps=2,
+                              batch_size=4, num_generations=2, max_new_tokens=6, lr=0.02, progress=False,
+                              log_every=1, dtype="float32", rollout_engine="vllm", tensorboard=False, plot=False,
+                              eval_prompts=0, vllm={"mode": "server", "port": port, "timeout": 120}),
+                   reward_fn=digits)
+        tr = run_metrics(tmp_path / "g")
+        assert len(tr) == 2 and all(r["logprob_mismatch"] < 1e-3 for r in tr), [r["logprob_mismatch"] for r in tr]
         eng.shutdown()
         assert proc.wait(timeout=60) == 0
     finally:

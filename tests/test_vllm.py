@@ -366,14 +366,16 @@ from alignkit.config import GRPOConfig
 from alignkit.recipes.grpo import train_grpo
 train_grpo(GRPOConfig(model=sys.argv[1], data=sys.argv[2], output_dir=sys.argv[4], max_steps=2, batch_size=2,
                       num_generations=2, max_new_tokens=4, lr=0.02, progress=False, log_every=1, dtype="float32",
-                      rollout_engine="vllm", distributed="ddp", tensorboard=False, plot=False, eval_prompts=0),
+                      rollout_engine="vllm", distributed=sys.argv[5], tensorboard=False, plot=False, eval_prompts=0),
            reward_fn=digits)
 """
 
 
-def test_two_ddp_processes_each_with_its_engine(folder, prompts, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_each_with_its_engine(folder, prompts, tmp_path, mode):
     """torchrun with 2 processes on CPU: each samples with its own in-process engine and syncs the
-    (DDP-identical) weights; the gap stays float noise at every step."""
+    weights (under FSDP gathered from the shards unit by unit, outside the trainer's gathering);
+    the gap stays float noise at every step."""
     import os
     import subprocess
     import sys
@@ -385,7 +387,7 @@ def test_two_ddp_processes_each_with_its_engine(folder, prompts, tmp_path):
     script = tmp_path / "ddp_grpo.py"
     script.write_text(DDP_GRPO)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), str(script), str(folder[0]), str(prompts), str(tests), str(tmp_path / "r")],
+                          str(free_port()), str(script), str(folder[0]), str(prompts), str(tests), str(tmp_path / "r"), mode],
                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     tr = run_metrics(tmp_path / "r")

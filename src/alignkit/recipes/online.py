@@ -311,6 +311,7 @@ class OnlineRun:
         if self.ref is not None and self.ref is not self.trainer.model:
             self.ref_fsdp = self.trainer.shard_frozen(self.ref)
         self.engine = rollout_engine(cfg, self.tok, self.trainer.model, self.trainer.run_dir)
+        self._engine_step: int | None = None  # optimizer step whose weights the engine holds
         self.pad_id = self.engine.pad_id
         self.run_dir = self.trainer.run_dir
 
@@ -326,6 +327,20 @@ class OnlineRun:
         idx = torch.randint(0, len(self.prompts), (k,), generator=g).tolist()
         return self.prompts.take(idx)
 
+    def sync_engine(self) -> bool:
+        """For an engine that holds its own weights (vLLM): push the policy's changed weights once
+        per optimizer step and return True; False for alignkit's engine, which samples from the
+        policy itself. Called outside FSDP's gathering, so a sharded policy is gathered one unit at
+        a time; every process calls it at the same optimizer step (the first rollout or
+        evaluation after it), so the collectives of the gathering match even when processes draw
+        a different number of rollouts in a step (dynamic sampling)."""
+        if not hasattr(self.engine, "sync_weights"):
+            return False
+        if self._engine_step != self.trainer.step:
+            self.engine.sync_weights(self.trainer.model)
+            self._engine_step = self.trainer.step
+        return True
+
     def collect(self, rstep: int, prompts: list, columns: dict, clock: StepClock, stream: int | None = None,
                 n: int | None = None) -> Rollout:
         """`alignkit.rollout.collect` with the current policy on full weights (FSDP gathered) under
@@ -334,8 +349,11 @@ class OnlineRun:
         stream = self.dist.rank if stream is None else stream
         params = sampling_params(self.cfg, rstep, stream, n=n)
         t0 = time.time()
-        with self.trainer.gathered(), self.trainer.autocast():
-            batch = self.engine.generate(self.trainer.model, prompts, params)
+        if self.sync_engine():  # vLLM holds the weights: nothing to gather for sampling
+            batch = self.engine.generate(None, prompts, params)
+        else:
+            with self.trainer.gathered(), self.trainer.autocast():
+                batch = self.engine.generate(self.trainer.model, prompts, params)
         t1 = time.time()
         rollout = score(batch, prompts, columns, self.reward_fn)
         clock.add("generate", t1 - t0)
@@ -382,5 +400,5 @@ class OnlineRun:
 
     def evaluate(self) -> dict:
         """`evaluate_greedy` on the eval prompts (the loop enters gathering and autocast)."""
-        return evaluate_greedy(self.trainer.model, self.engine, self.reward_fn, self.eval_prompts, self.cfg,
-                               self.dist)
+        model = None if self.sync_engine() else self.trainer.model
+        return evaluate_greedy(model, self.engine, self.reward_fn, self.eval_prompts, self.cfg, self.dist)

@@ -96,8 +96,9 @@ class VLLMServerEngine(RolloutEngine):
 
     def sync_weights(self, model, full: bool = False) -> dict:
         """Write the changed weights of `model` as safetensors buckets under sync_dir and have the
-        server load them (see `VLLMEngine.sync_weights` for what is sent). Under FSDP every rank
-        gathers; rank 0 alone writes and asks the server."""
+        server load them (see `VLLMEngine.sync_weights` for what is sent). With several processes
+        every rank gathers (FSDP), rank 0 alone writes and asks the server, and all wait for it
+        (a barrier): every process must call this at the same point."""
         from safetensors.torch import save_file
 
         import torch.distributed as dist
@@ -122,6 +123,8 @@ class VLLMServerEngine(RolloutEngine):
                 request(self.url + "/reload", {"dir": str(folder.resolve())}, self.timeout)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        if not writer or (dist.is_available() and dist.is_initialized()):
+            dist.barrier()  # no process samples before rank 0's reload has finished
         self.last_sync = {"tensors": n, "bytes": size, "buckets": files, "seconds": time.perf_counter() - t0}
         return self.last_sync
 

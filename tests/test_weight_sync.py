@@ -191,3 +191,11 @@ def test_fingerprint_is_chunk_independent_and_sees_one_element(monkeypatch):
     with torch.no_grad():
         p.view(-1)[205] = torch.nextafter(p.view(-1)[205], torch.tensor(10.0))  # one ulp, mid-chunk
     assert ws._sig(p) != whole
+
+
+def test_lora_on_a_tied_head_is_refused(tied):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(tied, LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(UserError, match="tied to another layer"):
+        weight_units(pm)

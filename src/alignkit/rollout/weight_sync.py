@@ -174,6 +174,9 @@ def weight_units(model, packed: dict[str, list[str]] | None = None) -> list[Unit
     root = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
     lora_cls, mts_cls = _lora_classes()
     seen: set[int] = set()
+    names_of: dict[int, int] = {}
+    for _, p in root.named_parameters(remove_duplicate=False):
+        names_of[id(p)] = names_of.get(id(p), 0) + 1
     groups: dict[str, list[tuple[str, tuple, Callable[[], torch.Tensor], int]]] = {}
     order: list[str] = []
     skip: list[str] = []
@@ -193,6 +196,10 @@ def weight_units(model, packed: dict[str, list[str]] | None = None) -> list[Unit
         if lora_cls and isinstance(module, lora_cls):
             skip.append(path)
             base = module.get_base_layer()
+            if names_of.get(id(base.weight), 0) > 1:
+                raise UserError(f"rollout_engine=vllm: a LoRA adapter on {path}, whose weight is tied to another "
+                                "layer (tied embeddings), cannot be merged into the engine (it keeps one tied "
+                                "tensor); leave it out of peft.target_modules")
             adapters = _active(module)
             src = [base.weight] + [t for a in adapters for t in (
                 [module.lora_A[a].weight, module.lora_B[a].weight] if a in getattr(module, "lora_A", {}) else

@@ -351,7 +351,8 @@ def rollout_diagnostics(full: dict, kl, values, returns, dist: DistInfo) -> dict
         float(returns.sum()), float(values.sum())], dtype=torch.float64), dist).tolist()
     out = {"returns_mean": returns_sum / n_tok, "values_mean": values_sum / n_tok,
            "explained_variance": explained_variance(values, returns, mask, dist),
-           "logprob_mismatch": gap_sum / max(gap_count, 1.0)}
+           "logprob_mismatch": gap_sum / max(gap_count, 1.0),
+           "mismatch_ratio_max": ol.max_over_ranks(ol.ratio_max(full["sampler_logps"], full["old_logps"], mask), dist)}
     if kl is not None:
         out.update(kl=kl_sum / n_tok, kl_seq=kl_sum / n_samples, kl_per_response=kl_sum / n_samples)
     return out

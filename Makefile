@@ -23,7 +23,7 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/alignkit demo
 
-# tests/test_report.py renders the HTML report in headless Chromium (Debian's package, no browser
+# tests/unit/test_report.py renders the HTML report in headless Chromium (Debian's package, no browser
 # download): installed here when apt-get can run as root, otherwise say how and the test is skipped.
 browser:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \

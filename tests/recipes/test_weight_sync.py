@@ -170,7 +170,7 @@ def test_fsdp_gathers_unit_by_unit_and_ranks_agree(tiny_model_dir, tmp_path, met
 
     from test_distributed import free_port
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     script = tmp_path / "fsdp_sync.py"
     script.write_text(FSDP_SYNC)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root / "tests"))

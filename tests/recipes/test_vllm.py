@@ -383,7 +383,7 @@ def test_two_processes_each_with_its_engine(folder, prompts, tmp_path, mode):
 
     from test_distributed import free_port
 
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]  # tests/, where conftest lives
     script = tmp_path / "ddp_grpo.py"
     script.write_text(DDP_GRPO)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -440,7 +440,7 @@ Setup (`bench/bench_rm.py`, helpers in `bench/common.py`):
 - alignkit: `share_prompt=true` (the default): each pair is one row, [prompt | chosen | rejected],
   with an attention mask that lets each response see the prompt and itself only, at positions that
   continue the prompt, so the prompt is computed once; rewards and gradients equal the full-sequence
-  computation to float rounding (tests/test_rm.py). alignkit-full: `share_prompt=false`, one pass over
+  computation to float rounding (tests/recipes/test_rm.py). alignkit-full: `share_prompt=false`, one pass over
   the 2B right-padded full sequences, which is also what TRL computes.
 - Throughput: pairs per second over optimizer steps {args.skip_steps + 1}..{args.steps}, recorded inside each
   training loop (alignkit via wrappers on `Trainer.accumulate`/`optimizer_step`, TRL via a

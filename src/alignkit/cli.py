@@ -158,6 +158,22 @@ def _rs_generate_run(cfg):
     generate_best_of_n(cfg)
 
 
+def _vllm_serve_cfg():
+    from alignkit.config import VLLMServeConfig
+
+    return VLLMServeConfig
+
+
+def _vllm_serve_run(cfg):
+    from alignkit.rollout.vllm_server import serve
+
+    if not cfg.model:
+        raise UserError("vllm-serve: give the model to serve: model=<folder or hub id>")
+    serve(cfg.model, cfg.host, cfg.port, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+          gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
+          tensor_parallel_size=cfg.tensor_parallel_size, ready_file=cfg.ready_file)
+
+
 def _merge_cfg():
     from alignkit.models.peft import MergeConfig
 
@@ -223,6 +239,8 @@ COMMANDS: dict[str, Command] = {
                            _online("rs", "RSConfig", "train_rs")[0], _rs_generate_run),
     "eval": Command("eval", "evaluate a model: reward, KL to a reference, accuracy, win rate, perplexity, "
                     "prompting modes", _eval_cfg, _eval_run),
+    "vllm-serve": Command("vllm-serve", "serve a model with vLLM for runs with rollout_engine=vllm vllm.mode=server",
+                          _vllm_serve_cfg, _vllm_serve_run),
     "merge": Command("merge", "fold a trained adapter into its base model and save a plain transformers model",
                      _merge_cfg, _merge_run),
     "report": Command("report", "table, curves and samples for any set of run folders (report.md, report.html)",
@@ -340,6 +358,13 @@ def _check_before_run(cmd: Command, cfg) -> None:
 
             check_source(val, what, key)
 
+    if hasattr(cfg, "rollout_engine"):  # vLLM missing, adapters it cannot take: before any model loads
+        from alignkit.rollout.vllm_engine import check_engine_config, check_vllm_model
+
+        if check_engine_config(cfg) == "vllm" and cfg.vllm.mode == "colocate" and cfg.model:
+            import torch
+
+            check_vllm_model(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")  # architecture, head size
     out = getattr(cfg, "output_dir", None)
     if isinstance(out, str):
         check_output_dir(out)

@@ -651,6 +651,27 @@ DEFAULT_REFLECT_INSTRUCTION = (
 # ----------------------------------------------------------------------------------------------
 
 
+class VLLMSection(Section):
+    """vLLM as the rollout engine (rollout_engine=vllm; see docs/vllm.md)."""
+
+    mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: an in-process engine per training process; server: `alignkit vllm-serve`")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of the GPU for vLLM's weights + KV cache (colocate; the rest trains)")
+    enable_sleep_mode: bool = Field(False, description="Free vLLM's KV cache while training (GPU, colocate)")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Engine dtype; auto = the training dtype")
+    sync_bucket_mb: float = Field(256.0, gt=0, description="Weight-sync bucket size (MiB): tensors in flight at once")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Longest prompt + completion the engine holds (default: the model's context)")
+    host: str = Field("127.0.0.1", description="Server mode: the vllm-serve host")
+    port: int = Field(8765, ge=1, le=65535, description="Server mode: the vllm-serve port")
+    timeout: float = Field(300.0, gt=0, description="Server mode: seconds before a request fails (never hangs)")
+    sync_dir: str | None = Field(
+        None, description="Server mode without NCCL: shared folder the weights go through (default: in output_dir)")
+
+
 class OnlineConfig(TrainConfig):
     """Keys shared by the online RL recipes: sample from the policy, score, update."""
 
@@ -682,6 +703,10 @@ class OnlineConfig(TrainConfig):
                                  "`overlong_penalty` over the last N tokens of max_new_tokens (0: off)")
     overlong_penalty: float = Field(1.0, ge=0, description="DAPO overlong shaping: the penalty at and past "
                                     "max_new_tokens (reward units)")
+    rollout_engine: Literal["alignkit", "vllm", "auto"] = Field(
+        "alignkit", description="Who samples: alignkit's engine, vLLM, or auto (vLLM when installed and a GPU is "
+        "present)")
+    vllm: VLLMSection = Field(default_factory=VLLMSection, description="vLLM engine settings (rollout_engine=vllm)")
     tools: list[str] | None = Field(None, description="Tools the model may call, as module:function (comma-separated); "
                                     "schemas from type hints + docstrings; makes rollouts multi-turn (docs/agents.md)")
     env: str | None = Field(None, description="Environment class module:Class with reset(row) and step(message) "
@@ -695,6 +720,17 @@ class OnlineConfig(TrainConfig):
     @classmethod
     def _split_tools(cls, v):
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _engine_keys(self):
+        # keys set to a non-default value (a dumped config.yaml read back holds every key)
+        changed = sorted(k for k in self.vllm.model_fields_set
+                         if getattr(self.vllm, k) != type(self.vllm).model_fields[k].default)
+        if self.rollout_engine == "alignkit" and changed:
+            keys = ", ".join(f"vllm.{k}" for k in changed)
+            raise UserError(f"{keys} given with rollout_engine=alignkit; set rollout_engine=vllm (or auto), or drop "
+                            "the vllm.* keys")
+        return self
 
     # Recipes whose update is a policy gradient need samples drawn from the policy (temperature > 0).
     _policy_gradient: typing.ClassVar[bool] = True
@@ -711,6 +747,21 @@ class OnlineConfig(TrainConfig):
             raise ValueError(f"overlong_buffer={self.overlong_buffer} is longer than max_new_tokens="
                              f"{self.max_new_tokens}; the buffer is the last part of the budget, so lower it")
         return self
+
+
+class VLLMServeConfig(Section):
+    """`alignkit vllm-serve`: one vLLM engine behind an HTTP interface for vllm.mode=server runs."""
+
+    model: str = Field("", description="The model to serve: a local folder or a hub id (the policy's start)")
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8765, ge=1, le=65535, description="Port to listen on")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype")
+    max_model_len: int | None = Field(None, ge=2, description="Longest prompt + completion (default: the model's)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU for weights + KV cache")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV-cache GiB on CPU")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the served model is split over")
+    seed: int = Field(0, description="Engine seed")
+    ready_file: str | None = Field(None, description="Write the server's address to this file once it listens")
 
 
 def _check_objective(cfg):
@@ -766,6 +817,10 @@ class GRPOConfig(OnlineConfig):
         False, description="Drop groups whose rewards are all equal (no signal) and refill with new prompts"
     )
     max_refill_rounds: int = Field(3, ge=0, description="Dynamic sampling: extra generation rounds per step at most")
+    rollout_correction: Literal["none", "tis", "mis"] = Field(
+        "none", description="Sampler-vs-trainer correction (docs/vllm.md): tis = loss x min(ratio, cap); "
+        "mis = drop tokens whose ratio leaves [1/cap, cap]")
+    rollout_correction_cap: float = Field(2.0, gt=1, description="C of rollout_correction")
 
     @model_validator(mode="after")
     def _objective(self):

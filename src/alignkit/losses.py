@@ -12,7 +12,8 @@ Contents: sft_loss, bradley_terry_loss, distributional_preference_loss, dpo_loss
 cDPO, robust, ipo, hinge, simpo), kl_estimate (k1/k2/k3), policy_loss(_terms) (clipped
 surrogate with named aggregations, dual clip, KL penalty, GSPO's sequence-level ratio, CISPO),
 value_loss(_terms), overlong_penalty (DAPO), kto_loss + kto_reference_point, orpo_loss,
-distill_reverse_kl_sampled, generalized_jsd + chunked_distill_divergence (on-policy distillation).
+distill_reverse_kl_sampled, generalized_jsd + chunked_distill_divergence (on-policy distillation),
+rollout_correction + correction_metrics (sampler vs trainer gap: TIS / MIS).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ __all__ = [
     "distill_reverse_kl_sampled",
     "generalized_jsd",
     "chunked_distill_divergence",
+    "ROLLOUT_CORRECTIONS",
+    "RolloutCorrection",
+    "rollout_correction",
+    "correction_metrics",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
@@ -56,6 +61,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 RATIO_LEVELS = ("token", "sequence")
 POLICY_LOSS_TYPES = ("clip", "cispo")
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 
 
 def _bool(mask: torch.Tensor) -> torch.Tensor:
@@ -301,6 +307,7 @@ def policy_loss_terms(
     dual_clip: float | None = None,
     ratio_level: str = "token",
     loss_type: str = "clip",
+    is_weights: torch.Tensor | None = None,
 ) -> PolicyLossTerms:
     """The per-token clipped surrogate of `policy_loss`, summed but not normalised.
 
@@ -331,6 +338,9 @@ def policy_loss_terms(
                   value is not a surrogate of the return; only its gradient
                   -sg(min(rho, 1 + clip_high)) A grad log pi is meaningful. clip_frac counts
                   tokens whose weight was capped (their gradient is kept, unlike `clip`).
+
+    is_weights: (B, T) per-token weights of the policy-gradient term, detached (rollout
+        correction: `rollout_correction(...).weights`, TIS); the KL term is not weighted.
 
     Aggregations (over masked tokens; n_b = masked tokens of sequence b; only sequences with
     n_b > 0 count as sequences):
@@ -365,7 +375,7 @@ def policy_loss_terms(
         raise ValueError("kl_coef > 0 needs ref_logps")
     if logps.dim() != 2:
         raise ValueError(f"logps must be (B, T), got {tuple(logps.shape)}")
-    named = {"old_logps": old_logps, "mask": mask, "ref_logps": ref_logps}
+    named = {"old_logps": old_logps, "mask": mask, "ref_logps": ref_logps, "is_weights": is_weights}
     for name, x in named.items():
         if x is not None and x.shape != logps.shape:
             raise ValueError(f"{name} shape {tuple(x.shape)} must equal logps shape {tuple(logps.shape)}")
@@ -399,6 +409,8 @@ def policy_loss_terms(
         dual = (A < 0) & (per_token > bound)
         per_token = torch.where(dual, bound, per_token)
         dual = dual & m
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     kl = None
     if ref_logps is not None:
         kl = _masked(kl_estimate(logps, ref_logps.detach(), kl_estimator), m)
@@ -451,6 +463,7 @@ def policy_loss(
     dual_clip: float | None = None,
     ratio_level: str = "token",
     loss_type: str = "clip",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped policy-gradient loss of one batch: `policy_loss_terms(...)` loss_sum / count.
 
@@ -465,8 +478,85 @@ def policy_loss(
     gives loss 0. To normalise across micro-batches, use `policy_loss_terms`.
     """
     terms = policy_loss_terms(logps, old_logps, advantages, mask, clip_low, clip_high, aggregation, ref_logps,
-                              kl_coef, kl_estimator, max_length, dual_clip, ratio_level, loss_type)
+                              kl_coef, kl_estimator, max_length, dual_clip, ratio_level, loss_type, is_weights)
     return terms.loss_sum / terms.count.clamp(min=1), terms.metrics()
+
+
+# --------------------------------------------------------------------------- sampler vs trainer
+
+
+class RolloutCorrection(NamedTuple):
+    """What `rollout_correction` returns for one micro-batch.
+
+    weights: (B, T) float, detached: the per-token weight of the policy-gradient term (pass as
+             `policy_loss_terms(..., is_weights=)`); None when the mode weights nothing.
+    mask:    (B, T) bool: the loss mask to train on (MIS drops tokens from it).
+    stats:   detached float64 sums over the *input* mask, additive across micro-batches except
+             ratio_max (take the max): tokens, mismatch_sum (sum |trainer - sampler|, nats),
+             ratio_max (the largest per-token probability ratio either way,
+             max exp|trainer - sampler|), capped (TIS: tokens whose weight hit the cap), dropped
+             (MIS: tokens removed). `correction_metrics` turns them into means."""
+
+    weights: torch.Tensor | None
+    mask: torch.Tensor
+    stats: dict
+
+
+def rollout_correction(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
+                       mode: str = "none", cap: float = 2.0) -> RolloutCorrection:
+    """Correct for the gap between the engine that sampled and the trainer that learns.
+
+    The sampler (vLLM, other kernels, other precision) draws tokens from pi_sampler, close to
+    but not equal to the trainer's pi_trainer of the same weights; the policy gradient assumes
+    samples from pi_trainer. Per completion token, with r = pi_trainer / pi_sampler =
+    exp(trainer_logps - sampler_logps) (detached):
+
+        none  weights none, mask unchanged (only the gap is measured)
+        tis   truncated importance sampling: the token's policy-gradient loss is multiplied by
+              min(r, cap) (Ionides 2008; applied to sampler/trainer mismatch by Yao et al. 2025,
+              "Your efficient RL framework secretly brings you off-policy RL training")
+        mis   masked importance sampling: tokens with r outside [1/cap, cap] leave the loss mask
+              (they no longer count in the normaliser either: the aggregation is taken over the
+              kept tokens); kept tokens are not reweighted
+
+    trainer_logps: the trainer's log-probs of the sampled tokens under the rollout's weights
+    (pi_old; `old_logps`), sampler_logps: the engine's (`sampler_logps`), mask: completion
+    tokens; all (B, T), nats. cap: C > 1. Raises ValueError: unknown mode, cap <= 1, shapes.
+    """
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"unknown rollout_correction {mode!r}; valid: {', '.join(ROLLOUT_CORRECTIONS)}")
+    if not cap > 1.0:
+        raise ValueError(f"rollout_correction_cap must be > 1, got {cap}")
+    for name, x in (("sampler_logps", sampler_logps), ("mask", mask)):
+        if x.shape != trainer_logps.shape:
+            raise ValueError(f"{name} shape {tuple(x.shape)} must equal trainer_logps shape {tuple(trainer_logps.shape)}")
+    m = _bool(mask)
+    with torch.no_grad():
+        delta = _masked(trainer_logps.detach().float() - sampler_logps.detach().float(), m)
+        ratio = torch.exp(delta)
+        stats = {"tokens": m.sum().double(), "mismatch_sum": delta.abs().sum().double(),
+                 "ratio_max": torch.exp(delta.abs().max()).double() if m.any() else torch.tensor(1.0, dtype=torch.float64)}
+        weights, keep = None, m
+        if mode == "tis":
+            weights = _masked(torch.clamp(ratio, max=cap), m)
+            stats["capped"] = ((ratio > cap) & m).sum().double()
+        elif mode == "mis":
+            keep = m & (ratio >= 1.0 / cap) & (ratio <= cap)
+            stats["dropped"] = (m & ~keep).sum().double()
+    return RolloutCorrection(weights, keep, stats)
+
+
+def correction_metrics(stats: dict) -> dict:
+    """Means of (summed) `RolloutCorrection.stats`: logprob_mismatch (mean |trainer - sampler|
+    per completion token, nats), mismatch_ratio_max, and rollout_capped_frac (tis) /
+    rollout_dropped_frac (mis) when present."""
+    n = max(float(stats["tokens"]), 1.0)
+    out = {"logprob_mismatch": float(stats["mismatch_sum"]) / n, "mismatch_ratio_max": float(stats["ratio_max"])}
+    if "capped" in stats:
+        out["rollout_capped_frac"] = float(stats["capped"]) / n
+    if "dropped" in stats:
+        out["rollout_dropped_frac"] = float(stats["dropped"]) / n
+    return out
 
 
 # --------------------------------------------------------------------------- value function

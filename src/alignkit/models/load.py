@@ -225,7 +225,8 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.de
 
 def save_pretrained(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> None:
     """Save in Hugging Face format (safetensors) so plain transformers loads it. `state_dict`:
-    the full weights when the model itself holds shards (FSDP)."""
+    the full weights when the model itself holds shards (FSDP). A peft model with several
+    adapters saves its "default" (trained) adapter only."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar inside our own progress display
@@ -233,6 +234,12 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, state_dict: dict | No
     out_dir.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
     kw = {"state_dict": state_dict} if state_dict is not None else {}
+    adapters = getattr(model, "peft_config", None)
+    if isinstance(adapters, dict) and len(adapters) > 1:
+        # A model carrying other adapters beside the trained one (PPO's shared-base critic adapter,
+        # which travels in the trainer state and output_dir/critic): the folder holds the
+        # policy's adapter only, as a single-adapter folder plain peft loads.
+        kw["selected_adapters"] = ["default"] if "default" in adapters else [model.active_adapter]
     model.save_pretrained(out_dir, safe_serialization=True, **kw)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

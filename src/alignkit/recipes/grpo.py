@@ -51,9 +51,12 @@ def grpo_loss_fn(cfg: GRPOConfig):
         terms = policy_loss_terms(logps, old, mb["advantages"], mb["loss_mask"], cfg.clip_low, cfg.clip_high,
                                   cfg.aggregation, ref_logps=mb.get("ref_logps"), kl_coef=cfg.kl_coef,
                                   kl_estimator=cfg.kl_estimator, max_length=cfg.max_new_tokens,
-                                  dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level, loss_type=cfg.loss_type)
+                                  dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level, loss_type=cfg.loss_type,
+                                  is_weights=mb.get("is_weights"))
         stats, n_tok = terms.stats, terms.stats["tokens"]
         completion = mb["completion_mask"]
+        # the largest per-token probability ratio, either way: a max, so kept aside, not summed
+        loss_fn.ratio_max = max(loss_fn.ratio_max, ol.ratio_max(mb["sampler_logps"], old, completion))
         metrics = {
             "clip_frac": (stats["clipped"], n_tok),
             "ratio_mean": (stats["ratio_sum"], n_tok),
@@ -68,6 +71,7 @@ def grpo_loss_fn(cfg: GRPOConfig):
             metrics["entropy"] = ((entropy.detach() * completion).sum(), completion.sum())
         return terms.loss_sum, metrics
 
+    loss_fn.ratio_max = 1.0
     return loss_fn
 
 
@@ -123,15 +127,18 @@ def train_grpo(cfg: GRPOConfig, model=None, tokenizer=None, reward_fn=None) -> d
                 mb["loss_mask"][mb["truncated"]] = False
             del mb["truncated"]
         # 4. old (μ > 1) and reference log-probs, no grad, same numerics as the update
-        if cfg.iterations > 1:
+        if cfg.iterations > 1 or cfg.rollout_correction != "none":
             for mb, lp in zip(mbs, run.old_logps(mbs)):
                 mb["old_logps"] = lp
+            info.update(ol.correct_rollout(mbs, cfg, run.dist))  # sampler vs trainer: TIS / MIS
         run.add_ref_logps(mbs)
         clock.lap("prepare")
         # 5. μ updates on the same batch
         updates = []
         for _ in range(cfg.iterations):
+            loss_fn.ratio_max = 1.0
             metrics = tr.accumulate(mbs, loss_fn, units)
+            metrics["mismatch_ratio_max"] = ol.max_over_ranks(loss_fn.ratio_max, run.dist)
             metrics.update(info)
             updates.append(tr.optimizer_step(metrics))
         return StepResult(updates, rollout, rollout.generated_tokens)

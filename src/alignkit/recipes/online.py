@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
+
 import torch
 
 from alignkit.advantages import scored_mask
@@ -32,7 +34,8 @@ from alignkit.training.dist import DistInfo, all_reduce_sum
 from alignkit.training.loop import StepClock, StepResult, run_loop, to_device
 
 __all__ = ["OnlineRun", "PromptSet", "load_prompts", "prompt_order", "token_logps", "sampling_params",
-           "shape_rewards", "scored_rows", "split_groups", "row_batches", "rollout_metrics", "mismatch", "evaluate_greedy", "StepClock", "StepResult"]
+           "shape_rewards", "scored_rows", "split_groups", "row_batches", "rollout_metrics", "mismatch",
+           "correct_rollout", "max_over_ranks", "ratio_max", "evaluate_greedy", "StepClock", "StepResult"]
 
 
 # --------------------------------------------------------------------------- models
@@ -168,6 +171,48 @@ def rollout_metrics(rollout: Rollout) -> dict:
     return out
 
 
+def correct_rollout(mbs: list[dict], cfg: OnlineConfig, dist: DistInfo) -> dict:
+    """Apply `rollout_correction` to micro-batches that hold `old_logps` (the trainer's log-probs
+    under the rollout's weights), `sampler_logps` and `loss_mask` (see
+    `alignkit.losses.rollout_correction`): MIS narrows each `loss_mask` (before the loss units
+    are counted, so the aggregation stays exact over the kept tokens), TIS sets `is_weights`.
+    Returns the fraction of completion tokens capped / dropped over every process."""
+    from alignkit.losses import rollout_correction
+
+    touched, tokens = 0.0, 0.0
+    for mb in mbs:
+        c = rollout_correction(mb["old_logps"], mb["sampler_logps"], mb["loss_mask"], cfg.rollout_correction,
+                               cfg.rollout_correction_cap)
+        mb["loss_mask"] = c.mask
+        if c.weights is not None:
+            mb["is_weights"] = c.weights
+        touched += float(c.stats.get("capped", 0.0) + c.stats.get("dropped", 0.0))
+        tokens += float(c.stats["tokens"])
+    if cfg.rollout_correction == "none":
+        return {}
+    touched, tokens = all_reduce_sum(torch.tensor([touched, tokens], dtype=torch.float64), dist).tolist()
+    key = "rollout_capped_frac" if cfg.rollout_correction == "tis" else "rollout_dropped_frac"
+    return {key: touched / max(tokens, 1.0)}
+
+
+def ratio_max(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> float:
+    """The largest per-token probability ratio between sampler and trainer, either way:
+    max exp|sampler_logps - trainer_logps| over `mask` (1.0 for an empty mask). All (B, T)."""
+    m = mask.bool()
+    if not m.any():
+        return 1.0
+    return float(torch.exp((sampler_logps.detach() - trainer_logps.detach()).abs()[m].max()))
+
+
+def max_over_ranks(x: float, dist: DistInfo) -> float:
+    """The largest `x` over every process (x itself in one process)."""
+    if not dist.enabled:
+        return x
+    from alignkit.training.fsdp import all_reduce_max
+
+    return all_reduce_max(x, dist.device)
+
+
 def mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """(sum |Δ log p|, token count) between the engine's sampling log-probs and the trainer's."""
     m = mask.bool()
@@ -203,6 +248,26 @@ def evaluate_greedy(model, engine: RolloutEngine, reward_fn, prompts: PromptSet,
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def rollout_engine(cfg: OnlineConfig, tok, policy, run_dir) -> RolloutEngine:
+    """The engine `cfg.rollout_engine` asks for (see `alignkit.rollout.engines.build_engine`).
+    vLLM starts from `cfg.model`; a policy handed in without a model folder is saved to
+    <run_dir>/vllm_start first (the engine reads a folder, then takes the trainer's weights)."""
+    from alignkit.rollout.engines import build_engine
+    from alignkit.rollout.vllm_engine import check_engine_config
+
+    path = cfg.model
+    if check_engine_config(cfg) == "vllm" and cfg.vllm.mode == "colocate" and not path:
+        from alignkit.rollout.weight_sync import unwrap
+
+        base = unwrap(policy)
+        base = base.get_base_model() if hasattr(base, "peft_config") else base
+        path = str(Path(run_dir) / "vllm_start")
+        base.save_pretrained(path)
+        tok.save_pretrained(path)
+    return build_engine(cfg, tok, path, sampling=sampling_params(cfg, 0, 0))
+
 
 
 class OnlineRun:
@@ -263,7 +328,8 @@ class OnlineRun:
         self.ref_fsdp = None
         if self.ref is not None and self.ref is not self.trainer.model:
             self.ref_fsdp = self.trainer.shard_frozen(self.ref)
-        self.engine = RolloutEngine(self.tok)
+        self.engine = rollout_engine(cfg, self.tok, self.trainer.model, self.trainer.run_dir)
+        self._engine_step: int | None = None  # optimizer step whose weights the engine holds
         self.pad_id = self.engine.pad_id
         self.run_dir = self.trainer.run_dir
 
@@ -279,6 +345,20 @@ class OnlineRun:
         idx = torch.randint(0, len(self.prompts), (k,), generator=g).tolist()
         return self.prompts.take(idx)
 
+    def sync_engine(self) -> bool:
+        """For an engine that holds its own weights (vLLM): push the policy's changed weights once
+        per optimizer step and return True; False for alignkit's engine, which samples from the
+        policy itself. Called outside FSDP's gathering, so a sharded policy is gathered one unit at
+        a time; every process calls it at the same optimizer step (the first rollout or
+        evaluation after it), so the collectives of the gathering match even when processes draw
+        a different number of rollouts in a step (dynamic sampling)."""
+        if not hasattr(self.engine, "sync_weights"):
+            return False
+        if self._engine_step != self.trainer.step:
+            self.engine.sync_weights(self.trainer.model)
+            self._engine_step = self.trainer.step
+        return True
+
     def collect(self, rstep: int, prompts: list, columns: dict, clock: StepClock, stream: int | None = None,
                 n: int | None = None) -> Rollout:
         """`alignkit.rollout.collect` with the current policy on full weights (FSDP gathered) under
@@ -288,13 +368,19 @@ class OnlineRun:
         params = sampling_params(self.cfg, rstep, stream, n=n)
         t0 = time.time()
         if self.agent is not None:  # episodes: generation, tool calls and scoring interleave
-            with self.trainer.gathered(), self.trainer.autocast():
-                rollout = multiturn.collect(self.engine, self.trainer.model, prompts, columns, params, self.reward_fn,
-                                            self.agent)
+            if self.sync_engine():  # vLLM holds the weights
+                rollout = multiturn.collect(self.engine, None, prompts, columns, params, self.reward_fn, self.agent)
+            else:
+                with self.trainer.gathered(), self.trainer.autocast():
+                    rollout = multiturn.collect(self.engine, self.trainer.model, prompts, columns, params,
+                                                self.reward_fn, self.agent)
             clock.add("generate", time.time() - t0)
             return rollout
-        with self.trainer.gathered(), self.trainer.autocast():
-            batch = self.engine.generate(self.trainer.model, prompts, params)
+        if self.sync_engine():  # vLLM holds the weights: nothing to gather for sampling
+            batch = self.engine.generate(None, prompts, params)
+        else:
+            with self.trainer.gathered(), self.trainer.autocast():
+                batch = self.engine.generate(self.trainer.model, prompts, params)
         t1 = time.time()
         rollout = score(batch, prompts, columns, self.reward_fn)
         clock.add("generate", t1 - t0)
@@ -341,5 +427,6 @@ class OnlineRun:
 
     def evaluate(self) -> dict:
         """`evaluate_greedy` on the eval prompts (the loop enters gathering and autocast)."""
-        return evaluate_greedy(self.trainer.model, self.engine, self.reward_fn, self.eval_prompts, self.cfg,
-                               self.dist, self.agent)
+        model = None if self.sync_engine() else self.trainer.model
+        return evaluate_greedy(model, self.engine, self.reward_fn, self.eval_prompts, self.cfg, self.dist,
+                               self.agent)

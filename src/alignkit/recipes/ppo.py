@@ -274,15 +274,9 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
         pconf = build_peft_config(cfg.peft, policy.get_base_model(), cfg)
         policy.add_adapter(CRITIC_ADAPTER, pconf)
         policy.set_adapter("default")
-        # The trainer's checkpoints and final folder hold the policy's adapter only (peft would also write
-        # every other adapter into a subfolder); the critic travels in the trainer state and output_dir/critic.
-        save_all = policy.save_pretrained
-
-        def save_policy_adapter(save_directory, **kwargs):
-            kwargs.setdefault("selected_adapters", ["default"])
-            return save_all(save_directory, **kwargs)
-
-        policy.save_pretrained = save_policy_adapter
+        # Checkpoints and the final folder hold the policy's adapter only (models.load.save_pretrained
+        # saves the "default" adapter of a multi-adapter model); the critic travels in the trainer
+        # state and output_dir/critic.
         critic = AdapterValueModel(policy, ValueHead(hidden_size_of(policy.get_base_model())))
         critic.head.to(tr.device)
         tr.info("critic: adapter 'critic' + value head on the policy's base (one copy of the base weights)")
@@ -357,7 +351,8 @@ def rollout_diagnostics(full: dict, kl, values, returns, dist: DistInfo) -> dict
         float(returns.sum()), float(values.sum())], dtype=torch.float64), dist).tolist()
     out = {"returns_mean": returns_sum / n_tok, "values_mean": values_sum / n_tok,
            "explained_variance": explained_variance(values, returns, mask, dist),
-           "logprob_mismatch": gap_sum / max(gap_count, 1.0)}
+           "logprob_mismatch": gap_sum / max(gap_count, 1.0),
+           "mismatch_ratio_max": ol.max_over_ranks(ol.ratio_max(full["sampler_logps"], full["old_logps"], mask), dist)}
     if kl is not None:
         out.update(kl=kl_sum / n_tok, kl_seq=kl_sum / n_samples, kl_per_response=kl_sum / n_samples)
     return out

@@ -44,6 +44,7 @@ def sequence_pg_loss_fn(cfg, kl_in_loss: bool):
         loss = -(mb["advantages"] * sequence_logps).sum()
         metrics = {"logprob_mismatch": ((mb["sampler_logps"] - logps.detach()).abs()[m].sum(), m.sum()),
                    "seq_logp": sequence_logps.detach().sum()}
+        loss_fn.ratio_max = max(loss_fn.ratio_max, ol.ratio_max(mb["sampler_logps"], logps, m))  # a max: aside
         if "ref_logps" in mb:
             kl = kl_estimate(logps, mb["ref_logps"], cfg.kl_estimator) * m
             if kl_in_loss and cfg.kl_coef:
@@ -54,6 +55,7 @@ def sequence_pg_loss_fn(cfg, kl_in_loss: bool):
             metrics["entropy"] = ((entropy.detach() * m).sum(), m.sum())
         return loss, metrics
 
+    loss_fn.ratio_max = 1.0
     return loss_fn
 
 
@@ -86,7 +88,9 @@ def train_reinforce(cfg: ReinforceConfig, model=None, tokenizer=None, reward_fn=
         mbs = ol.row_batches(rollout, rows_per_mb, cfg.grad_accum, run.pad_id,
                              {"advantages": adv, "scored": ol.scored_rows(r)})
         run.add_ref_logps(mbs)
+        loss_fn.ratio_max = 1.0
         metrics = run.trainer.accumulate(mbs, loss_fn, n_sequences)
+        metrics["mismatch_ratio_max"] = ol.max_over_ranks(loss_fn.ratio_max, run.dist)
         metrics.update(info)
         return StepResult([run.trainer.optimizer_step(metrics)], rollout, rollout.generated_tokens)
 

@@ -58,7 +58,9 @@ def train_rloo(cfg: RLOOConfig, model=None, tokenizer=None, reward_fn=None) -> d
             mb["advantages"] = adv[lo:lo + n]
             lo += n
         clock.lap("prepare")
+        loss_fn.ratio_max = 1.0
         metrics = run.trainer.accumulate(mbs, loss_fn, n_sequences)
+        metrics["mismatch_ratio_max"] = ol.max_over_ranks(loss_fn.ratio_max, run.dist)
         metrics.update(info)
         return StepResult([run.trainer.optimizer_step(metrics)], rollout, rollout.generated_tokens)
 

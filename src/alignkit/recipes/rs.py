@@ -159,16 +159,16 @@ def generate_best_of_n(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None
     from alignkit.errors import UserError
     from alignkit.models import load_model, load_tokenizer
     from alignkit.rewards import build_reward
-    from alignkit.rollout.engine import RolloutEngine
-
     if not cfg.output:
         raise UserError("rs generate: pass output=FILE.jsonl for the best-of-N rows")
     tok = tokenizer or load_tokenizer(cfg.model)
     setup_chat_template(tok, cfg.chat_template)
     prompts = load_prompts(cfg.data, cfg.data_split, cfg.prompt_column, cfg.chat_prompts)
     reward_fn = reward_fn or build_reward(cfg.reward, tokenizer=tok)
+    from alignkit.rollout.engines import build_engine
+
+    engine = build_engine(cfg, tok, cfg.model, sampling=ol.sampling_params(cfg, 0, 0))
     model = model or load_model(cfg.model)
-    engine = RolloutEngine(tok)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import assert_only_allowed
 
-PKG = Path(__file__).resolve().parents[1] / "src" / "alignkit"
+PKG = Path(__file__).resolve().parents[2] / "src" / "alignkit"
 
 COVERED = ["losses.py", "advantages.py", "rewards.py", "errors.py", "io.py", "ops", "data", "models", "rollout",
            "training"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import assert_only_allowed
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 PKG = SRC / "alignkit"
 
 # The layers, bottom up. A module may import its own layer and any layer below it; the most
@@ -71,7 +71,7 @@ MODULES = {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
 
 def layer_of(mod: str) -> int:
     best = max((k for k in LAYERS if mod == k or mod.startswith(k + ".")), key=len, default=None)
-    assert best is not None, f"{mod}: not in LAYERS; give it a layer in tests/test_imports.py"
+    assert best is not None, f"{mod}: not in LAYERS; give it a layer in tests/unit/test_imports.py"
     return LAYERS[best]
 
 

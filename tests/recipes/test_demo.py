@@ -1,5 +1,5 @@
 """`alignkit demo`: the pipeline end to end on the tiny preset (fast), reuse of finished stages,
-and the quick demo itself on the default preset (slow: `pytest -m slow tests/test_demo.py`)."""
+and the quick demo itself on the default preset (slow: `pytest -m slow tests/recipes/test_demo.py`)."""
 
 from __future__ import annotations
 

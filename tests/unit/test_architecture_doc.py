@@ -15,7 +15,7 @@ from alignkit.data.preference import load_pairs, pair_collate
 from alignkit.models import load_model, load_tokenizer
 from alignkit.toy import world
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 
 
 def example_module() -> types.ModuleType:

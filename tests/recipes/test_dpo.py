@@ -1,7 +1,7 @@
 """DPO recipe: one concatenated forward, cached reference log-probs, global normalisation over
 pairs, adapter-off reference, SimPO without a reference, the CLI and its errors.
 
-The loss formulas themselves are checked against hand computations in tests/test_losses.py;
+The loss formulas themselves are checked against hand computations in tests/unit/test_losses.py;
 here only what that file does not cover (SimPO with label smoothing, the recipe's NLL term)."""
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Recipe regression: a tiny fixed-seed CPU run of each of the nine recipes logs the same losses
-and gradient norms as the numbers stored in tests/trajectories/<recipe>.json (relative tolerance
+and gradient norms as the numbers stored in tests/recipes/trajectories/<recipe>.json (relative tolerance
 1e-5), in the style of torchtune's recipe tests. A refactor of the loop machinery must leave
 them unchanged; a change made on purpose (a fixed fault) re-records the file and names the fault
 in the commit.
 
-Regenerate: ALIGNKIT_RECORD_TRAJECTORIES=1 python -m pytest tests/test_trajectories.py
+Regenerate: ALIGNKIT_RECORD_TRAJECTORIES=1 python -m pytest tests/recipes/test_trajectories.py
 (the numbers are those of this machine's CPU kernels, float32, one thread)."""
 
 from __future__ import annotations

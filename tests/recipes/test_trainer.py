@@ -109,7 +109,7 @@ def test_ddp_two_ranks_x4_equals_single_process(tiny_model_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
     res = subprocess.run(
         [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script),
-         str(tiny_model_dir), str(tmp_path), str(ROOT / "tests")],
+         str(tiny_model_dir), str(tmp_path), str(Path(__file__).resolve().parent)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]

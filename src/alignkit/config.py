@@ -46,11 +46,17 @@ def check_report_to(names) -> list[str]:
         if n not in out:
             out.append(n)
     return out
+
+
 def check_chat_template(value: str | None) -> str | None:
     """A `chat_template` value (Jinja text, or the path of a file holding it) must be readable
     UTF-8 and compile; the error names the file and line. Checked when the config is read, so a
     typo in a template stops the run before anything loads. Returns the value unchanged."""
     if not value:
+        return value
+    from alignkit.toy.tokenizer import NAMED_TEMPLATES
+
+    if value in NAMED_TEMPLATES:  # a built-in template's name (chat_template=toy-tools)
         return value
     source, text = "chat_template", value
     if len(value) < 4096 and "{" not in value:  # a path (the same rule data.chat applies)
@@ -701,6 +707,19 @@ class OnlineConfig(TrainConfig):
         "alignkit", description="Who samples: alignkit's engine, vLLM, or auto (vLLM when installed and a GPU is "
         "present)")
     vllm: VLLMSection = Field(default_factory=VLLMSection, description="vLLM engine settings (rollout_engine=vllm)")
+    tools: list[str] | None = Field(None, description="Tools the model may call, as module:function (comma-separated); "
+                                    "schemas from type hints + docstrings; makes rollouts multi-turn (docs/agents.md)")
+    env: str | None = Field(None, description="Environment class module:Class with reset(row) and step(message) "
+                            "(docs/agents.md); makes rollouts multi-turn")
+    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most")
+    tool_timeout: float = Field(5.0, gt=0, description="Multi-turn: seconds a tool call may run")
+    tool_parser: str = Field("hermes", description="Tool-call format: hermes (<tool_call>{json}</tool_call>) or a "
+                             "regex with named groups name and arguments")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _split_tools(cls, v):
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _engine_keys(self):
@@ -947,6 +966,18 @@ class EvalConfig(Section):
     logits_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when computing log-probs")
     chat_template: str | None = Field(None, description="Jinja chat template (text or path) overriding the "
                                                         "tokenizer's")
+    tools: list[str] | None = Field(None, description="Tools the model may call (module:function, comma-separated): "
+                                    "multi-turn episodes, reported with tool_calls / tool_errors (docs/agents.md)")
+    env: str | None = Field(None, description="Environment class module:Class (docs/agents.md)")
+    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most")
+    tool_timeout: float = Field(5.0, gt=0, description="Multi-turn: seconds a tool call may run")
+    tool_parser: str = Field("hermes", description="Tool-call format: hermes or a regex with named groups name "
+                             "and arguments")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _split_tools(cls, v):
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
     _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
 

@@ -38,7 +38,9 @@ def inspect_data(cfg: InspectConfig, out=None) -> None:
 
     out = out or sys.stdout
     tok = load_tokenizer(cfg.model)
-    note = setup_chat_template(tok, cfg.chat_template)
+    from alignkit.rollout.agents import resolve_chat_template
+
+    note = setup_chat_template(tok, resolve_chat_template(cfg.chat_template))
     if note:
         print(note, file=out)
     ds = load_rows(cfg.data, cfg.data_split)

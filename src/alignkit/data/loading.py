@@ -280,6 +280,8 @@ def check_messages(msgs: Any, where: str, need_assistant: bool = True) -> list[d
         raise UserError(f"{where}: expected a non-empty list of {{role, content}} messages, got {type(msgs).__name__}")
     out = []
     for i, m in enumerate(msgs):
+        if isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls") and m.get("content") is None:
+            m = {**m, "content": ""}  # a turn that only calls tools (content null in most tool-use data)
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{where}: message {i} must be an object with 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant", "tool"):

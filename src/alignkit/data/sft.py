@@ -52,7 +52,12 @@ def encode_row_parts(tokenizer, row: dict, fmt: str, where: str, train_on_prompt
     with `train_on_prompt`) into the training rows it gives: one, except a multi-turn
     conversation under a template that re-renders history (reasoning templates), which gives one
     row per trained assistant turn (see `alignkit.data.chat.encode_conversation`). `where`
-    ("file row N") prefixes the UserError a bad row raises."""
+    ("file row N") prefixes the UserError a bad row raises. A row with a `tools` column (tool-use
+    transcripts) is rendered with those tools listed by the template (`alignkit.agents.with_tools`)."""
+    if row.get("tools"):
+        from alignkit.rollout.agents import with_tools
+
+        tokenizer = with_tools(tokenizer, row["tools"], where)
     if fmt == "messages":
         msgs = check_messages(row["messages"], where)
         try:

@@ -118,11 +118,14 @@ class _Side:
         self.name, self.model, self.tok = name, model, tok
         self.engine = RolloutEngine(tok)
         self.pad_id = self.engine.pad_id
+        self.agent = None  # multi-turn episodes (tools= / env=) when set
 
 
 def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig, desc: str | None = None) -> list[dict]:
     """Sample a mode's answers. Per sample: text (final turn), answer (what is scored), segments
     [(context ids, generated ids)] for log-probs, first_text (reflect), finish."""
+    if getattr(side, "agent", None) is not None:  # multi-turn episodes with tools / an environment
+        return _run_episodes(side, prompts, cfg)
     first = sample(side.model, side.engine, prompts, cfg.n_samples, cfg, cfg.seed, desc=desc)
     out = []
     for s in first:
@@ -141,6 +144,24 @@ def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig, desc: str 
             o["tokens"] += len(s.completion_ids)
     for o in out:
         o["answer"] = prompting.final_answer(o["text"]) if mode in prompting.FINAL_LINE_MODES else o["text"]
+    return out
+
+
+def _run_episodes(side: _Side, prompts: list, cfg: EvalConfig) -> list[dict]:
+    """`_run_mode` for multi-turn episodes: text = the last turn, segments = one per model turn
+    (its context: everything before it), plus turns / tool_calls / tool_errors / malformed_calls."""
+    from alignkit.rollout.engine import SamplingParams
+    from alignkit.rollout.multiturn import collect_episodes
+
+    params = SamplingParams(n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, top_k=0, seed=cfg.seed, batch_size=cfg.batch_size)
+    episodes, _ = collect_episodes(side.engine, side.model, prompts, {}, params, side.agent)
+    out = []
+    for e in episodes:
+        segs = [(e.prompt_ids + e.completion_ids[:a], e.completion_ids[a:b]) for a, b in e.spans]
+        out.append({"prompt_index": e.prompt_index, "text": e.text, "answer": e.text, "segments": segs,
+                    "finish": [e.finish_reason], "tokens": sum(e.trained), "turns": e.turns,
+                    "tool_calls": e.tool_calls, "tool_errors": e.tool_errors, "malformed_calls": e.malformed_calls})
     return out
 
 
@@ -194,6 +215,9 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
     res["distinct_2"] = distinct_n(texts, 2)
     res["tokens"] = sum(s["tokens"] for s in samples) / len(samples)
     res["truncated"] = sum(s["finish"][-1] == "length" for s in samples) / len(samples)
+    for k in ("turns", "tool_calls", "tool_errors", "malformed_calls"):  # multi-turn: means per answer
+        if k in samples[0]:
+            res[k] = sum(s[k] for s in samples) / len(samples)
 
     if ref is not None and cfg.temperature > 0 and _same_vocab(pol.tok, ref.tok):
         segs = [seg for s in samples for seg in s["segments"]]
@@ -300,7 +324,10 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, ref_model=None, ref_to
     dtype = _dtype(cfg, device)
 
     tok = tokenizer or load_tokenizer(cfg.model)
-    setup_chat_template(tok, cfg.chat_template)
+    from alignkit.rollout.agents import build_agent, resolve_chat_template
+
+    setup_chat_template(tok, resolve_chat_template(cfg.chat_template))
+    agent = build_agent(cfg, tok)
     rows: list[dict] = []
     if cfg.prompts:
         rows = load_prompt_set(cfg.prompts, cfg.split, cfg.prompt_column, cfg.chat_prompts,
@@ -318,12 +345,14 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, ref_model=None, ref_to
     if model is None:
         model = load_model(cfg.model, dtype, device)
     pol = _Side(cfg.model, model, tok)
+    pol.agent = agent
     ref = None
     if cfg.ref_model is not None or ref_model is not None:
         rtok = ref_tokenizer or (load_tokenizer(cfg.ref_model) if cfg.ref_model else tok)
-        setup_chat_template(rtok, cfg.chat_template)
+        setup_chat_template(rtok, resolve_chat_template(cfg.chat_template))
         rmodel = ref_model if ref_model is not None else load_model(cfg.ref_model, dtype, device)
         ref = _Side(cfg.ref_model, rmodel, rtok)
+        ref.agent = agent if agent is not None and rtok is tok else None
 
     result: dict = {
         "model": cfg.model, "ref_model": cfg.ref_model, "prompts": cfg.prompts, "n_prompts": len(rows),
@@ -388,6 +417,9 @@ _COLUMNS = [  # (key, header, format)
     ("distinct_2", "dist-2", "{:.3f}"),
     ("tokens", "tokens", "{:.1f}"),
     ("truncated", "cut", "{:.2f}"),
+    ("tool_calls", "calls", "{:.2f}"),
+    ("tool_errors", "tool err", "{:.2f}"),
+    ("malformed_calls", "malformed", "{:.2f}"),
 ]
 
 

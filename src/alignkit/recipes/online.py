@@ -27,6 +27,8 @@ from alignkit.data.prompts import PromptSet, load_prompts, prompt_order
 from alignkit.losses import overlong_penalty
 from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
+from alignkit.rollout.agents import build_agent, resolve_chat_template
+from alignkit.rollout import multiturn
 from alignkit.rollout.rollout import Rollout, collect, score
 from alignkit.training.dist import DistInfo, all_reduce_sum
 from alignkit.training.loop import StepClock, StepResult, run_loop, to_device
@@ -151,17 +153,22 @@ def rollout_metrics(rollout: Rollout) -> dict:
     """reward_mean / reward_std (of the scored `rollout.rewards`; NaN = not scored is left out, and
     both are 0 when nothing was scored), response_len (mean tokens), truncated_frac and
     reward_missing (samples the reward source could not score, every draw counted) of this
-    process's samples."""
+    process's samples; of multi-turn rollouts also turns, tool_calls, tool_errors and
+    malformed_calls per episode (response_len counts the model's tokens only)."""
     r = rollout.rewards[scored_mask(rollout.rewards)]
-    lens = [len(s.completion_ids) for s in rollout.samples]
+    lens = [sum(s.trained) if hasattr(s, "trained") else len(s.completion_ids) for s in rollout.samples]
     n = max(len(lens), 1)
-    return {
+    out = {
         "reward_mean": float(r.mean()) if r.numel() else 0.0,
         "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
         "response_len": sum(lens) / n,
         "truncated_frac": float(rollout.truncated.sum()) / n,
         "reward_missing": int(rollout.stats.get("reward_missing", 0)),
     }
+    for k in ("turns", "tool_calls", "tool_errors", "malformed_calls"):
+        if k in rollout.stats:
+            out[k] = rollout.stats[k] / n
+    return out
 
 
 def correct_rollout(mbs: list[dict], cfg: OnlineConfig, dist: DistInfo) -> dict:
@@ -214,20 +221,30 @@ def mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: tor
 
 @torch.no_grad()
 def evaluate_greedy(model, engine: RolloutEngine, reward_fn, prompts: PromptSet, cfg: OnlineConfig,
-                    dist: DistInfo) -> dict:
+                    dist: DistInfo, agent=None) -> dict:
     """Greedy answers to the first `eval_prompts` held-out prompts, split across processes:
     eval_reward (mean reward of the scored answers) and eval_solved (fraction of all answers
-    reaching reward 1; an answer the reward source cannot score is not solved)."""
+    reaching reward 1; an answer the reward source cannot score is not solved); with an `agent`
+    (multi-turn), also eval_tool_calls, eval_tool_errors and eval_malformed_calls per episode."""
     n = min(cfg.eval_prompts, len(prompts))
     mine = list(range(dist.rank, n, dist.world))
     if not mine:
         return {}
     prompt_list, columns = prompts.take(mine)
-    r = collect(engine, model, prompt_list, columns, sampling_params(cfg, 0, 0, n=1, greedy=True), reward_fn).rewards
+    params = sampling_params(cfg, 0, 0, n=1, greedy=True)
+    ro = (multiturn.collect(engine, model, prompt_list, columns, params, reward_fn, agent) if agent is not None
+          else collect(engine, model, prompt_list, columns, params, reward_fn))
+    r = ro.rewards
     ok = scored_mask(r)
     sums = all_reduce_sum(torch.tensor([float(r[ok].sum()), float((r[ok] >= 1.0).sum()), float(len(r)),
                                         float(ok.sum())], dtype=torch.float64), dist)
-    return {"eval_reward": float(sums[0] / max(float(sums[3]), 1.0)), "eval_solved": float(sums[1] / sums[2])}
+    out = {"eval_reward": float(sums[0] / max(float(sums[3]), 1.0)), "eval_solved": float(sums[1] / sums[2])}
+    if agent is not None:
+        st = all_reduce_sum(torch.tensor([float(ro.stats[k]) for k in ("tool_calls", "tool_errors", "malformed_calls")],
+                                         dtype=torch.float64), dist)
+        out.update(eval_tool_calls=float(st[0] / sums[2]), eval_tool_errors=float(st[1] / sums[2]),
+                   eval_malformed_calls=float(st[2] / sums[2]))
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -277,7 +294,8 @@ class OnlineRun:
         self.dist = init_distributed()
         seed_everything(cfg.seed)
         self.tok = tokenizer or load_tokenizer(cfg.model)
-        setup_chat_template(self.tok, cfg.chat_template)
+        setup_chat_template(self.tok, resolve_chat_template(cfg.chat_template))
+        self.agent = build_agent(cfg, self.tok)  # None: single-turn; else tools / environment episodes
         self.prompts = load_prompts(cfg.data, cfg.data_split, cfg.prompt_column, cfg.chat_prompts)
         self.eval_prompts = (load_prompts(cfg.eval_data, cfg.eval_split, cfg.prompt_column, cfg.chat_prompts,
                                           "eval_data") if cfg.eval_data else None)
@@ -349,6 +367,15 @@ class OnlineRun:
         stream = self.dist.rank if stream is None else stream
         params = sampling_params(self.cfg, rstep, stream, n=n)
         t0 = time.time()
+        if self.agent is not None:  # episodes: generation, tool calls and scoring interleave
+            if self.sync_engine():  # vLLM holds the weights
+                rollout = multiturn.collect(self.engine, None, prompts, columns, params, self.reward_fn, self.agent)
+            else:
+                with self.trainer.gathered(), self.trainer.autocast():
+                    rollout = multiturn.collect(self.engine, self.trainer.model, prompts, columns, params,
+                                                self.reward_fn, self.agent)
+            clock.add("generate", time.time() - t0)
+            return rollout
         if self.sync_engine():  # vLLM holds the weights: nothing to gather for sampling
             batch = self.engine.generate(None, prompts, params)
         else:
@@ -401,4 +428,5 @@ class OnlineRun:
     def evaluate(self) -> dict:
         """`evaluate_greedy` on the eval prompts (the loop enters gathering and autocast)."""
         model = None if self.sync_engine() else self.trainer.model
-        return evaluate_greedy(model, self.engine, self.reward_fn, self.eval_prompts, self.cfg, self.dist)
+        return evaluate_greedy(model, self.engine, self.reward_fn, self.eval_prompts, self.cfg, self.dist,
+                               self.agent)

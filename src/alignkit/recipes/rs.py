@@ -61,8 +61,11 @@ def _kept_rows(batch, kept: list[tuple[int, float]]) -> list[dict]:
     rows = []
     for i, r in kept:
         s = batch.samples[i]
-        rows.append({"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "completion": s.text,
-                     "reward": r, "prompt_index": s.prompt_index})
+        row = {"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "completion": s.text,
+               "reward": r, "prompt_index": s.prompt_index}
+        if getattr(s, "trained", None) is not None:  # multi-turn: only the model's own tokens are trained
+            row["trained"] = list(s.trained)
+        rows.append(row)
     return rows
 
 
@@ -113,7 +116,9 @@ def train_rs(cfg: RSConfig, model=None, tokenizer=None, reward_fn=None) -> dict:
             _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             _write_atomic(stats_path, json.dumps({"info": info, "generated_tokens": generated}))
         encs = [Encoded(r["prompt_ids"] + r["completion_ids"],
-                        [IGNORE] * len(r["prompt_ids"]) + r["completion_ids"]) for r in rows]
+                        [IGNORE] * len(r["prompt_ids"]) + [t if m else IGNORE for t, m in zip(
+                            r["completion_ids"], r.get("trained") or [True] * len(r["completion_ids"]))])
+                for r in rows]
         if not encs:
             tr.info(f"round {rnd + 1}: no sample passed the threshold; skipping its SFT")
         # SFT on the kept answers: sft_steps steps of rows drawn with replacement (seeded per round)

@@ -48,7 +48,9 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict:
     dist = init_distributed()
     seed_everything(cfg.seed)
     tok = tokenizer or load_tokenizer(cfg.model)
-    template_note = setup_chat_template(tok, cfg.chat_template)
+    from alignkit.rollout.agents import resolve_chat_template
+
+    template_note = setup_chat_template(tok, resolve_chat_template(cfg.chat_template))
     rows, stats = load_sft_data(cfg.data, cfg.data_split, tok, cfg.max_length, cfg.truncation, cfg.train_on_prompt)
     eval_rows = None
     if cfg.eval_data:

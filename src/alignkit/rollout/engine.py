@@ -86,7 +86,8 @@ class RolloutBatch:
 
     def tensors(self, pad_id: int) -> dict:
         """Right-padded prompt+completion batch for a teacher-forced pass: input_ids, attention_mask,
-        position_ids, targets (completion tokens only, aligned to the position predicting them),
+        position_ids, targets (completion tokens only, aligned to the position predicting them; of a
+        multi-turn `Episode`, only the tokens it marks `trained`),
         completion_mask (B, T) and the sampling log-probs at those positions (old_logps)."""
         B = len(self.samples)
         T = max(len(s.prompt_ids) + len(s.completion_ids) for s in self.samples)
@@ -99,7 +100,11 @@ class RolloutBatch:
             input_ids[i, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids)
             attn[i, : p + c] = 1
             if c:
-                targets[i, p - 1: p + c - 1] = torch.tensor(s.completion_ids)
+                comp = torch.tensor(s.completion_ids)
+                trained = getattr(s, "trained", None)  # multi-turn: environment tokens are context only
+                if trained is not None:
+                    comp = comp.masked_fill(~torch.tensor(trained, dtype=torch.bool), -100)
+                targets[i, p - 1: p + c - 1] = comp
                 old[i, p - 1: p + c - 1] = torch.tensor(s.logprobs)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": attn, "position_ids": pos, "targets": targets,

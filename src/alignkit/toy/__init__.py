@@ -13,7 +13,7 @@ from pathlib import Path
 
 from alignkit.errors import UserError
 
-DATA_KINDS = ("sft", "preference", "prompts", "pretrain")
+DATA_KINDS = ("sft", "sft-tools", "preference", "prompts", "pretrain")
 
 
 def _difficulty(name: str):
@@ -27,7 +27,7 @@ def _difficulty(name: str):
 def toy_data(kind: str, n: int, output: str, seed: int = 0, split: str = "train", difficulty: str = "default") -> Path:
     """Write `n` rows of the toy task as JSONL to `output` and return its path.
 
-    kind: sft (chat demonstrations), preference (chosen/rejected pairs), prompts (prompts with the
+    kind: sft (chat demonstrations), sft-tools (transcripts calling the calculator), preference (chosen/rejected pairs), prompts (prompts with the
     reference answer and total), pretrain (plain `text` documents). split: train or eval (never
     sharing a task)."""
     from alignkit.toy import world
@@ -43,6 +43,7 @@ def toy_data(kind: str, n: int, output: str, seed: int = 0, split: str = "train"
     d = _difficulty(difficulty)
     make = {
         "sft": world.sft_rows,
+        "sft-tools": world.sft_tools_rows,
         "preference": world.preference_rows,
         "prompts": world.prompt_rows,
         "pretrain": world.pretrain_texts,

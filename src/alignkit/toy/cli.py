@@ -12,8 +12,8 @@ from alignkit.config import Section
 class ToyDataConfig(Section):
     """Write rows of the toy expenses task as JSONL."""
 
-    kind: Literal["sft", "preference", "prompts", "pretrain"] = Field(
-        "sft", description="sft: chat demonstrations; preference: chosen/rejected pairs; "
+    kind: Literal["sft", "sft-tools", "preference", "prompts", "pretrain"] = Field(
+        "sft", description="sft: chat demonstrations; sft-tools: transcripts that call the calculator; preference: chosen/rejected pairs; "
         "prompts: prompts with the reference answer; pretrain: plain text for the base model"
     )
     n: int = Field(1000, ge=1, description="Number of rows")

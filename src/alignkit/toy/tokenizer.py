@@ -48,6 +48,32 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# A tool-calling variant of the toy chat template (`chat_template=toy-tools`): the tool list is
+# a short system line (name and arguments only: the tiny model has 512 positions), calls are
+# Hermes-style JSON blocks, and a tool's answer comes back as a user turn in <tool_response>.
+TOOLS_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>\nTools:' }}{% for t in tools %}{% set f = t.function if t.function else t %}"
+    "{{ ' ' + f.name + '(' + (f.parameters.properties | list | join(', ')) + ')' }}{% endfor %}"
+    "{{ '<|end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|user|>\n<tool_response>' + message['content'] + '</tool_response><|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + (message['content'] or '') }}"
+    "{% for c in message.get('tool_calls') or [] %}{% set f = c.function if c.function else c %}"
+    "{{ '<tool_call>{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}</tool_call>' }}"
+    "{% endfor %}{{ '<|end|>\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# chat templates a config may name instead of giving the text (chat_template=toy-tools)
+NAMED_TEMPLATES = {"toy-tools": TOOLS_CHAT_TEMPLATE}
+
 DEFAULT_VOCAB_SIZE = 640
 
 

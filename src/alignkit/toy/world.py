@@ -92,6 +92,8 @@ DIFFICULTIES: dict[str, Difficulty] = {
     "default": Difficulty(min_items=3, max_items=5, min_value=10, max_value=90, step=10),
     "hard": Difficulty(min_items=2, max_items=4, min_value=5, max_value=95, step=5),
     "expert": Difficulty(min_items=3, max_items=5, min_value=10, max_value=990, step=5),
+    # the calculator demo (docs/agents.md): 2-3 prices up to 300, beyond the tiny model's own sums
+    "calc": Difficulty(min_items=2, max_items=3, min_value=10, max_value=300, step=1),
 }
 
 
@@ -263,6 +265,61 @@ def prompt_rows(n: int, seed: int = 0, difficulty: str | Difficulty | None = Non
         {"prompt": t["prompt"] if as_text else _user(t["prompt"]), "answer": t["answer"], "total": t["total"]}
         for t in tasks(n, seed, split, difficulty)
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The calculator tool (multi-turn RL, docs/agents.md)
+# ----------------------------------------------------------------------------------------------
+
+_CALC_OPS = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mult": lambda a, b: a * b,
+             "Div": lambda a, b: a / b}
+
+
+def calc(expression: str) -> float:
+    """Evaluate an arithmetic expression of numbers, + - * / and parentheses.
+
+    Args:
+        expression: The expression, for example "55+80+230".
+    """
+    import ast
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op).__name__ in _CALC_OPS:
+            return _CALC_OPS[type(node.op).__name__](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -ev(node.operand) if isinstance(node.op, ast.USub) else ev(node.operand)
+        raise ValueError(f"not a number or + - * / in {expression!r}")
+
+    if not isinstance(expression, str) or len(expression) > 200:
+        raise ValueError("expression must be text of at most 200 characters")
+    return ev(ast.parse(expression.strip(), mode="eval"))
+
+
+def calc_schema() -> dict:
+    """The JSON schema of `calc`, as a chat template's `tools=` takes it."""
+    from transformers.utils import get_json_schema
+
+    return get_json_schema(calc)
+
+
+def sft_tools_rows(n: int, seed: int = 0, difficulty: str | Difficulty | None = None,
+                   split: str = "train") -> list[dict]:
+    """Tool-use transcripts: the user's list, an assistant turn calling `calc` on the prices, the
+    tool's answer, and the final answer: {"messages", "tools" (JSON text of [calc's schema]),
+    "total"}. Train with chat_template=toy-tools (see docs/agents.md)."""
+    tools = json.dumps([calc_schema()], ensure_ascii=False)
+    rows = []
+    for t in tasks(n, seed, split, difficulty):
+        expr = "+".join(str(v) for _, v in t["items"])
+        call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": expr}}}
+        msgs = _user(t["prompt"]) + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                                     {"role": "tool", "name": "calc", "content": str(t["total"])}]
+        rows.append({"messages": msgs + _assistant(t["answer"]), "tools": tools, "total": t["total"]})
+    return rows
 
 
 MISTAKE_KINDS = ("off_by", "dropped_item", "digit_slip", "format")

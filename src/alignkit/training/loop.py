@@ -90,15 +90,18 @@ class StepResult:
 def write_samples(path: Path, step: int, rollout, k: int = 4) -> None:
     """Append the first `k` samples of `rollout` to `path` (JSON lines): step, the prompt each
     completion was drawn for (its last message's text), the completion, the reward it was trained
-    with (null when the reward source could not score it) and its finish reason."""
+    with (null when the reward source could not score it) and its finish reason; of a multi-turn
+    episode also its `turns` (the model's turns and the environment's messages after the prompt)."""
     with path.open("a", encoding="utf-8") as f:
         for i in range(min(k, len(rollout))):
             s = rollout.samples[i]
             p = rollout.prompt_of(i)
-            p = p[-1]["content"] if isinstance(p, list) else p
             r = float(rollout.rewards[i])
-            f.write(json.dumps({"step": step, "prompt": p, "completion": s.text, "reward": None if r != r else r,
-                                "finish": s.finish_reason}, ensure_ascii=False) + "\n")
+            rec = {"step": step, "prompt": p[-1]["content"] if isinstance(p, list) else p, "completion": s.text,
+                   "reward": None if r != r else r, "finish": s.finish_reason}
+            if getattr(s, "messages", None):
+                rec["turns"] = s.messages[len(p) if isinstance(p, list) else 0:]
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def run_loop(trainer, step_fn: Callable[[int, StepClock], StepResult], *, updates_per_step: int = 1,

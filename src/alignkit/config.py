@@ -672,7 +672,25 @@ class VLLMSection(Section):
         None, description="Server mode without NCCL: shared folder the weights go through (default: in output_dir)")
 
 
-class OnlineConfig(TrainConfig):
+class MultiTurnKeys(Section):
+    """Keys of multi-turn episodes (tools or an environment), shared by the online recipes and eval."""
+
+    tools: list[str] | None = Field(None, description="Tools the model may call, as module:function (comma-separated); "
+                                    "schemas from type hints + docstrings; makes rollouts multi-turn (docs/agents.md)")
+    env: str | None = Field(None, description="Environment class module:Class with reset(row) and step(message) "
+                            "(docs/agents.md); makes rollouts multi-turn")
+    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most")
+    tool_timeout: float = Field(5.0, gt=0, description="Multi-turn: seconds a tool call may run")
+    tool_parser: str = Field("hermes", description="Tool-call format: hermes (<tool_call>{json}</tool_call>) or a "
+                             "regex with named groups name and arguments")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _split_tools(cls, v):
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
+class OnlineConfig(TrainConfig, MultiTurnKeys):
     """Keys shared by the online RL recipes: sample from the policy, score, update."""
 
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW)")
@@ -707,20 +725,6 @@ class OnlineConfig(TrainConfig):
         "alignkit", description="Who samples: alignkit's engine, vLLM, or auto (vLLM when installed and a GPU is "
         "present)")
     vllm: VLLMSection = Field(default_factory=VLLMSection, description="vLLM engine settings (rollout_engine=vllm)")
-    tools: list[str] | None = Field(None, description="Tools the model may call, as module:function (comma-separated); "
-                                    "schemas from type hints + docstrings; makes rollouts multi-turn (docs/agents.md)")
-    env: str | None = Field(None, description="Environment class module:Class with reset(row) and step(message) "
-                            "(docs/agents.md); makes rollouts multi-turn")
-    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most")
-    tool_timeout: float = Field(5.0, gt=0, description="Multi-turn: seconds a tool call may run")
-    tool_parser: str = Field("hermes", description="Tool-call format: hermes (<tool_call>{json}</tool_call>) or a "
-                             "regex with named groups name and arguments")
-
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _split_tools(cls, v):
-        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
-
     @model_validator(mode="after")
     def _engine_keys(self):
         # keys set to a non-default value (a dumped config.yaml read back holds every key)
@@ -912,7 +916,7 @@ class DistillConfig(OnlineConfig):
 
 
 
-class EvalConfig(Section):
+class EvalConfig(MultiTurnKeys):
     """Evaluate a model on a prompt set: reward, KL to a reference, accuracy and format rate, win rate,
     perplexity, sample diversity, under one or several prompting modes (see docs/eval.md)."""
 
@@ -966,19 +970,6 @@ class EvalConfig(Section):
     logits_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when computing log-probs")
     chat_template: str | None = Field(None, description="Jinja chat template (text or path) overriding the "
                                                         "tokenizer's")
-    tools: list[str] | None = Field(None, description="Tools the model may call (module:function, comma-separated): "
-                                    "multi-turn episodes, reported with tool_calls / tool_errors (docs/agents.md)")
-    env: str | None = Field(None, description="Environment class module:Class (docs/agents.md)")
-    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most")
-    tool_timeout: float = Field(5.0, gt=0, description="Multi-turn: seconds a tool call may run")
-    tool_parser: str = Field("hermes", description="Tool-call format: hermes or a regex with named groups name "
-                             "and arguments")
-
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _split_tools(cls, v):
-        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
-
     _template_compiles = field_validator("chat_template")(classmethod(lambda cls, v: check_chat_template(v)))
 
     @field_validator("max_prompts")

@@ -295,25 +295,32 @@ def _rows_per_cpu_s(r: dict) -> float:
     return r["trained_tokens"] / r["cpu_s"] if r.get("cpu_s") else 0.0
 
 
+def _epoch_rows_per_s(r: dict, n_rows: int) -> float:
+    """Throughput of a one-epoch run over the data: the reference pre-pass charged to its rows."""
+    return 1.0 / (1.0 / r["trained_tokens_per_s"] + r.get("prepass_s", 0.0) / n_rows)
+
+
 def report(args, runs: list[dict], variants: list[str], sides: list[str]) -> str:
     med = common.med
     headers = ["variant", "side", "rows/s median (min-max)", "rows per CPU-s", "tokens/s", "s/step",
-               "reference pre-pass s", "peak RSS MiB (min-max)", "RSS growth in training MiB", "load avg (1 min)",
+               "reference pre-pass s", "1-epoch rows/s", "peak RSS MiB (min-max)", "RSS growth in training MiB", "load avg (1 min)",
                "loss (last step)", "runs"]
     rows, ratio_rows = [], []
     for v in variants:
+        n_rows = 2 * args.pairs if v == "kto" else args.pairs
         per = {}
         for s in sides:
             rs = [r for r in runs if r["side"] == s and r["variant"] == v and r.get("ok")]
             per[s] = rs
             if not rs:
-                rows.append([v, s, "FAILED"] + [""] * 8 + [0])
+                rows.append([v, s, "FAILED"] + [""] * 9 + [0])
                 continue
             loss = [r["loss_last"] for r in rs if r.get("loss_last") is not None]
             rows.append([
                 v, s, _spread2([r["trained_tokens_per_s"] for r in rs]), f"{med([_rows_per_cpu_s(r) for r in rs]):.2f}",
                 f"{med([r['tokens_per_s'] for r in rs]):,.0f}", f"{med([r['s_per_step'] for r in rs]):.3f}",
-                f"{med([r.get('prepass_s', 0.0) for r in rs]):.1f}", common.spread([r["peak_rss_mib"] for r in rs]),
+                f"{med([r.get('prepass_s', 0.0) for r in rs]):.1f}",
+                f"{med([_epoch_rows_per_s(r, n_rows) for r in rs]):.2f}", common.spread([r["peak_rss_mib"] for r in rs]),
                 f"{med([r['peak_rss_mib'] - r['rss_at_train_start_mib'] for r in rs]):,.0f}",
                 _spread2([r["load_avg_1m"] for r in rs]), f"{med(loss):.3f}" if loss else "n/a", len(rs),
             ])
@@ -322,6 +329,7 @@ def report(args, runs: list[dict], variants: list[str], sides: list[str]) -> str
             ratio_rows.append([
                 v, _ratio(med([r["trained_tokens_per_s"] for r in a]), med([r["trained_tokens_per_s"] for r in t])),
                 _ratio(med([_rows_per_cpu_s(r) for r in a]), med([_rows_per_cpu_s(r) for r in t])),
+                _ratio(med([_epoch_rows_per_s(r, n_rows) for r in a]), med([_epoch_rows_per_s(r, n_rows) for r in t])),
                 _ratio(med([r["peak_rss_mib"] for r in a]), med([r["peak_rss_mib"] for r in t])),
                 _ratio(med([r["peak_rss_mib"] - r["rss_at_train_start_mib"] for r in a]),
                        med([r["peak_rss_mib"] - r["rss_at_train_start_mib"] for r in t])),
@@ -331,7 +339,7 @@ def report(args, runs: list[dict], variants: list[str], sides: list[str]) -> str
     out = common.markdown_table(headers, rows)
     if ratio_rows:
         out += "\n\n" + common.markdown_table(
-            ["variant", "alignkit / TRL: rows/s (wall)", "rows per CPU-s", "peak RSS", "RSS growth in training",
+            ["variant", "alignkit / TRL: rows/s (wall)", "rows per CPU-s", "1-epoch rows/s", "peak RSS", "RSS growth in training",
              "tokens per step (alignkit / TRL)"], ratio_rows)
     return out
 
@@ -399,6 +407,9 @@ Setup (`bench/bench_kto_orpo.py`, helpers in `bench/common.py`):
   differ in one detail (reading TRL {_trl_version()}'s code): TRL's NLL term averages over the prompt
   *and* the chosen answer's tokens, alignkit's over the answer only, so their losses are not
   expected to match.
+- "rows" are KTO's labelled rows and ORPO's pairs. "1-epoch rows/s" charges the reference
+  pre-pass (KTO on alignkit's side) to a one-epoch run over the data:
+  1 / (1 / rows_per_s + pre-pass s / rows in the data).
 - Runs alternate between the sides, each in a fresh process. rows/s and tokens/s (non-padding
   tokens of the trained rows; KTO's mismatched rows are not counted on either side) over
   optimizer steps {args.skip_steps + 1}..{args.steps}, recorded inside each training loop; "rows per CPU-s"

@@ -332,8 +332,18 @@ def _parse_value(raw: str, ann: Any) -> Any:
         val = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(val, str) and _is_list_field(ann):
+        # `methods=grpo,gspo` means the list [grpo, gspo], as `methods=[grpo,gspo]` does
+        return [yaml.safe_load(x) if x.strip() else x for x in val.split(",")]
     # YAML 1.1 reads '2e-5' as a string; pydantic coerces numeric strings itself.
     return val
+
+
+def _is_list_field(ann: Any) -> bool:
+    """Whether a field's annotation is a list (or an optional list)."""
+    if typing.get_origin(ann) in (Union, types.UnionType):
+        return any(_is_list_field(a) for a in typing.get_args(ann) if a is not type(None))
+    return typing.get_origin(ann) is list or ann is list
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

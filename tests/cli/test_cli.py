@@ -42,6 +42,17 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     assert load_config(SFTConfig, None, ["resume=true"]).resume is True
 
 
+def test_list_keys_take_a_comma_list(tmp_path):
+    """`methods=grpo,gspo` is the list [grpo, gspo], the same as `methods=[grpo,gspo]` (it used to be
+    refused as 'not a valid list'); one value is a one-item list."""
+    from alignkit.demo import DemoConfig
+
+    for raw in ("grpo,gspo", "[grpo,gspo]"):
+        assert load_config(DemoConfig, None, [f"methods={raw}"]).methods == ["grpo", "gspo"]
+    assert load_config(DemoConfig, None, ["methods=rs"]).methods == ["rs"]
+    assert load_config(DemoConfig, None, ["seeds=0,1,2"]).seeds == [0, 1, 2]
+
+
 @pytest.mark.parametrize(
     "overrides, needle",
     [

@@ -786,6 +786,24 @@ def _check_objective(cfg):
     return cfg
 
 
+class PolicyRatioKeys(Section):
+    """The importance-ratio keys of recipes that update several times per rollout (GRPO with
+    iterations > 1, PPO): GSPO's sequence ratio, CISPO, dual clip."""
+
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance ratio per token (PPO) or per sequence, the geometric mean of its token "
+        "ratios (GSPO, docs/objectives.md)")
+    loss_type: Literal["clip", "cispo"] = Field(
+        "clip", description="clip: PPO's clipped surrogate; cispo: the clipped, detached importance weight times "
+        "log π, every token keeps its gradient (CISPO, docs/objectives.md)")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 for negative advantages "
+                                    "(loss ≤ −c·A; verl's clip_ratio_c); null: off")
+
+    @model_validator(mode="after")
+    def _objective(self):
+        return _check_objective(self)
+
+
 def _refuse_ratio_keys(cfg):
     """REINFORCE and RLOO make one update per rollout (π_old = π): every ratio is 1, and the ratio
     options would silently change nothing, so they are refused."""
@@ -797,7 +815,7 @@ def _refuse_ratio_keys(cfg):
     return cfg
 
 
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(OnlineConfig, PolicyRatioKeys):
     """GRPO: G samples per prompt, group-normalised advantages, clipped ratio, KL in the loss."""
 
     output_dir: str = Field("runs/grpo", description="Run folder")
@@ -810,14 +828,6 @@ class GRPOConfig(OnlineConfig):
     clip_low: float = Field(0.2, ge=0, description="Ratio clip below: 1 - clip_low")
     clip_high: float = Field(0.2, ge=0, description="Ratio clip above: 1 + clip_high (clip-higher when > clip_low)")
     iterations: int = Field(1, ge=1, description="Updates (μ) per rollout batch, old log-probs held fixed")
-    ratio_level: Literal["token", "sequence"] = Field(
-        "token", description="Importance ratio per token (PPO) or per sequence, the geometric mean of its token "
-        "ratios (GSPO, docs/objectives.md)")
-    loss_type: Literal["clip", "cispo"] = Field(
-        "clip", description="clip: PPO's clipped surrogate; cispo: the clipped, detached importance weight times "
-        "log π, every token keeps its gradient (CISPO, docs/objectives.md)")
-    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 for negative advantages "
-                                    "(loss ≤ −c·A; verl's clip_ratio_c); null: off")
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), "
         "seq_mean_token_sum_norm (Dr. GRPO, divides by max_new_tokens)"
@@ -835,10 +845,6 @@ class GRPOConfig(OnlineConfig):
         "none", description="Sampler-vs-trainer correction (docs/vllm.md): tis = loss x min(ratio, cap); "
         "mis = drop tokens whose ratio leaves [1/cap, cap]")
     rollout_correction_cap: float = Field(2.0, gt=1, description="C of rollout_correction")
-
-    @model_validator(mode="after")
-    def _objective(self):
-        return _check_objective(self)
 
 
 class _OneUpdateOnline(OnlineConfig):
@@ -1042,7 +1048,7 @@ class RMConfig(TrainConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-class PPOConfig(OnlineConfig):
+class PPOConfig(OnlineConfig, PolicyRatioKeys):
     """PPO with a critic (docs/ppo.md): per-token reward −β·KL plus the score on the last token, GAE,
     clipped surrogate and clipped value loss, several epochs of minibatches over each rollout batch."""
 
@@ -1076,14 +1082,6 @@ class PPOConfig(OnlineConfig):
                                  "takes batch_size x grad_accum x num_minibatches prompts per process")
     clip_low: float = Field(0.2, ge=0, description="Ratio clip below: 1 − clip_low")
     clip_high: float = Field(0.2, ge=0, description="Ratio clip above: 1 + clip_high")
-    ratio_level: Literal["token", "sequence"] = Field(
-        "token", description="Importance ratio per token (PPO) or per sequence, the geometric mean of its token "
-        "ratios (GSPO, docs/objectives.md)")
-    loss_type: Literal["clip", "cispo"] = Field(
-        "clip", description="clip: PPO's clipped surrogate; cispo: the clipped, detached importance weight times "
-        "log π, every token keeps its gradient (CISPO, docs/objectives.md)")
-    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c > 1 for negative advantages "
-                                    "(loss ≤ −c·A; verl's clip_ratio_c); null: off")
     value_clip: float | None = Field(0.2, ge=0, description="Value clip ε: V is kept within V_old ± ε in the clipped "
                                      "value loss; null: plain squared error")
     whiten_advantages: bool = Field(True, description="Standardise advantages over the rollout batch (all processes)")
@@ -1098,10 +1096,6 @@ class PPOConfig(OnlineConfig):
         0.0, ge=0, description="Subtracted from the score of a response cut at max_new_tokens without eos/stop"
     )
     save_critic: bool = Field(True, description="Write the trained critic to output_dir/critic at the end")
-
-    @model_validator(mode="after")
-    def _objective(self):
-        return _check_objective(self)
 
 
 class OnlineDPOConfig(OnlineConfig):

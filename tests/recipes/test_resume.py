@@ -14,20 +14,15 @@ import torch
 from alignkit import config as C
 from alignkit.training.trainer import Trainer
 
-from conftest import write_jsonl
+from conftest import digits, write_jsonl
 
 
 class Killed(BaseException):
     """Raised inside an optimizer step to stand for the process dying there."""
 
 
-def digits(prompts, completions, **cols):
-    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
 
-
-@pytest.fixture(autouse=True)
-def no_plots(monkeypatch):
-    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_curve_plots")
 
 
 @pytest.fixture(scope="module")

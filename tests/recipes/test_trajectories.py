@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chat_rows, write_jsonl
+from conftest import chat_rows, digits, write_jsonl
 
 STORE = Path(__file__).parent / "trajectories"
 RECORD = os.environ.get("ALIGNKIT_RECORD_TRAJECTORIES") == "1"
@@ -25,14 +25,8 @@ REL = 1e-5
 KEYS = ("loss", "grad_norm", "value_loss", "value_grad_norm", "reward_mean", "kl")
 
 
-def digits(prompts, completions, **cols):
-    """Dense reward for a random tiny model: the share of digit characters."""
-    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
 
-
-@pytest.fixture(autouse=True)
-def no_plots(monkeypatch):
-    monkeypatch.setattr("alignkit.training.trainer.plot_metrics", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_curve_plots")
 
 
 @pytest.fixture(scope="module")

@@ -186,23 +186,14 @@ def child_alignkit(args) -> dict:
 def child_trl(args, precompute: bool) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     clock = common.StepClock()
     losses: list[float] = []
     prepass = {"s": 0.0}
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            clock.start()
-
-        def on_step_end(self, a, state, control, **kw):
-            clock.step_end()
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    clock_cb = common.trl_clock_callback(clock, losses)
 
     class TimedDPOTrainer(DPOTrainer):
         def training_step(self, model, inputs, *rest, **kw):
@@ -237,7 +228,7 @@ def child_trl(args, precompute: bool) -> dict:
         logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, dataset_num_proc=None,
     )
-    trainer = TimedDPOTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()],
+    trainer = TimedDPOTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[clock_cb],
                               peft_config=peft_config)
     t0 = time.perf_counter()
     trainer.train()

@@ -276,7 +276,7 @@ def child_alignkit(args) -> dict:
 def child_trl(args) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wd = Path(args.workdir)
     meta = json.loads((wd / "meta.json").read_text())
@@ -287,17 +287,7 @@ def child_trl(args) -> dict:
     else:
         from trl import RLOOConfig as Cfg, RLOOTrainer as Base
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            rec.clock.start()
-
-        def on_step_end(self, a, state, control, **kw):
-            rec.clock.step_end()
-            after_step()
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "reward" in logs:
-                rec.rewards.append(float(logs["reward"]))
+    clock_cb = common.trl_clock_callback(rec.clock, rec.rewards, key="reward", after_step=after_step)
 
     eos_ids = set(meta["stop_ids"])
 
@@ -338,7 +328,7 @@ def child_trl(args) -> dict:
         kw.update(beta=args.rloo_beta, normalize_advantages=False)
     targs = Cfg(**kw)
     trainer = Timed(model=model, reward_funcs=[reward_trl], args=targs, train_dataset=ds, processing_class=tok,
-                    callbacks=[Clock()])
+                    callbacks=[clock_cb])
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0

@@ -191,21 +191,12 @@ TRL_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "l
 def child_trl(args) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     clock = common.StepClock()
     losses: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            clock.start()
-
-        def on_step_end(self, a, state, control, **kw):
-            clock.step_end()
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    clock_cb = common.trl_clock_callback(clock, losses)
 
     wd = Path(args.workdir)
     tok = AutoTokenizer.from_pretrained(wd / "model")
@@ -240,7 +231,7 @@ def child_trl(args) -> dict:
                             int(inputs["chosen_input_ids"].shape[0]))
                 return super().training_step(model, inputs, *rest, **kw)
 
-    trainer = Timed(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer = Timed(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[clock_cb])
     t0 = time.perf_counter()
     trainer.train()
     trainer.save_model(args.run_dir)

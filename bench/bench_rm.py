@@ -239,22 +239,13 @@ def child_alignkit(args, share: bool) -> dict:
 def child_trl(args) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     clock = common.StepClock()
     losses: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            clock.start()
-
-        def on_step_end(self, a, state, control, **kw):
-            clock.step_end()
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    clock_cb = common.trl_clock_callback(clock, losses)
 
     class TimedRewardTrainer(RewardTrainer):
         def training_step(self, model, inputs, *rest, **kw):
@@ -274,7 +265,7 @@ def child_trl(args) -> dict:
         logging_steps=5, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         dataset_num_proc=None,
     )
-    trainer = TimedRewardTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer = TimedRewardTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[clock_cb])
     t0 = time.perf_counter()
     trainer.train()
     out = clock.summary(args.skip_steps)

@@ -189,7 +189,7 @@ def child_alignkit(args) -> dict:
 def child_trl(args) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     clock = common.StepClock()
@@ -197,17 +197,7 @@ def child_trl(args) -> dict:
     after_step = _profile_hooks(prof, clock, args)
     losses: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            clock.start()
-
-        def on_step_end(self, a, state, control, **kw):
-            clock.step_end()
-            after_step()
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    clock_cb = common.trl_clock_callback(clock, losses, after_step=after_step)
 
     class TimedSFTTrainer(SFTTrainer):
         def training_step(self, model, inputs, *rest, **kw):
@@ -235,7 +225,7 @@ def child_trl(args) -> dict:
         dataloader_num_workers=0, dataset_num_proc=None,
     )
     targs = SFTConfig(**kwargs)
-    trainer = TimedSFTTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer = TimedSFTTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[clock_cb])
     t0 = time.perf_counter()
     trainer.train()
     trainer.save_model(args.run_dir)

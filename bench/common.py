@@ -427,6 +427,28 @@ class StepClock:
         }
 
 
+def trl_clock_callback(clock: "StepClock", values: list, key: str = "loss", after_step=None):
+    """A transformers TrainerCallback for the TRL side of a benchmark: starts `clock` with
+    training, marks each optimizer step's end (then calls `after_step`, e.g. a memory poll), and
+    appends each logged `key` (loss, reward) to `values`."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            clock.start()
+
+        def on_step_end(self, a, state, control, **kw):
+            clock.step_end()
+            if after_step is not None:
+                after_step()
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and key in logs:
+                values.append(float(logs[key]))
+
+    return Clock()
+
+
 def child_finish(data: dict) -> None:
     """Write a child's report (plus its own peak RSS) to $BENCH_RESULT."""
     data = dict(data, peak_rss_mib=peak_rss_mib(), rss_at_exit_mib=current_rss_mib())

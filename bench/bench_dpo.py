@@ -82,7 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, default="full", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    common.add_device_arg(p)
+    args = p.parse_args(argv)
+    common.use_device(args.device)
+    return args
 
 
 # ============================================================================================
@@ -169,7 +172,7 @@ def child_alignkit(args) -> dict:
         output_dir=args.run_dir, overwrite=True, max_steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=0.0, adam_betas=(0.9, 0.999), warmup_steps=0,
         schedule="cosine", min_lr_ratio=0.0, max_grad_norm=1.0, max_length=args.max_length, seed=0,
-        dtype="float32", gradient_checkpointing=False, loss="sigmoid", beta=args.beta, reference="auto",
+        dtype=common.alignkit_dtype(), gradient_checkpointing=False, loss="sigmoid", beta=args.beta, reference="auto",
         ref_batch_size=args.batch_size, progress=False, tensorboard=False, save_every=0, eval_every=0, log_every=10,
         **extra,
     )
@@ -222,7 +225,7 @@ def child_trl(args, precompute: bool) -> dict:
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, warmup_steps=0,
         lr_scheduler_type="cosine", max_grad_norm=1.0, seed=0, data_seed=0,
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        **common.trl_precision(), gradient_checkpointing=False,
         max_length=args.max_length, beta=args.beta, loss_type=["sigmoid"],
         precompute_ref_log_probs=precompute, precompute_ref_batch_size=args.batch_size,
         logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
@@ -395,7 +398,7 @@ def from_json(args) -> int:
                                   intermediate=a.intermediate, vocab=a.vocab)
         with tempfile.TemporaryDirectory(prefix="bench-dpo-") as td:  # rebuilt only to describe it
             ws = common.build_workspace(Path(td), shape, a.pairs, a.min_tokens, a.max_tokens)
-            common.write_section(SECTION, section_body(a, ws, a.pairs, tables, when, cmd))
+            common.write_section(common.section_title(SECTION), section_body(a, ws, a.pairs, tables, when, cmd))
         print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
     return 0
 
@@ -442,7 +445,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "command": cmd, "when": when},
                                               indent=1, default=str))
     if args.write:
-        common.write_section(SECTION, section_body(args, ws, args.pairs, tables, when, cmd))
+        common.write_section(common.section_title(SECTION), section_body(args, ws, args.pairs, tables, when, cmd))
         print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
     if tmp is not None:
         tmp.cleanup()

@@ -79,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--variant", choices=VARIANTS, default="grpo", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    common.add_device_arg(p)
     args = p.parse_args(argv)
+    common.use_device(args.device)
     if args.prompts_per_step % args.grad_accum:
         p.error("--prompts-per-step must be a multiple of --grad-accum (micro-batches hold whole groups)")
     return args
@@ -217,6 +219,9 @@ def child_alignkit(args) -> dict:
             return batch
 
     ol.RolloutEngine = BenchEngine
+    import alignkit.rollout.engines as engines_mod  # where the recipes build their engine
+
+    engines_mod.RolloutEngine = BenchEngine
     orig_token_logps = ol.token_logps
 
     def token_logps(model, mb, *a, **kw):  # every log-prob forward: the policy's (with grad) and the reference's
@@ -247,7 +252,7 @@ def child_alignkit(args) -> dict:
         model=str(wd / "model"), data=str(wd / "prompts.jsonl"), output_dir=args.run_dir, overwrite=True,
         max_steps=args.steps, batch_size=args.prompts_per_step // args.grad_accum, grad_accum=args.grad_accum,
         lr=args.lr, weight_decay=0.0, adam_betas=(0.9, 0.999), warmup_steps=0, schedule="constant",
-        max_grad_norm=1.0, seed=args.seed, dtype="float32", gradient_checkpointing=False, progress=False,
+        max_grad_norm=1.0, seed=args.seed, dtype=common.alignkit_dtype(), gradient_checkpointing=False, progress=False,
         tensorboard=False, plot=False, save_every=0, eval_every=0, log_every=10, sample_every=0, eval_prompts=0,
         num_generations=args.group, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         generation_batch_size=64, compute_entropy=True, prompt_column="prompt", chat_prompts=True,
@@ -317,7 +322,7 @@ def child_trl(args) -> dict:
         per_device_train_batch_size=(args.prompts_per_step // args.grad_accum) * args.group,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.999, warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=1.0, seed=args.seed,
-        data_seed=args.seed, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, logging_steps=1,
+        data_seed=args.seed, **common.trl_precision(), gradient_checkpointing=False, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         num_iterations=1, epsilon=0.2, log_completions=False, mask_truncated_completions=False,
@@ -601,7 +606,7 @@ def main() -> int:
                                               default=str))
     if args.write:
         load = [r["load_avg_1m"] for r in runs if r.get("ok")]
-        common.write_section(SECTION, section_body(args, ws, tables, when, cmd, load, notes))
+        common.write_section(common.section_title(SECTION), section_body(args, ws, tables, when, cmd, load, notes))
         print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
     if tmp is not None:
         tmp.cleanup()

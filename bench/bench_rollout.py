@@ -189,7 +189,10 @@ def parse_args(argv=None):
     p.add_argument("--child", choices=SIDES + ("micro",), help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, default="eos", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    common.add_device_arg(p)
+    args = p.parse_args(argv)
+    common.use_device(args.device)
+    return args
 
 
 def _count_until_stop(row: list[int], stop: set[int]) -> tuple[int, bool]:
@@ -206,8 +209,9 @@ def child_run(args) -> dict:
     meta = json.loads((Path(args.workdir) / "meta.json").read_text())
     model_dir = Path(args.workdir) / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    # on a GPU both sides sample from the same bf16 weights (what an RL run's rollout uses there)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if common.on_gpu() else torch.float32)
+    model.to("cuda" if common.on_gpu() else "cpu").eval()
     fwd = {"cpu": 0.0, "n": 0, "prefill": 0.0}
     orig_forward = model.forward
 
@@ -231,7 +235,7 @@ def child_run(args) -> dict:
     G, M = args.group, args.max_new_tokens
     prof = None
     if os.environ.get("BENCH_PROFILE"):
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        prof = common.profiler(record_shapes=True)
 
     if args.child == "alignkit":
         from alignkit.rollout.engine import RolloutEngine, SamplingParams
@@ -244,6 +248,7 @@ def child_run(args) -> dict:
                                     batch_size=max(1, n_prompts))
             t0, c0 = time.perf_counter(), time.process_time()
             batch = engine.generate(model, prompts[:n_prompts], params)
+            common.sync()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             lens = [len(s.completion_ids) for s in batch.samples]
             return dict(seconds=dt, cpu_s=cpu, tokens=sum(lens), lens=lens,
@@ -269,7 +274,9 @@ def child_run(args) -> dict:
                                   pad_token_id=pad, use_cache=True)
             torch.manual_seed(seed)
             t0, c0 = time.perf_counter(), time.process_time()
-            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gc)
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
+                                 generation_config=gc)
+            common.sync()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             comp = out[:, Tp:].tolist()
             counted = [_count_until_stop(r, stop) for r in comp]
@@ -291,12 +298,9 @@ def child_run(args) -> dict:
         calls[-1].update(prefill_cpu=fwd["prefill"], forward_cpu=fwd["cpu"], forwards=fwd["n"])
         if prof is not None and c == 0:
             prof.__exit__(None, None, None)
-            ka = prof.key_averages()
             with open(os.environ["BENCH_PROFILE"], "w") as f:
                 f.write(f"{args.child} {args.variant}: {calls[0]['seconds']:.3f}s, {calls[0]['tokens']} tokens\n\n")
-                f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40))
-                f.write("\n\n")
-                f.write(ka.table(sort_by="cpu_time_total", row_limit=40))
+                f.write(common.profile_tables(prof, 40))
     tps = [c["tokens"] / c["seconds"] for c in calls]
     tpc = [c["tokens"] / c["cpu_s"] for c in calls]
     mid = sorted(range(len(calls)), key=lambda i: tps[i])[len(calls) // 2]
@@ -561,7 +565,7 @@ def main() -> int:
                                                "micro": micro}, indent=1, default=str))
     if args.write:
         load = [r["load_avg_1m"] for r in runs if r.get("ok")]
-        common.write_section(SECTION, section_body(args, ws, tables, when, cmd, load, notes))
+        common.write_section(common.section_title(SECTION), section_body(args, ws, tables, when, cmd, load, notes))
         print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
     if tmp is not None:
         tmp.cleanup()

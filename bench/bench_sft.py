@@ -78,7 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, default="padded", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    common.add_device_arg(p)
     args = p.parse_args(argv)
+    common.use_device(args.device)
     try:
         args.thread_list = [int(t) for t in str(args.threads).split(",") if t.strip()]
     except ValueError:
@@ -97,10 +99,7 @@ def _profiler(args):
     out = os.environ.get("BENCH_PROFILE")
     if not out:
         return None
-    import torch
-
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False,
-                                  profile_memory=True, with_stack=False)
+    prof = common.profiler(record_shapes=False, profile_memory=True, with_stack=False)
     prof.out = out
     return prof
 
@@ -119,13 +118,11 @@ def _profile_hooks(prof, clock, args):
         elif state["on"] and n == args.skip_steps + 6:
             prof.__exit__(None, None, None)
             state["done"] = True
-            ka = prof.key_averages()
+            common.sync()
             with open(prof.out, "w") as f:
-                f.write(ka.table(sort_by="self_cpu_time_total", row_limit=45))
+                f.write(common.profile_tables(prof, 45))
                 f.write("\n\n")
-                f.write(ka.table(sort_by="cpu_time_total", row_limit=45))
-                f.write("\n\n")
-                f.write(ka.table(sort_by="self_cpu_memory_usage", row_limit=25))
+                f.write(prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=25))
 
     return after_step
 
@@ -173,7 +170,7 @@ def child_alignkit(args) -> dict:
         output_dir=args.run_dir, overwrite=True, max_steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=0.0, adam_betas=(0.9, 0.999), warmup_steps=0,
         schedule="cosine", min_lr_ratio=0.0, max_grad_norm=1.0, max_length=args.max_length, seed=0,
-        dtype="float32", gradient_checkpointing=False, packing=args.variant == "packed",
+        dtype=common.alignkit_dtype(), gradient_checkpointing=False, packing=args.variant == "packed",
         progress=False, tensorboard=False, save_every=0, eval_every=0, log_every=10,
     )
     t0 = time.perf_counter()
@@ -216,7 +213,7 @@ def child_trl(args) -> dict:
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, warmup_steps=0,
         lr_scheduler_type="cosine", max_grad_norm=1.0, seed=0, data_seed=0,
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        **common.trl_precision(), gradient_checkpointing=False,
         assistant_only_loss=True, packing=False, padding_free=packed,
         # padding-free without packing requires max_length=None in TRL; every row is already
         # shorter than --max-length (checked by the parent), so nothing would be cut anyway.
@@ -704,7 +701,7 @@ the machine affects both sides alike.
 {text.strip()}
 """ + (f"\n{reading.strip()}\n" if reading else "")
     main_part = main_part.strip() or "(no throughput table yet: run `python bench/bench_sft.py --write`)"
-    common.write_section(SECTION, main_part + "\n\n" + sub)
+    common.write_section(common.section_title(SECTION), main_part + "\n\n" + sub)
 
 
 def main() -> int:
@@ -746,7 +743,7 @@ def main() -> int:
         print(tables)
         if args.write:
             _, kept = _split_breakdown(_section_text())
-            common.write_section(SECTION, section_body(args, ws, tables, when_saved or "(unknown date)", cmd, runs)
+            common.write_section(common.section_title(SECTION), section_body(args, ws, tables, when_saved or "(unknown date)", cmd, runs)
                                  + ("\n" + kept if kept else ""))
             print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
         if tmp is not None:
@@ -804,7 +801,7 @@ def main() -> int:
                                                "machine": common.machine()}, indent=1, default=str))
     if args.write:
         _, kept = _split_breakdown(_section_text())  # a breakdown written by --breakdown --write stays
-        common.write_section(SECTION, section_body(args, ws, tables, when, cmd, runs) + ("\n" + kept if kept else ""))
+        common.write_section(common.section_title(SECTION), section_body(args, ws, tables, when, cmd, runs) + ("\n" + kept if kept else ""))
         print(f"wrote the '## {SECTION}' section of {common.BENCHMARKS_MD}", file=sys.stderr)
     if tmp is not None:
         tmp.cleanup()

@@ -57,6 +57,73 @@ SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
 # --------------------------------------------------------------------------------------------
+# Device: CPU (float32, the default) or one CUDA GPU (bf16 autocast over float32 master weights
+# on both sides: alignkit `dtype=bfloat16`, TRL `bf16=True`). The parent's `--device` travels to
+# its children through BENCH_DEVICE, so the child code reads one place.
+# --------------------------------------------------------------------------------------------
+
+
+def add_device_arg(p) -> None:
+    """Add `--device cpu|cuda` to a benchmark's argument parser."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default=os.environ.get("BENCH_DEVICE", "cpu"),
+                   help="cpu: float32 on both sides; cuda: one GPU, bf16 autocast on both sides")
+
+
+def use_device(name: str) -> None:
+    """Set the device for this process and the children it starts."""
+    os.environ["BENCH_DEVICE"] = name
+
+
+def on_gpu() -> bool:
+    return os.environ.get("BENCH_DEVICE", "cpu") == "cuda"
+
+
+def alignkit_dtype() -> str:
+    """alignkit's `dtype=` for the benchmark's device."""
+    return "bfloat16" if on_gpu() else "float32"
+
+
+def trl_precision() -> dict:
+    """TRL / transformers TrainingArguments for the benchmark's device."""
+    return dict(bf16=on_gpu(), fp16=False, use_cpu=not on_gpu())
+
+
+def section_title(cpu_title: str) -> str:
+    """A script's BENCHMARKS.md section for the current device: 'SFT (CPU)' -> 'SFT (GPU: NVIDIA H200)'."""
+    if not on_gpu():
+        return cpu_title
+    import torch
+
+    return cpu_title.replace("(CPU)", f"(GPU: {torch.cuda.get_device_name(0)})")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a host clock read after it times the work itself."""
+    torch = sys.modules.get("torch")
+    if torch is not None and on_gpu() and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profiler(**kw):
+    """torch.profiler over CPU ops, plus CUDA kernels when the benchmark runs on a GPU."""
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=acts, **kw)
+
+
+def profile_tables(prof, rows: int = 40) -> str:
+    """The op tables of a finished profile: by self CPU time, by total CPU time, and on a GPU by
+    self CUDA time (what the device spent in each kernel)."""
+    ka = prof.key_averages()
+    parts = [ka.table(sort_by="self_cpu_time_total", row_limit=rows), ka.table(sort_by="cpu_time_total", row_limit=rows)]
+    if on_gpu():
+        parts.append(ka.table(sort_by="self_cuda_time_total", row_limit=rows))
+    return "\n\n".join(parts)
+
+# --------------------------------------------------------------------------------------------
 # Model, tokenizer and data, built offline
 # --------------------------------------------------------------------------------------------
 
@@ -405,6 +472,7 @@ class StepClock:
         self.trained[-1] += int(trained)
 
     def step_end(self) -> None:
+        sync()
         self.ends.append(time.perf_counter())
         self.cpu_ends.append(time.process_time())
         self.tokens.append(0)
@@ -452,6 +520,12 @@ def trl_clock_callback(clock: "StepClock", values: list, key: str = "loss", afte
 def child_finish(data: dict) -> None:
     """Write a child's report (plus its own peak RSS) to $BENCH_RESULT."""
     data = dict(data, peak_rss_mib=peak_rss_mib(), rss_at_exit_mib=current_rss_mib())
+    torch = sys.modules.get("torch")
+    if on_gpu() and torch is not None and torch.cuda.is_available():
+        # the device's own peak: what decides the batch size that fits on a GPU
+        data.update(peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20,
+                    peak_gpu_reserved_mib=torch.cuda.max_memory_reserved() / 2**20,
+                    gpu=torch.cuda.get_device_name(0))
     path = os.environ.get("BENCH_RESULT")
     if path:
         Path(path).write_text(json.dumps(data))
@@ -500,7 +574,13 @@ def machine() -> str:
         mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
     except ImportError:
         mem = ""
-    return f"{model}, {os.cpu_count()} logical cores{mem}, {platform.system()} {platform.release()}"
+    gpu = ""
+    if on_gpu():
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"; GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
+    return f"{model}, {os.cpu_count()} logical cores{mem}, {platform.system()} {platform.release()}{gpu}"
 
 
 def versions(*names: str) -> str:

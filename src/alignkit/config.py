@@ -8,6 +8,7 @@ validated and coerced by pydantic, and every problem is reported as one line (``
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -141,6 +142,16 @@ class PeftConfig(Section):
     def _none_is_a_method(cls, v):
         # `peft.method=none` on the command line (and `method: null` in YAML) read as null
         return "none" if v is None else v
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, v):
+        # One plain module name (`target_modules=q_proj`, or `target_modules: q_proj` in YAML) means
+        # that suffix, as `[q_proj]` does; peft would read the bare string as a regex over the full
+        # name and match nothing. 'all-linear' and regexes (any other character) stay strings.
+        if isinstance(v, str) and v.lower() != "all-linear" and re.fullmatch(r"[A-Za-z0-9_.]+", v):
+            return [v]
+        return v
 
 
 class FSDPConfig(Section):
@@ -332,11 +343,18 @@ def _parse_value(raw: str, ann: Any) -> Any:
         val = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
-    if isinstance(val, str) and _is_list_field(ann):
-        # `methods=grpo,gspo` means the list [grpo, gspo], as `methods=[grpo,gspo]` does
+    if isinstance(val, str) and _is_list_field(ann) and not ("," not in val and _accepts_str(ann)):
+        # `methods=grpo,gspo` means the list [grpo, gspo], as `methods=[grpo,gspo]` does; one word
+        # stays a string where the field takes one (`peft.target_modules=all-linear` is a keyword)
         return [yaml.safe_load(x) if x.strip() else x for x in val.split(",")]
     # YAML 1.1 reads '2e-5' as a string; pydantic coerces numeric strings itself.
     return val
+
+
+def _accepts_str(ann: Any) -> bool:
+    """Whether a field's annotation takes a plain string besides a list (`str | list[str]`)."""
+    return ann is str or (typing.get_origin(ann) in (Union, types.UnionType)
+                          and any(_accepts_str(a) for a in typing.get_args(ann)))
 
 
 def _is_list_field(ann: Any) -> bool:

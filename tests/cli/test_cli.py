@@ -53,6 +53,19 @@ def test_list_keys_take_a_comma_list(tmp_path):
     assert load_config(DemoConfig, None, ["seeds=0,1,2"]).seeds == [0, 1, 2]
 
 
+@pytest.mark.parametrize("raw, want", [
+    ("all-linear", "all-linear"),  # peft's keyword, a string (as a one-item list peft found no module)
+    ("q_proj", ["q_proj"]),  # one module-name suffix
+    ("q_proj,v_proj", ["q_proj", "v_proj"]),
+    ("[q_proj]", ["q_proj"]),
+    (".*\\.(q|v)_proj", ".*\\.(q|v)_proj"),  # a regex stays a regex
+])
+def test_target_modules_one_value_keeps_its_meaning(raw, want):
+    """A key that takes a string or a list keeps one word as the string it is: the comma-list
+    reading made `peft.target_modules=all-linear` the list ['all-linear'], which peft refused."""
+    assert load_config(SFTConfig, None, ["peft.method=lora", f"peft.target_modules={raw}"]).peft.target_modules == want
+
+
 @pytest.mark.parametrize(
     "overrides, needle",
     [

@@ -375,3 +375,20 @@ def test_causal_lm_token_logps_no_grad_and_all_masked():
     assert (lp == 0).all()
     lp.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_post_training_sdpa_leaves_out_cudnn_on_cuda_only_and_restores():
+    """On a CUDA device the context turns cuDNN attention off (its per-shape graph builds made
+    rollouts and SFT CPU-bound on an H200) and keeps flash / memory-efficient / math; the previous
+    settings return on exit; on the CPU it changes nothing."""
+    from alignkit.ops.attention import post_training_sdpa
+
+    b = torch.backends.cuda
+    before = (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled())
+    assert before[0]  # torch's default: cuDNN allowed
+    with post_training_sdpa("cuda"):
+        assert not b.cudnn_sdp_enabled()
+        assert b.flash_sdp_enabled() and b.mem_efficient_sdp_enabled() and b.math_sdp_enabled()
+    assert (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()) == before
+    with post_training_sdpa(torch.device("cpu")):
+        assert b.cudnn_sdp_enabled()

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from alignkit.data.chat import encode_prompt, end_of_turn_ids
+from alignkit.ops.attention import post_training_sdpa
 
 
 @dataclass
@@ -179,11 +180,12 @@ class RolloutEngine:
         samples: list[Sample] = []
         stats = {"prefill_tokens": 0, "decode_steps": 0, "decode_tokens": 0}
         try:
-            for start in range(0, len(ids), params.batch_size):
-                chunk = ids[start:start + params.batch_size]
-                samples += self._generate_chunk(model, chunk, start, params, gen, stats)
-                if on_chunk is not None:
-                    on_chunk(len(chunk))
+            with post_training_sdpa(next(model.parameters()).device):
+                for start in range(0, len(ids), params.batch_size):
+                    chunk = ids[start:start + params.batch_size]
+                    samples += self._generate_chunk(model, chunk, start, params, gen, stats)
+                    if on_chunk is not None:
+                        on_chunk(len(chunk))
         finally:
             model.train(was_training)
         return RolloutBatch(samples, params.n, stats)

@@ -30,6 +30,7 @@ import torch
 
 from alignkit.config import TrainConfig, dump_config
 from alignkit.errors import UserError
+from alignkit.ops.attention import post_training_sdpa
 from alignkit.training import checkpoint as ckpt
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from alignkit.training.logging import MetricsLog, plot_metrics, progress_bar, say
@@ -253,11 +254,14 @@ class Trainer:
             return lo + (1 - lo) * (1 - frac)
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
 
+    @contextlib.contextmanager
     def autocast(self):
-        """Context for forward passes: torch.autocast at the run's dtype, or nothing in float32."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        """Context for forward passes: torch.autocast at the run's dtype (nothing in float32), and
+        on a GPU the attention kernels of `ops.attention.post_training_sdpa`."""
+        amp = (contextlib.nullcontext() if self.amp_dtype is None
+               else torch.autocast(self.device.type, dtype=self.amp_dtype))
+        with post_training_sdpa(self.device), amp:
+            yield
 
     def _fused_adamw(self, params) -> bool:
         """Not with FSDP on CPU (sharded DTensor params there go through the foreach path) or with

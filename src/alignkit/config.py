@@ -804,6 +804,16 @@ def _check_objective(cfg):
     return cfg
 
 
+class RolloutCorrectionKeys(Section):
+    """Sampler-vs-trainer mismatch correction of the policy-gradient recipes (grpo, ppo, rloo,
+    reinforce; docs/vllm.md): the ratio is π_trainer / π_sampler of each sampled token."""
+
+    rollout_correction: Literal["none", "tis", "mis"] = Field(
+        "none", description="Sampler-vs-trainer correction (docs/vllm.md): tis = loss x min(ratio, cap); "
+        "mis = drop tokens whose ratio leaves [1/cap, cap]")
+    rollout_correction_cap: float = Field(2.0, gt=1, description="C of rollout_correction")
+
+
 class PolicyRatioKeys(Section):
     """The importance-ratio keys of recipes that update several times per rollout (GRPO with
     iterations > 1, PPO): GSPO's sequence ratio, CISPO, dual clip."""
@@ -833,7 +843,7 @@ def _refuse_ratio_keys(cfg):
     return cfg
 
 
-class GRPOConfig(OnlineConfig, PolicyRatioKeys):
+class GRPOConfig(OnlineConfig, PolicyRatioKeys, RolloutCorrectionKeys):
     """GRPO: G samples per prompt, group-normalised advantages, clipped ratio, KL in the loss."""
 
     output_dir: str = Field("runs/grpo", description="Run folder")
@@ -859,13 +869,9 @@ class GRPOConfig(OnlineConfig, PolicyRatioKeys):
         False, description="Drop groups whose rewards are all equal (no signal) and refill with new prompts"
     )
     max_refill_rounds: int = Field(3, ge=0, description="Dynamic sampling: extra generation rounds per step at most")
-    rollout_correction: Literal["none", "tis", "mis"] = Field(
-        "none", description="Sampler-vs-trainer correction (docs/vllm.md): tis = loss x min(ratio, cap); "
-        "mis = drop tokens whose ratio leaves [1/cap, cap]")
-    rollout_correction_cap: float = Field(2.0, gt=1, description="C of rollout_correction")
 
 
-class _OneUpdateOnline(OnlineConfig):
+class _OneUpdateOnline(OnlineConfig, RolloutCorrectionKeys):
     """Online recipes that make one update per rollout (RLOO, REINFORCE): every importance ratio
     is 1, so the ratio-shaping keys are accepted only at their defaults, to refuse a setting
     that would silently do nothing."""
@@ -1066,7 +1072,7 @@ class RMConfig(TrainConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-class PPOConfig(OnlineConfig, PolicyRatioKeys):
+class PPOConfig(OnlineConfig, PolicyRatioKeys, RolloutCorrectionKeys):
     """PPO with a critic (docs/ppo.md): per-token reward −β·KL plus the score on the last token, GAE,
     clipped surrogate and clipped value loss, several epochs of minibatches over each rollout batch."""
 

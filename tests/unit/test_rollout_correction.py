@@ -86,7 +86,7 @@ def test_bad_arguments():
 def test_grpo_with_correction_runs_and_logs(tiny_model_dir, prompt_file, tmp_path):
     """GRPO on alignkit's engine with TIS and MIS: the trainer's log-probs are taken up front, the
     correction applied before the loss units are counted, and the fractions logged."""
-    from alignkit.config import GRPOConfig, RLOOConfig, load_config
+    from alignkit.config import GRPOConfig, OnlineDPOConfig, RLOOConfig, load_config
     from alignkit.errors import UserError
     from alignkit.recipes.grpo import train_grpo
     from conftest import digits, metrics
@@ -101,5 +101,65 @@ def test_grpo_with_correction_runs_and_logs(tiny_model_dir, prompt_file, tmp_pat
         assert len(tr) == 2
         for r in tr:  # same weights, fp32: nothing to correct, and the gap is float noise
             assert r[key] == 0.0 and r["logprob_mismatch"] < 1e-4 and 1.0 <= r["mismatch_ratio_max"] < 1.001
+    assert load_config(RLOOConfig, None, ["rollout_correction=tis"]).rollout_correction == "tis"
     with pytest.raises(UserError, match="unknown config key 'rollout_correction'"):
-        load_config(RLOOConfig, None, ["rollout_correction=tis"])  # GRPO only
+        load_config(OnlineDPOConfig, None, ["rollout_correction=tis"])  # a pairwise loss: no per-token weight
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "rloo", "reinforce", "ppo"])
+@pytest.mark.parametrize("mode", ["tis", "mis"])
+def test_every_policy_gradient_recipe_corrects_a_planted_mismatch(recipe, mode, tiny_model_dir, prompt_file,
+                                                                   tmp_path, monkeypatch):
+    """The sampler reports every even token id 4x less likely than the trainer finds it (ratio 4 >
+    cap 2): TIS caps exactly those tokens, MIS drops exactly those, in each recipe's one step."""
+    import alignkit.rollout.engine as engine_mod
+    from alignkit.config import GRPOConfig, PPOConfig, ReinforceConfig, RLOOConfig
+    from alignkit.recipes.grpo import train_grpo
+    from alignkit.recipes.ppo import train_ppo
+    from alignkit.recipes.reinforce import train_reinforce
+    from alignkit.recipes.rloo import train_rloo
+    from conftest import digits, metrics
+
+    counts = {"even": 0, "all": 0}
+    orig = engine_mod.sample_tokens
+
+    def planted(logits, p, gen):
+        tok, lp = orig(logits, p, gen)
+        even = tok % 2 == 0
+        counts["even"] += int(even.sum())
+        counts["all"] += tok.numel()
+        return tok, torch.where(even, lp - math.log(4.0), lp)
+
+    monkeypatch.setattr(engine_mod, "sample_tokens", planted)
+    cls, train = {"grpo": (GRPOConfig, train_grpo), "rloo": (RLOOConfig, train_rloo),
+                  "reinforce": (ReinforceConfig, train_reinforce), "ppo": (PPOConfig, train_ppo)}[recipe]
+    out = tmp_path / f"{recipe}-{mode}"
+    train(cls(model=str(tiny_model_dir), data=str(prompt_file), output_dir=str(out), max_steps=1, batch_size=2,
+              num_generations=2, max_new_tokens=6, progress=False, log_every=1, rollout_correction=mode,
+              rollout_correction_cap=2.0, tensorboard=False, plot=False, eval_prompts=0), reward_fn=digits)
+    key = "rollout_capped_frac" if mode == "tis" else "rollout_dropped_frac"
+    got = [r[key] for r in metrics(out)]
+    assert counts["all"] > 0 and 0 < counts["even"] < counts["all"]
+    assert got and all(g == pytest.approx(counts["even"] / counts["all"]) for g in got), (got, counts)
+
+
+def test_sequence_loss_weights_each_token_by_its_correction(monkeypatch):
+    """RLOO / REINFORCE loss by hand: −Σ_i A_i Σ_t c_t log π(y_t), c_t = min(r_t, cap) under TIS and
+    1[r_t in [1/cap, cap]] under MIS, r_t = π_trainer / π_sampler with this forward's log-probs."""
+    from types import SimpleNamespace
+
+    from alignkit.recipes import online as ol
+    from alignkit.recipes.reinforce import sequence_pg_loss_fn
+
+    logps = TRAINER.clone().requires_grad_(True)
+    monkeypatch.setattr(ol, "token_logps", lambda model, mb, *a, **k: logps)
+    adv = torch.tensor([1.0, -2.0])
+    mb = {"completion_mask": MASK, "scored": torch.ones(2), "advantages": adv, "sampler_logps": SAMPLER}
+    r = torch.tensor([[2.0, 0.5, 1.0, 0.0], [3.0, 1.0, 1.0, 2.0]])
+    for mode, c in (("tis", torch.clamp(r, max=1.5)), ("mis", ((r >= 1 / 1.5) & (r <= 1.5)).float()),
+                    ("none", torch.ones_like(r))):
+        cfg = SimpleNamespace(temperature=1.0, logits_chunk_size=64, compute_entropy=False, kl_coef=0.0,
+                              kl_estimator="k3", rollout_correction=mode, rollout_correction_cap=1.5)
+        loss, _ = sequence_pg_loss_fn(cfg, kl_in_loss=False)(None, mb)
+        want = -(adv * (c * MASK * TRAINER).sum(-1)).sum()
+        assert float(loss.detach()) == pytest.approx(float(want), rel=1e-6), mode

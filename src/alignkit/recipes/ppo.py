@@ -40,7 +40,7 @@ from alignkit.advantages import gae, scored_mask, whiten
 from alignkit.config import PPOConfig
 from alignkit.data.order import seeded_permutation
 from alignkit.errors import UserError
-from alignkit.losses import kl_estimate, policy_loss_terms, value_loss_terms
+from alignkit.losses import kl_estimate, policy_loss_terms, rollout_correction, value_loss_terms
 from alignkit.ops.masks import last_token_index
 from alignkit.recipes import online as ol
 from alignkit.training.dist import DistInfo, all_reduce_sum
@@ -175,15 +175,17 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def ppo_policy_loss_fn(cfg: PPOConfig):
-    """Clipped surrogate summed over the micro-batch's response tokens (units: tokens)."""
+    """Clipped surrogate summed over the micro-batch's policy-gradient tokens `pg_mask` (the response
+    tokens, less those `rollout_correction=mis` dropped; units: `n_pg_tokens`), each weighted by
+    `is_weights` under `rollout_correction=tis`."""
 
     def loss_fn(model, mb: dict):
         out = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
         lp, ent = out if cfg.compute_entropy else (out, None)
-        m = mb["completion_mask"]
+        m = mb["pg_mask"]
         terms = policy_loss_terms(lp, mb["old_logps"], mb["advantages"], m, cfg.clip_low, cfg.clip_high,
                                   "token_mean", dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level,
-                                  loss_type=cfg.loss_type)
+                                  loss_type=cfg.loss_type, is_weights=mb.get("is_weights"))
         stats, n = terms.stats, terms.stats["tokens"]
         metrics = {"clip_frac": (stats["clipped"], n), "ratio_mean": (stats["ratio_sum"], n),
                    "approx_kl": (stats["approx_kl_sum"], n)}
@@ -213,6 +215,11 @@ def ppo_value_loss_fn(cfg: PPOConfig):
 def n_tokens(mb: dict) -> float:
     """Loss units of a micro-batch: its response tokens."""
     return float(mb["completion_mask"].sum())
+
+
+def n_pg_tokens(mb: dict) -> float:
+    """Policy-loss units of a micro-batch: its response tokens that the policy gradient trains on."""
+    return float(mb["pg_mask"].sum())
 
 
 # --------------------------------------------------------------------------- the critic
@@ -404,6 +411,12 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
             run.add_ref_logps(chunks)
             ref_logps = _pad_cat([c["ref_logps"] for c in chunks], T)
             kl = torch.where(mask, kl_estimate(full["old_logps"], ref_logps, cfg.kl_estimator), torch.zeros(()))
+        # sampler vs trainer (π_old): TIS weights or MIS drops for the policy loss; the critic keeps every token
+        corr = rollout_correction(full["old_logps"], full["sampler_logps"], mask, cfg.rollout_correction,
+                                  cfg.rollout_correction_cap)
+        full["pg_mask"] = corr.mask
+        if corr.weights is not None:
+            full["is_weights"] = corr.weights
         values = _pad_cat(critic_values(critic, chunks, tr.device, tr.autocast), T)
         values = torch.where(mask, values, torch.zeros(()))
         # 3. reward with KL: r_t = −β KL_t, plus the score on the response's last token
@@ -420,6 +433,11 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
         info.update(diagnostics, kl_coef=kl_ctl.value,
                     score_mean=float(all_reduce_sum(float(scores.sum()), dist)) / max(float(
                         all_reduce_sum(float(scored.sum()), dist)), 1.0))
+        if cfg.rollout_correction != "none":
+            touched, n_tok = all_reduce_sum(torch.tensor([float(corr.stats.get("capped", corr.stats.get("dropped"))),
+                                                          float(corr.stats["tokens"])], dtype=torch.float64), dist).tolist()
+            key = "rollout_capped_frac" if cfg.rollout_correction == "tis" else "rollout_dropped_frac"
+            info[key] = touched / max(n_tok, 1.0)
         clock.lap("prepare")
         # 5. ppo_epochs passes over shuffled minibatches: clipped policy loss, clipped value loss
         per_mb = B // cfg.num_minibatches
@@ -429,7 +447,7 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
             for k in range(cfg.num_minibatches):
                 rows = perm[k * per_mb:(k + 1) * per_mb]
                 mbs = [take_rows(full, rows[i:i + micro_rows]) for i in range(0, len(rows), micro_rows)]
-                metrics = tr.accumulate(mbs, policy_loss, n_tokens)
+                metrics = tr.accumulate(mbs, policy_loss, n_pg_tokens)
                 with critic.active():
                     value = critic_tr.accumulate(mbs, value_loss, n_tokens)
                 value = critic_tr.optimizer_step(value)

@@ -30,20 +30,31 @@ __all__ = ["ReinforceConfig", "train_reinforce", "sequence_pg_loss_fn", "n_seque
 
 
 def sequence_pg_loss_fn(cfg, kl_in_loss: bool):
-    """loss_fn(model, mb) -> (Σ_i w_i · (−A_i · Σ_t log π(y_t) [+ β Σ_t KL_t]), metrics), summed
+    """loss_fn(model, mb) -> (Σ_i w_i · (−A_i · Σ_t c_t log π(y_t) [+ β Σ_t KL_t]), metrics), summed
     over the micro-batch's sequences (loss units: scored sequences, `n_sequences`). mb: rollout rows
     with `advantages` (B,), `scored` (B,) float (w_i: 0 for a sample the reward source could not
-    score, so it gives no gradient), `sampler_logps` and, with a reference, `ref_logps` (B, T)."""
+    score, so it gives no gradient), `sampler_logps` and, with a reference, `ref_logps` (B, T).
+
+    c_t is `cfg.rollout_correction` (`alignkit.losses.rollout_correction`) with the trainer's own
+    log-probs of this forward as π_trainer: one update per rollout, so they are the rollout
+    weights' log-probs. tis: c_t = min(π_trainer/π_sampler, cap); mis: c_t = 0 for a token whose
+    ratio leaves [1/cap, cap] (the units are sequences, so the normaliser does not move); none: 1."""
+    from alignkit.losses import rollout_correction
 
     def loss_fn(model, mb: dict):
         out = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
         logps, entropy = out if cfg.compute_entropy else (out, None)
         w = mb["scored"]
         m = mb["completion_mask"] & (w[:, None] > 0)
+        c = rollout_correction(logps, mb["sampler_logps"], m, cfg.rollout_correction, cfg.rollout_correction_cap)
+        pg = logps * c.mask if c.weights is None else logps * c.weights
         sequence_logps = (logps * m).sum(-1)
-        loss = -(mb["advantages"] * sequence_logps).sum()
+        loss = -(mb["advantages"] * pg.sum(-1)).sum()
         metrics = {"logprob_mismatch": ((mb["sampler_logps"] - logps.detach()).abs()[m].sum(), m.sum()),
                    "seq_logp": sequence_logps.detach().sum()}
+        if cfg.rollout_correction != "none":
+            key = "rollout_capped_frac" if cfg.rollout_correction == "tis" else "rollout_dropped_frac"
+            metrics[key] = (c.stats.get("capped", c.stats.get("dropped")), c.stats["tokens"])
         loss_fn.ratio_max = max(loss_fn.ratio_max, ol.ratio_max(mb["sampler_logps"], logps, m))  # a max: aside
         if "ref_logps" in mb:
             kl = kl_estimate(logps, mb["ref_logps"], cfg.kl_estimator) * m

@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -469,6 +470,7 @@ class Trainer:
                    str(good) if good is not None else None, "param_norm": str(h["param_norm"])}
             (self.run_dir / ckpt.DIVERGED_FILE).write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         raise TrainingDiverged(f"{head}; {what}; {fix}")
+
     def skip_update(self, metrics: dict) -> dict:
         """Count an optimizer step that has nothing to train on (every sample masked, every group
         tied, no sample kept): no update, gradients dropped, the schedule advances as after an
@@ -476,7 +478,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": 0.0, **metrics, "grad_norm": 0.0, "skipped_steps": 1}
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # the schedule is meant to advance without an update here; torch warns when that
+            # happens before the first optimizer.step(), which is not the user's concern
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.step += 1
         return metrics
 

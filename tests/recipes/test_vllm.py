@@ -326,6 +326,57 @@ def test_other_online_recipes_run_two_steps_on_vllm(recipe, folder, prompts, tmp
         assert gaps and all(1.0 <= r["mismatch_ratio_max"] < 1.01 for r in tr)
 
 
+QUIZ_ENV = """
+class Quiz:
+    def __init__(self):
+        self.n = 0
+
+    def reset(self, row):
+        return list(row["prompt"])
+
+    def step(self, message):
+        self.n += 1
+        t = message["content"]
+        return [{"role": "user", "content": "Again?"}], sum(c.isdigit() for c in t) / max(len(t), 1), self.n >= 2
+"""
+
+
+def test_grpo_on_multi_turn_episodes_samples_every_turn_with_vllm(folder, prompts, tmp_path, vllm_calls,
+                                                                  monkeypatch):
+    """Multi-turn GRPO with vLLM as the sampler: each turn is a vLLM call over the token ids so far
+    (prompt, earlier turns, the environment's messages), the trained ids are those vLLM sampled, and
+    the trainer's log-probs of them equal vLLM's (fp32, < 1e-3) though the environment's tokens sit
+    between the model's turns."""
+    from alignkit.config import GRPOConfig
+    from alignkit.recipes import online as ol
+    from alignkit.recipes.grpo import train_grpo
+
+    env = tmp_path / "quiz_env.py"
+    env.write_text(QUIZ_ENV)
+    seen = []
+    real = ol.OnlineRun.collect
+
+    def spy(self, *a, **k):
+        ro = real(self, *a, **k)
+        seen.append(ro)
+        return ro
+
+    monkeypatch.setattr(ol.OnlineRun, "collect", spy)
+    out = tmp_path / "mt"
+    train_grpo(GRPOConfig(model=str(folder[0]), data=str(prompts), output_dir=str(out), max_steps=2, batch_size=2,
+                          num_generations=2, max_new_tokens=5, lr=0.02, progress=False, log_every=1,
+                          dtype="float32", rollout_engine="vllm", vllm={"kv_cache_gb": 1}, max_length=128,
+                          env=f"{env}:Quiz", max_turns=3, tensorboard=False, plot=False, eval_prompts=0))
+    assert len(vllm_calls) >= 4 and all(n > 0 for n in vllm_calls)  # two steps x two turns, at least
+    assert seen
+    for ro in seen:
+        for e in ro.samples:
+            assert e.turns == 2 and len(e.spans) == 2 and not all(e.trained)
+            assert e.sampled_ids == [t for a, b in e.spans for t in e.completion_ids[a:b]]
+    tr = run_metrics(out)
+    assert len(tr) == 2 and all(r["logprob_mismatch"] < 1e-3 for r in tr), [r["logprob_mismatch"] for r in tr]
+
+
 def test_rs_generate_on_vllm(folder, prompts, tmp_path, vllm_calls):
     import json
 

@@ -64,12 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=256, help="preference pairs in the data set")
     p.add_argument("--min-tokens", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=300)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=8192)
+    common.add_model_args(p)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
                    help="OMP_NUM_THREADS for both sides (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--workdir", default=None, help="where to build the model/data (default: a temp dir)")
@@ -394,8 +389,7 @@ def from_json(args) -> int:
         when = saved.get("when") or _dt.datetime.fromtimestamp(Path(args.from_json).stat().st_mtime).strftime(
             "%Y-%m-%d %H:%M")
         cmd = saved.get("command") or f"OMP_NUM_THREADS={a.threads} python bench/bench_dpo.py --threads {a.threads}"
-        shape = common.ModelShape(hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-                                  intermediate=a.intermediate, vocab=a.vocab)
+        shape = common.shape_of(a)
         with tempfile.TemporaryDirectory(prefix="bench-dpo-") as td:  # rebuilt only to describe it
             ws = common.build_workspace(Path(td), shape, a.pairs, a.min_tokens, a.max_tokens)
             common.write_section(common.section_title(SECTION), section_body(a, ws, a.pairs, tables, when, cmd))
@@ -417,8 +411,7 @@ def main() -> int:
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-dpo-")
         args.workdir = tmp.name
-    shape = common.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                              intermediate=args.intermediate, vocab=args.vocab)
+    shape = common.shape_of(args)
     t0 = time.perf_counter()
     print(f"building model/tokenizer/data in {args.workdir} ...", file=sys.stderr, flush=True)
     ws = common.build_workspace(Path(args.workdir), shape, args.pairs, args.min_tokens, args.max_tokens)

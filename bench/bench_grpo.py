@@ -65,7 +65,7 @@ def parse_args(argv=None):
                    help="share of the vocabulary that ends a sample, besides the eos token")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--rloo-beta", type=float, default=0.05, help="β of RLOO's KL-in-reward (k1), both sides")
-    br.add_model_args(p)
+    common.add_model_args(p)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
                    help="OMP_NUM_THREADS for both sides (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--workdir", default=None, help="where to build the model/prompts (default: a temp dir)")
@@ -560,7 +560,7 @@ def main() -> int:
         args.workdir = tmp.name
     t0 = time.perf_counter()
     print(f"building model/tokenizer/prompts in {args.workdir} ...", file=sys.stderr, flush=True)
-    ws = br.RLWorkspace(Path(args.workdir), br.shape_of(args), args.n_prompts, args.min_prompt_tokens,
+    ws = br.RLWorkspace(Path(args.workdir), common.shape_of(args), args.n_prompts, args.min_prompt_tokens,
                         args.max_prompt_tokens, args.stop_frac)
     print(f"  {ws.shape.describe(ws.n_params)}; {len(ws.prompt_ids)} prompts of {ws.prompt_len[0]}-"
           f"{ws.prompt_len[2]} tokens; {len(ws.stop_ids)} stop ids [{time.perf_counter() - t0:.1f}s]",

@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from bench_rollout import RLWorkspace, add_model_args, shape_of  # noqa: E402
+from bench_rollout import RLWorkspace  # noqa: E402
 
 SECTION = "PPO and online DPO (CPU)"
 
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--min-prompt-tokens", type=int, default=30)
     p.add_argument("--max-prompt-tokens", type=int, default=80)
-    add_model_args(p, hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024, vocab=8192)
+    common.add_model_args(p, common.ModelShape(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024))
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     p.add_argument("--workdir", default=None, help="where to build the model/prompts (default: a temp dir)")
     p.add_argument("--write", action="store_true", help=f"replace the '## {SECTION}' section of BENCHMARKS.md")
@@ -206,7 +206,7 @@ def main() -> int:
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-ppo-")
         args.workdir = tmp.name
-    shape = shape_of(args)
+    shape = common.shape_of(args)
     ws = RLWorkspace(Path(args.workdir), shape, n_prompts=128, min_tokens=args.min_prompt_tokens,
                      max_tokens=args.max_prompt_tokens, stop_frac=0.0)
     env = common.child_env(args.threads)

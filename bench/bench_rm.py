@@ -72,12 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=512, help="synthetic: pairs in the data set")
     p.add_argument("--min-tokens", type=int, default=100, help="synthetic: shortest conversation")
     p.add_argument("--max-tokens", type=int, default=300, help="synthetic: longest conversation")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=8192)
+    common.add_model_args(p)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
                    help="OMP_NUM_THREADS for both sides (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--workdir", default=None, help="where to build the models/data (default: a temp dir)")
@@ -457,8 +452,7 @@ def main() -> int:
                   "heads", "kv_heads", "intermediate", "vocab"):
             setattr(args, k, saved["args"][k])
         cmd = saved.get("command", cmd)
-        shape = common.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                                  intermediate=args.intermediate, vocab=args.vocab)
+        shape = common.shape_of(args)
         tables = report(saved["runs"], [i["variant"] for i in saved["infos"]], saved.get("sides", sides))
         print(tables)
         if args.write:
@@ -471,8 +465,7 @@ def main() -> int:
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-rm-")
         args.workdir = tmp.name
-    shape = common.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                              intermediate=args.intermediate, vocab=args.vocab)
+    shape = common.shape_of(args)
     t0 = time.perf_counter()
     infos = []
     for v in variants:

@@ -55,21 +55,6 @@ SIDE_NAMES = {"alignkit": "alignkit RolloutEngine", "hf": "transformers generate
 # ============================================================================================
 
 
-def add_model_args(p: argparse.ArgumentParser, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768,
-                   vocab=8192) -> None:
-    p.add_argument("--hidden", type=int, default=hidden)
-    p.add_argument("--layers", type=int, default=layers)
-    p.add_argument("--heads", type=int, default=heads)
-    p.add_argument("--kv-heads", type=int, default=kv_heads)
-    p.add_argument("--intermediate", type=int, default=intermediate)
-    p.add_argument("--vocab", type=int, default=vocab)
-
-
-def shape_of(args) -> common.ModelShape:
-    return common.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                             intermediate=args.intermediate, vocab=args.vocab)
-
-
 def make_prompt_rows(tok, src: common.TextSource, n: int, min_tokens: int, max_tokens: int,
                      seed: int = 0) -> list[dict]:
     """`prompt` rows (a message list: optional system turn, one user turn) whose chat-template
@@ -176,7 +161,7 @@ def parse_args(argv=None):
     p.add_argument("--stop-frac", type=float, default=1 / 32,
                    help="share of the vocabulary that ends a sample (eos variant), besides the eos token")
     p.add_argument("--calls", type=int, default=1, help="timed generate calls per child (median reported)")
-    add_model_args(p)
+    common.add_model_args(p)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(),
                    help="OMP_NUM_THREADS for both sides (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--workdir", default=None, help="where to build the model/prompts (default: a temp dir)")
@@ -518,7 +503,7 @@ def main() -> int:
         args.workdir = tmp.name
     t0 = time.perf_counter()
     print(f"building model/tokenizer/prompts in {args.workdir} ...", file=sys.stderr, flush=True)
-    ws = RLWorkspace(Path(args.workdir), shape_of(args), args.prompts, args.min_prompt_tokens, args.max_prompt_tokens,
+    ws = RLWorkspace(Path(args.workdir), common.shape_of(args), args.prompts, args.min_prompt_tokens, args.max_prompt_tokens,
                      args.stop_frac)
     print(f"  {ws.shape.describe(ws.n_params)}; {len(ws.prompt_ids)} prompts of {ws.prompt_len[0]}-"
           f"{ws.prompt_len[2]} tokens; {len(ws.stop_ids)} stop ids [{time.perf_counter() - t0:.1f}s]",

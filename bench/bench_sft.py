@@ -53,12 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=512, help="conversations in the data set")
     p.add_argument("--min-tokens", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=300)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=8192)
+    common.add_model_args(p)
     p.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count()),
                    help="OMP_NUM_THREADS for both sides (default: $OMP_NUM_THREADS or all cores); a comma list "
                         "(e.g. 2,1) runs the whole comparison once per value")
@@ -728,8 +723,7 @@ def main() -> int:
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-sft-")
         args.workdir = tmp.name
-    shape = common.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                              intermediate=args.intermediate, vocab=args.vocab)
+    shape = common.shape_of(args)
     t0 = time.perf_counter()
     print(f"building model/tokenizer/data in {args.workdir} ...", file=sys.stderr, flush=True)
     ws = common.build_workspace(Path(args.workdir), shape, args.rows, args.min_tokens, args.max_tokens)

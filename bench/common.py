@@ -148,6 +148,23 @@ class ModelShape:
         return s
 
 
+
+def add_model_args(p, shape: "ModelShape | None" = None) -> None:
+    """The model-shape flags every benchmark takes (--hidden ... --vocab), defaulting to `shape`."""
+    d = shape or ModelShape()
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
+    p.add_argument("--intermediate", type=int, default=d.intermediate)
+    p.add_argument("--vocab", type=int, default=d.vocab)
+
+
+def shape_of(args) -> ModelShape:
+    """The `ModelShape` of parsed `add_model_args` flags."""
+    return ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                      intermediate=args.intermediate, vocab=args.vocab)
+
 def _pseudo_words(n: int, rng: random.Random) -> list[str]:
     onsets = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
               "br", "ch", "dr", "gl", "kr", "pl", "sh", "st", "th", "tr"]

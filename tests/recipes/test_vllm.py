@@ -299,11 +299,11 @@ def test_grpo_on_vllm_weights_follow_every_step(folder, prompts, tmp_path, vllm_
         [r["logprob_mismatch"] for r in stale]
 
 
-@pytest.mark.parametrize("recipe", ["rloo", "reinforce", "rs", "ppo", "online-dpo"])
+@pytest.mark.parametrize("recipe", ["rloo", "reinforce", "rs", "ppo", "online-dpo", "distill"])
 def test_other_online_recipes_run_two_steps_on_vllm(recipe, folder, prompts, tmp_path, vllm_calls):
     import importlib
 
-    from alignkit.config import OnlineDPOConfig, PPOConfig, ReinforceConfig, RLOOConfig, RSConfig
+    from alignkit.config import DistillConfig, OnlineDPOConfig, PPOConfig, ReinforceConfig, RLOOConfig, RSConfig
 
     common = dict(model=str(folder[0]), data=str(prompts), output_dir=str(tmp_path / recipe), batch_size=4,
                   max_new_tokens=6, lr=1e-3, progress=False, log_every=1, dtype="float32", rollout_engine="vllm",
@@ -312,9 +312,11 @@ def test_other_online_recipes_run_two_steps_on_vllm(recipe, folder, prompts, tmp
             "reinforce": lambda: ReinforceConfig(max_steps=2, **common),
             "rs": lambda: RSConfig(rounds=2, sft_steps=1, prompts_per_round=4, num_generations=2, **common),
             "ppo": lambda: PPOConfig(max_steps=2, ppo_epochs=1, save_critic=False, **common),
-            "online-dpo": lambda: OnlineDPOConfig(max_steps=2, **common)}
+            "online-dpo": lambda: OnlineDPOConfig(max_steps=2, **common),
+            # the student samples through vLLM; the teacher (here the same weights) scores on the trainer side
+            "distill": lambda: DistillConfig(max_steps=2, teacher=str(folder[0]), **common)}
     fn = {"rloo": "train_rloo", "reinforce": "train_reinforce", "rs": "train_rs", "ppo": "train_ppo",
-          "online-dpo": "train_online_dpo"}[recipe]
+          "online-dpo": "train_online_dpo", "distill": "train_distill"}[recipe]
     mod = importlib.import_module(f"alignkit.recipes.{recipe.replace('-', '_')}")
     getattr(mod, fn)(cfgs[recipe](), reward_fn=digits)
     assert len(vllm_calls) == 2 and all(n > 0 for n in vllm_calls)

@@ -338,13 +338,17 @@ def digits(prompts, completions, **cols):
 @pytest.mark.parametrize("recipe", [["rm"], ["rloo", "num_generations=2"], ["reinforce"],
                                     ["online-dpo", "num_generations=2"], ["ppo"],
                                     ["ppo", "critic=shared_base", "peft.method=lora"],
-                                    ["rs", "rounds=2", "sft_steps=1", "prompts_per_round=4", "num_generations=2"]])
+                                    ["rs", "rounds=2", "sft_steps=1", "prompts_per_round=4", "num_generations=2"],
+                                    ["kto"], ["dpo", "loss=orpo"], ["distill"]])
 def test_other_recipes_fsdp_equal_ddp(recipe, tiny_model_dir, tmp_path):
     from alignkit.toy import world
 
     name, *extra = recipe
-    if name == "rm":
+    if name in ("rm", "kto", "dpo"):  # KTO splits the pairs into desirable and undesirable rows
         data = [f"data={write_jsonl(tmp_path / 'pairs.jsonl', world.preference_rows(8, seed=0))}"]
+    elif name == "distill":  # the student samples; the teacher scores every token (a second copy here)
+        data = [f"data={write_jsonl(tmp_path / 'p.jsonl', world.prompt_rows(16, seed=0))}", "max_new_tokens=8",
+                f"teacher={tiny_model_dir}"]
     else:
         (tmp_path / "rw.py").write_text(REWARD)
         data = [f"data={write_jsonl(tmp_path / 'p.jsonl', world.prompt_rows(16, seed=0))}",

@@ -375,3 +375,74 @@ def test_causal_lm_token_logps_no_grad_and_all_masked():
     assert (lp == 0).all()
     lp.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the hand-written head backward
+
+
+def _via_checkpoint(h, w, b, targets, chunk_size, temperature):
+    """The checkpointed path (the only one before `_LinearTargetLogp`): logits_fn not marked linear."""
+    from alignkit.ops.logprobs import _chunked
+
+    lp, _ = _chunked(h, targets, lambda x: torch.nn.functional.linear(x, w, b), chunk_size, temperature, -100,
+                     False, skip_ignored=True)
+    return lp
+
+
+@pytest.mark.parametrize("temperature, with_bias", [(1.0, True), (0.7, True), (1.0, False)])
+def test_linear_target_logp_equals_the_checkpointed_path(temperature, with_bias):
+    """Without entropy, chunked_token_logps takes the hand-written backward: the same log-probs,
+    bit for bit, and the same gradients (to float32 rounding) as the checkpointed autograd path."""
+    hidden, weight, bias, targets = _head_problem(N=40, H=16, V=50, dtype=torch.float32, seed=5)
+    bias = bias if with_bias else None
+    up = torch.randn(40, generator=torch.Generator().manual_seed(6))
+
+    def run(fast):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        b = bias.clone().requires_grad_() if bias is not None else None
+        lp = (chunked_token_logps(h, w, targets, chunk_size=7, bias=b, temperature=temperature) if fast
+              else _via_checkpoint(h, w, b, targets, 7, temperature))
+        (lp * up).sum().backward()
+        return [lp.detach(), h.grad, w.grad] + ([b.grad] if b is not None else [])
+
+    fast, slow = run(True), run(False)
+    assert torch.equal(fast[0], slow[0])
+    for got, want in zip(fast[1:], slow[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    naive = naive_token_logps(hidden @ weight.T + (bias if bias is not None else 0), targets, temperature=temperature)
+    torch.testing.assert_close(fast[0].double(), naive, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_target_logp_gradcheck_float64():
+    hidden, weight, bias, targets = _head_problem(N=6, H=2, V=4)
+    args = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: chunked_token_logps(h, w, targets, chunk_size=4, bias=b, temperature=0.8), args)
+
+
+def test_linear_target_logp_bf16_head_matches_checkpointed_path():
+    hidden, weight, _, targets = _head_problem(N=24, H=16, V=40, dtype=torch.float32, seed=7)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+
+    def run(fast):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp = chunked_token_logps(h, w, targets, chunk_size=5) if fast else _via_checkpoint(h, w, None, targets, 5, 1.0)
+        lp.sum().backward()
+        return lp.detach(), h.grad, w.grad
+
+    fast, slow = run(True), run(False)
+    assert fast[0].dtype == torch.float32 and torch.equal(fast[0], slow[0])
+    assert fast[1].dtype == torch.bfloat16 and fast[2].dtype == torch.bfloat16
+    for got, want in zip(fast[1:], slow[1:]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)  # a bf16 ulp or two
+
+
+def test_linear_target_logp_saves_nothing_of_tokens_by_vocab_size():
+    N, H, V = 64, 8, 500
+    hidden, weight, _, targets = _head_problem(N=N, H=H, V=V, dtype=torch.float32)
+    saved = []
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        lp = chunked_token_logps(h, w, targets, chunk_size=8)
+    lp.sum().backward()
+    assert max(saved) <= max(N * H, V * H)

@@ -16,6 +16,13 @@ forward and backward, at the price of one extra head matmul per chunk in backwar
 Rows whose target is `ignore_index` (prompt, padding) are skipped: no logits are computed for
 them at all, which also saves the head matmul for long prompts in RL.
 
+When the head is a plain linear layer and no entropy is asked for (the preference losses: DPO,
+ORPO, KTO, SimPO), a hand-written backward (`_LinearTargetLogp`) replaces the checkpoint: forward
+keeps only each row's logsumexp (N floats); backward rebuilds a chunk's logits once and turns
+them into softmax - one-hot in place, where the checkpointed autograd graph would recompute the
+logsumexp, scatter the target's gradient into a fresh zero (chunk x V) tensor and add two
+(chunk x V) gradients. Same values, fewer (chunk x V) passes and temporaries.
+
 Precision: logits are cast to float32 (float64 stays float64) per chunk before the softmax, so
 bf16 / fp16 models (or autocast) get float32 log-probs; results are float32 (float64 for float64
 inputs).
@@ -74,6 +81,71 @@ def _row_stats(x: torch.Tensor, tgt: torch.Tensor, logits_fn: Callable, temperat
     return lp, ent
 
 
+class _LinearTargetLogp(torch.autograd.Function):
+    """log p(t_n) = z_n[t_n] - logsumexp(z_n), z_n = (x_n W^T + b) / temperature, chunk by chunk.
+
+    x: (n, H); weight: (V, H); bias: (V,) or None; targets: (n,) in [0, V). Returns (n,) in the
+    compute dtype (float32; float64 for float64 logits). Forward saves x, weight, bias, targets
+    and the (n,) logsumexp; nothing of size n x V. Backward, per chunk, with g the upstream
+    gradient: dlogp/dz = onehot(t) - softmax(z), so grad_z = (onehot(t) - softmax(z)) g / temperature,
+    grad_x = grad_z W, grad_W = grad_z^T x, grad_b = sum_n grad_z. The softmax is rebuilt in
+    place from the saved logsumexp: one head matmul and one (chunk x V) buffer per chunk.
+    grad_z is cast to the head's dtype before the matmuls, as autograd would do for a bf16 head.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, chunk_size, temperature):
+        lps, lses = [], []
+        for s in range(0, x.shape[0], chunk_size):
+            z = F.linear(x[s:s + chunk_size], weight, bias)
+            z = z.to(_compute_dtype(z))
+            if temperature != 1.0:
+                z = z / temperature
+            lse = torch.logsumexp(z, dim=-1)
+            lps.append(z.gather(-1, targets[s:s + chunk_size].unsqueeze(-1)).squeeze(-1) - lse)
+            lses.append(lse)
+        lse = torch.cat(lses)
+        ctx.save_for_backward(x, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return torch.cat(lps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, targets, lse = ctx.saved_tensors
+        c, temp = ctx.chunk_size, ctx.temperature
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
+        for s in range(0, x.shape[0], c):
+            xc, tc = x[s:s + c], targets[s:s + c].unsqueeze(-1)
+            gc = grad_out[s:s + c].to(lse.dtype).unsqueeze(-1)
+            z = F.linear(xc, weight, bias)
+            z = z.to(_compute_dtype(z))  # a fresh tensor in either case: safe to overwrite
+            if temp != 1.0:
+                z.div_(temp)
+            # z -> softmax(z) * (-g) -> + g at the target -> / temperature: grad wrt the raw logits
+            p = z.sub_(lse[s:s + c].unsqueeze(-1)).exp_().mul_(-gc)
+            p.scatter_add_(-1, tc, gc)
+            if temp != 1.0:
+                p.div_(temp)
+            gz = p.to(weight.dtype)
+            if need_x:
+                torch.mm(gz, weight, out=grad_x[s:s + c])
+            if need_w:
+                grad_w.addmm_(gz.t(), xc)
+            if grad_b is not None:
+                grad_b += gz.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _plain_linear(module) -> bool:
+    """True for an exact `nn.Linear` without hooks (not LoRA / quantised / FSDP-wrapped): its
+    output is F.linear(x, weight, bias), which `_LinearTargetLogp` reproduces."""
+    return (type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not getattr(module, "_forward_hooks_with_kwargs", None))
+
+
 def _chunked(
     rows: torch.Tensor,
     targets: torch.Tensor,
@@ -83,8 +155,12 @@ def _chunked(
     ignore_index: int | None,
     return_entropy: bool,
     skip_ignored: bool,
+    linear: tuple | None = None,
 ):
     """rows (N, D) -> logits_fn -> (N, V); returns log p(targets) (N,) [and entropy (N,)], 0 where ignored.
+
+    linear: (weight, bias) when logits_fn(x) is exactly F.linear(x, weight, bias); without entropy
+    the chunks then go through `_LinearTargetLogp` instead of activation checkpointing.
 
     skip_ignored: gather the scored rows first (cheap when rows are hidden states); when rows
     are already logits, copying them would cost what we are trying to save, so ignored rows
@@ -110,6 +186,9 @@ def _chunked(
     # Checkpointing only matters when a graph is being built; under no_grad run plainly.
     use_ckpt = torch.is_grad_enabled()
     outs = []
+    if linear is not None and not return_entropy and x.shape[0]:
+        outs = [(_LinearTargetLogp.apply(x, linear[0], linear[1], t, chunk_size, temperature),)]
+        x = x[:0]  # done: skip the loop below
     for s in range(0, x.shape[0], chunk_size):
         args = (x[s:s + chunk_size], t[s:s + chunk_size])
         outs.append(checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args))
@@ -199,8 +278,10 @@ def chunked_token_logps(
     Gradients w.r.t. hidden, weight and bias equal those of the naive computation. Log-probs and
     entropies in nats. The idea (never materialise the logits of all rows) is that of fused
     linear cross-entropy kernels (Liger Kernel, Hsu et al. 2024, arXiv:2410.10989), here in plain
-    PyTorch with activation checkpointing. Raises ValueError when weight's last dimension is not
-    hidden's or targets.shape != hidden.shape[:-1].
+    PyTorch with activation checkpointing. Without entropy the checkpoint is replaced by a
+    hand-written backward (`_LinearTargetLogp`: same values, the softmax rebuilt in place from the
+    saved logsumexp). Raises ValueError when weight's last dimension is not hidden's or
+    targets.shape != hidden.shape[:-1].
     """
     H = hidden.shape[-1]
     if weight.shape[-1] != H:
@@ -209,7 +290,7 @@ def chunked_token_logps(
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
     lp, ent = _chunked(
         hidden.reshape(-1, H), targets.reshape(-1), lambda h: F.linear(h, weight, bias),
-        chunk_size, temperature, ignore_index, return_entropy, skip_ignored=True,
+        chunk_size, temperature, ignore_index, return_entropy, skip_ignored=True, linear=(weight, bias),
     )
     lp = lp.view(targets.shape)
     return (lp, ent.view(targets.shape)) if return_entropy else lp
@@ -358,8 +439,9 @@ def causal_lm_token_logps(
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         logits_fn = head if transform is None else (lambda h: transform(head(h)))
+        linear = (head.weight, head.bias) if transform is None and _plain_linear(head) else None
         lp, ent = _chunked(hidden.reshape(B * T, -1), targets.reshape(-1), logits_fn, chunk_size, temperature,
-                           IGNORE_INDEX, return_entropy, skip_ignored=True)
+                           IGNORE_INDEX, return_entropy, skip_ignored=True, linear=linear)
     else:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if position_ids is not None and not _drops_position_ids(model):

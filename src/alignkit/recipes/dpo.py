@@ -56,6 +56,7 @@ __all__ = [
     "DPOConfig",
     "train_dpo",
     "sequence_logps",
+    "length_groups",
     "pair_loss",
     "dpo_loss_fn",
     "compute_reference_logps",
@@ -91,11 +92,76 @@ METRICS = (
 
 def sequence_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p over each row's answer tokens (R,), number of answer tokens (R,)) for a padded
-    batch of R rows with `targets` (-100 = not an answer token)."""
-    lp = causal_lm_token_logps(model, batch["input_ids"], attention_mask=batch["attention_mask"],
-                               position_ids=batch["position_ids"], targets=batch["targets"], chunk_size=chunk_size)
+    batch of R rows with `targets` (-100 = not an answer token).
+
+    In one process, rows of very different lengths go through the model in up to three groups of
+    similar length (`length_groups`), each cut after its longest row: the padding a single (R, T)
+    batch would push through every layer is not computed. Exact: a causal LM's outputs at
+    position t do not depend on later positions nor on other rows; only float rounding differs
+    (the matmuls' shapes change), well below 1e-6 relative."""
     mask = batch["targets"] != IGNORE
-    return torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1), mask.sum(-1)
+    counts = mask.sum(-1)
+    keys = ("input_ids", "attention_mask", "position_ids", "targets")
+    # how far each row must run: its last real token or its last scored position
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    need = (torch.where(mask | batch["attention_mask"].bool(), pos + 1, 0).amax(-1)).tolist()
+    groups = length_groups(need) if _may_group() else [(list(range(len(need))), mask.shape[1])]
+    sums, order = [], []
+    for rows, T in groups:
+        if len(groups) == 1:
+            sub = {k: batch[k][:, :T] for k in keys}
+        else:
+            idx = torch.as_tensor(rows, device=mask.device)
+            sub = {k: batch[k].index_select(0, idx)[:, :T] for k in keys}
+        lp = causal_lm_token_logps(model, sub["input_ids"], attention_mask=sub["attention_mask"],
+                                   position_ids=sub["position_ids"], targets=sub["targets"], chunk_size=chunk_size)
+        m = sub["targets"] != IGNORE
+        sums.append(torch.where(m, lp, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1))
+        order += rows
+    if len(groups) == 1:
+        return sums[0], counts
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.as_tensor(order)] = torch.arange(len(order))
+    return torch.cat(sums).index_select(0, inv.to(sums[0].device)), counts
+
+
+def _may_group() -> bool:
+    # DDP / FSDP expect one forward per backward; several processes keep the single batch
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1)
+
+
+def length_groups(need: list[int], max_groups: int = 3, overhead: float = 0.05) -> list[tuple[list[int], int]]:
+    """Split rows of lengths `need` into at most `max_groups` groups of similar length, as
+    [(row indices, group length), ...]: the groups of the sorted rows that minimise the tokens
+    computed, sum over groups of rows x longest row, plus `overhead` x the single batch's tokens
+    per group (the cost of one more forward). One group [(all rows, max(need))] when splitting
+    does not pay. Dynamic programming over cut points, O(max_groups x R^2)."""
+    n = len(need)
+    order = sorted(range(n), key=need.__getitem__)
+    L = [need[i] for i in order]
+    if n < 2 or L[0] == L[-1]:
+        return [(list(range(n)), max(need, default=0))]
+    pen = overhead * n * L[-1]
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    cost[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):
+                c = cost[g - 1][i] + (j - i) * L[j - 1] + pen
+                if c < cost[g][j]:
+                    cost[g][j], cut[g][j] = c, i
+    g = min(range(1, max_groups + 1), key=lambda k: (cost[k][n], k))
+    if g == 1:
+        return [(list(range(n)), L[-1])]
+    out, j = [], n
+    while g:
+        i = cut[g][j]
+        out.append((order[i:j], L[j - 1]))
+        j, g = i, g - 1
+    return out[::-1]
 
 
 def _has_adapter(model) -> bool:

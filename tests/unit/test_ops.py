@@ -446,3 +446,15 @@ def test_linear_target_logp_saves_nothing_of_tokens_by_vocab_size():
         lp = chunked_token_logps(h, w, targets, chunk_size=8)
     lp.sum().backward()
     assert max(saved) <= max(N * H, V * H)
+
+
+def test_in_place_logsumexp_is_torch_logsumexp_bit_for_bit():
+    from alignkit.ops.logprobs import _logsumexp_
+
+    z = torch.randn(6, 300, generator=torch.Generator().manual_seed(8)) * 30
+    z[1, 5] = float("inf")
+    z[2] = float("-inf")
+    want = torch.logsumexp(z, -1)
+    got = _logsumexp_(z.clone())
+    assert torch.equal(got[[0, 3, 4, 5]], want[[0, 3, 4, 5]])
+    assert got[1] == float("inf") and got[2] == float("-inf")

@@ -98,11 +98,12 @@ class _LinearTargetLogp(torch.autograd.Function):
         lps, lses = [], []
         for s in range(0, x.shape[0], chunk_size):
             z = F.linear(x[s:s + chunk_size], weight, bias)
-            z = z.to(_compute_dtype(z))
+            z = z.to(_compute_dtype(z))  # fresh either way: free to overwrite below
             if temperature != 1.0:
-                z = z / temperature
-            lse = torch.logsumexp(z, dim=-1)
-            lps.append(z.gather(-1, targets[s:s + chunk_size].unsqueeze(-1)).squeeze(-1) - lse)
+                z.div_(temperature)
+            picked = z.gather(-1, targets[s:s + chunk_size].unsqueeze(-1)).squeeze(-1)
+            lse = _logsumexp_(z)
+            lps.append(picked - lse)
             lses.append(lse)
         lse = torch.cat(lses)
         ctx.save_for_backward(x, weight, bias, targets, lse)
@@ -115,7 +116,7 @@ class _LinearTargetLogp(torch.autograd.Function):
         c, temp = ctx.chunk_size, ctx.temperature
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = None
         grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
         for s in range(0, x.shape[0], c):
             xc, tc = x[s:s + c], targets[s:s + c].unsqueeze(-1)
@@ -133,10 +134,20 @@ class _LinearTargetLogp(torch.autograd.Function):
             if need_x:
                 torch.mm(gz, weight, out=grad_x[s:s + c])
             if need_w:
-                grad_w.addmm_(gz.t(), xc)
+                grad_w = gz.t().mm(xc) if grad_w is None else grad_w.addmm_(gz.t(), xc)
             if grad_b is not None:
                 grad_b += gz.sum(0)
+        if need_w and grad_w is None:
+            grad_w = torch.zeros_like(weight)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(z, -1), the same operations in the same order (so the same bits), but
+    z's own storage holds exp(z - max): no second (rows x V) buffer. z is overwritten."""
+    m = z.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == float("inf"), 0)
+    return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
 
 
 def _plain_linear(module) -> bool:

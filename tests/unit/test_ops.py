@@ -458,3 +458,90 @@ def test_in_place_logsumexp_is_torch_logsumexp_bit_for_bit():
     got = _logsumexp_(z.clone())
     assert torch.equal(got[[0, 3, 4, 5]], want[[0, 3, 4, 5]])
     assert got[1] == float("inf") and got[2] == float("-inf")
+
+
+# --------------------------------------------------------------------------- pairs sharing a prompt
+
+
+def _pair_batch(prompt_lens=(5, 9, 2), answer_lens=((4, 6), (3, 3), (7, 2)), seed=0):
+    """A pair_collate-like batch: B pairs, chosen rows then rejected rows, right-padded; each pair's
+    rows share their prompt; targets score the answer tokens only."""
+    from alignkit.data.collate import pad_collate
+
+    g = torch.Generator().manual_seed(seed)
+
+    class Row:
+        def __init__(self, ids, labels):
+            self.input_ids, self.labels = ids, labels
+
+    chosen, rejected = [], []
+    for p, (a, b) in zip(prompt_lens, answer_lens):
+        prompt = torch.randint(3, 97, (p,), generator=g).tolist()
+        for out, n in ((chosen, a), (rejected, b)):
+            ans = torch.randint(3, 97, (n,), generator=g).tolist()
+            out.append(Row(prompt + ans, [-100] * p + ans))
+    return pad_collate(chosen + rejected, 0), len(prompt_lens)
+
+
+@pytest.mark.parametrize("impl, grouped", [("sdpa", False), ("sdpa", True), ("eager", False)])
+def test_shared_prompt_pair_logps_equals_the_rows_as_they_are(impl, grouped):
+    """Each pair packed as [prompt, chosen, rejected] under a 4D mask gives the same summed
+    log-probs and gradients as the 2B padded rows (`causal_lm_token_logps`)."""
+    from alignkit.ops.logprobs import shared_prompt_pair_logps
+
+    model = _llama(tie=True, seed=2)
+    model.config._attn_implementation = impl
+    mb, B = _pair_batch()
+    up = torch.linspace(0.5, 1.5, 2 * B)
+
+    def run(shared):
+        model.zero_grad()
+        if shared:
+            group_fn = (lambda need: [([0, 2], 0), ([1], 0)]) if grouped else None
+            sums = shared_prompt_pair_logps(model, mb["input_ids"], mb["attention_mask"], mb["targets"], B,
+                                            chunk_size=5, group_fn=group_fn)
+        else:
+            lp = causal_lm_token_logps(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
+                                       targets=mb["targets"], chunk_size=5)
+            sums = torch.where(mb["targets"] != -100, lp, 0.0).sum(-1)
+        (sums * up).sum().backward()
+        return sums.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (got, g_got), (want, g_want) = run(True), run(False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_shared_prompt_pair_logps_runs_each_prompt_once():
+    from alignkit.ops.logprobs import shared_prompt_pair_logps
+
+    model = _llama(tie=False, seed=3)
+    mb, B = _pair_batch()
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True)
+    try:
+        shared_prompt_pair_logps(model, mb["input_ids"], mb["attention_mask"], mb["targets"], B, chunk_size=4)
+    finally:
+        hook.remove()
+    # one row per pair, as long as its prompt + both answers: (5+4+6, 9+3+3, 2+7+2) -> 15
+    assert seen == [torch.Size([B, 15])]
+
+
+def test_shared_prompt_pair_logps_declines_what_it_cannot_pack():
+    from alignkit.ops.logprobs import shared_prompt_pair_logps
+
+    model = _llama(tie=True)
+    mb, B = _pair_batch()
+    args = (mb["input_ids"], mb["attention_mask"], mb["targets"], B)
+    assert shared_prompt_pair_logps(model, *args) is not None
+    left = mb["attention_mask"].flip(-1)  # left padding
+    assert shared_prompt_pair_logps(model, mb["input_ids"], left, mb["targets"], B) is None
+    other = mb["input_ids"].clone()
+    other[B, 0] = other[0, 0] + 1  # pair 0's rows share no first token
+    assert shared_prompt_pair_logps(model, other, mb["attention_mask"], mb["targets"], B) is None
+    model.config.sliding_window, model.config.use_sliding_window = 4, True
+    assert shared_prompt_pair_logps(model, *args) is None
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flash_attention_2"
+    assert shared_prompt_pair_logps(model, *args) is None

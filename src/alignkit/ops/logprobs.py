@@ -44,6 +44,8 @@ __all__ = [
     "causal_lm_token_logps",
     "split_causal_lm",
     "shift_targets",
+    "shared_prompt_pair_logps",
+    "SHARED_PROMPT_MODEL_TYPES",
 ]
 
 IGNORE_INDEX = -100
@@ -479,3 +481,120 @@ def _drops_position_ids(model) -> bool:
                       stacklevel=3)
         return True
     return False
+
+
+# --------------------------------------------------------------------------- pairs sharing a prompt
+
+# Decoders known to take a ready 4D attention mask as given and to place tokens by position_ids
+# alone (RoPE, no learned absolute positions): the ones `shared_prompt_pair_logps` packs for.
+SHARED_PROMPT_MODEL_TYPES: set[str] = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
+
+
+def _shared_prompt_decoder(model):
+    """(decoder, head, transform, attention implementation) when `shared_prompt_pair_logps` can
+    pack for this model, else None."""
+    parts = split_causal_lm(model)
+    if parts is None:
+        return None
+    cfg = parts[0].config
+    impl = getattr(cfg, "_attn_implementation", None)
+    if getattr(cfg, "model_type", None) not in SHARED_PROMPT_MODEL_TYPES or impl not in ("sdpa", "eager"):
+        return None
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return None  # a window would need its own mask
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return None
+    return (*parts, impl)
+
+
+def shared_prompt_pair_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                             n_pairs: int, chunk_size: int = 1024, group_fn: Callable | None = None):
+    """Summed log p(targets) per row of a batch of preference pairs, each prompt run once.
+
+    input_ids, attention_mask, targets: (2B, T), right-padded, rows 0..B-1 the chosen answers and
+    B..2B-1 the rejected ones of the same B pairs (`pair_collate`), targets aligned as in
+    `causal_lm_token_logps` (-100 = not scored). Row b and row B + b share their first P_b tokens
+    (the prompt: the common prefix, up to the first scored position). Instead of 2B rows of
+    P_b + answer, each pair becomes ONE row [prompt, chosen answer, rejected answer] with positions
+    0..P-1, P..Lc-1, P..Lr-1 and a 4D mask under which the rejected answer sees the prompt and
+    itself but not the chosen answer. Every token then sees exactly the tokens and positions it sees
+    in its own row, so the log-probs are the same (float rounding aside), and the prompt's tokens
+    go through the decoder once instead of twice. Both answers' first tokens are scored from the
+    prompt's last hidden state.
+
+    group_fn: None (one forward) or a function from the packed rows' lengths (a list of B ints) to
+    [(pair indices, length), ...] (e.g. `alignkit.recipes.dpo.length_groups`): each group is a
+    separate forward cut to its longest packed row. Returns (sums (2B,) float32, or float64 for float64 models) or None when the model
+    cannot be packed this way (see SHARED_PROMPT_MODEL_TYPES: an unlisted architecture, an attention
+    implementation other than sdpa / eager, a sliding window), a row is not right-padded, or a pair
+    shares no first token; the caller then runs the rows as they are.
+    """
+    parts = _shared_prompt_decoder(model)
+    if parts is None:
+        return None
+    decoder, head, transform, impl = parts
+    B = int(n_pairs)
+    if input_ids.shape[0] != 2 * B or B < 1:
+        return None
+    am = attention_mask.bool()
+    if bool((am[:, 1:] & ~am[:, :-1]).any()):  # not right-padded
+        return None
+    dev, T = input_ids.device, input_ids.shape[1]
+    scored = targets != IGNORE_INDEX
+    L = am.sum(-1).tolist()
+    first = torch.where(scored, torch.arange(T, device=dev), T).amin(-1).tolist()
+    same = (input_ids[:B] == input_ids[B:]).long().cumprod(-1).sum(-1).tolist()
+    P = [min(same[b], L[b], L[B + b], first[b] + 1, first[B + b] + 1) for b in range(B)]
+    if min(P) < 1:
+        return None
+    logits_fn = head if transform is None else (lambda h: transform(head(h)))
+    linear = (head.weight, head.bias) if transform is None and _plain_linear(head) else None
+    packed = [L[b] + L[B + b] - P[b] for b in range(B)]
+    groups = [pairs for pairs, _ in group_fn(packed)] if group_fn is not None else [list(range(B))]
+    sums = []
+    for pairs in groups:
+        M = max(packed[b] for b in pairs)
+        G = len(pairs)
+        ids = input_ids.new_full((G, M), int(input_ids[pairs[0], 0]))
+        pos = torch.zeros((G, M), dtype=torch.long, device=dev)
+        seg = torch.full((G, M), 3, dtype=torch.long, device=dev)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+        gidx, gtgt, grow = [], [], []
+        for g, b in enumerate(pairs):
+            c, r, p, lc, lr = b, B + b, P[b], L[b], L[B + b]
+            ids[g, :lc] = input_ids[c, :lc]
+            ids[g, lc:lc + lr - p] = input_ids[r, p:lr]
+            pos[g, :lc] = torch.arange(lc, device=dev)
+            pos[g, lc:lc + lr - p] = torch.arange(p, lr, device=dev)
+            seg[g, :p], seg[g, p:lc], seg[g, lc:lc + lr - p] = 0, 1, 2
+            tc = scored[c].nonzero().squeeze(-1)
+            tr = scored[r].nonzero().squeeze(-1)
+            # the rejected row's scored position t sits at lc + t - p in the packed row; t = p - 1
+            # (its first answer token, predicted from the prompt's end) is the prompt's own position
+            gidx += [g * M + tc, g * M + torch.where(tr < p, tr, lc + tr - p)]
+            gtgt += [targets[c, tc], targets[r, tr]]
+            grow += [torch.full_like(tc, g), torch.full_like(tr, G + g)]
+        i = torch.arange(M, device=dev)
+        sq, sk = seg[:, :, None], seg[:, None, :]
+        allowed = (i[:, None] >= i[None, :]) & ((sk == 0) | (sk == sq)) & (sq != 3)
+        allowed |= torch.eye(M, dtype=torch.bool, device=dev)  # padding sees itself: no empty softmax row
+        allowed = allowed[:, None]
+        if impl == "eager":  # eager attention adds the mask to the scores
+            dt = decoder.get_input_embeddings().weight.dtype
+            mask = torch.zeros(allowed.shape, dtype=dt, device=dev).masked_fill_(~allowed, torch.finfo(dt).min)
+        else:
+            mask = allowed
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        idx, row = torch.cat(gidx), torch.cat(grow)
+        lp, _ = _chunked(hidden.reshape(G * M, -1).index_select(0, idx), torch.cat(gtgt), logits_fn, chunk_size, 1.0,
+                         IGNORE_INDEX, False, skip_ignored=True, linear=linear)
+        sums.append(lp.new_zeros(2 * G).index_add(0, row, lp))
+    # back to the batch's order: chosen rows 0..B-1, then rejected rows
+    order = [b for pairs in groups for b in pairs]
+    inv = torch.empty(B, dtype=torch.long)
+    inv[torch.as_tensor(order)] = torch.arange(B)
+    inv = inv.to(dev)
+    Gs = [len(pairs) for pairs in groups]
+    chosen = torch.cat([s[:g] for s, g in zip(sums, Gs)]).index_select(0, inv)
+    rejected = torch.cat([s[g:] for s, g in zip(sums, Gs)]).index_select(0, inv)
+    return torch.cat([chosen, rejected])

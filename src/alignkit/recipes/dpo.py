@@ -20,9 +20,11 @@ The derivation and every variant's formula are in docs/dpo.md. The recipe, top t
    - `adapter_off`: with an adapter, the reference is the same network with the adapter switched
      off, run per micro-batch without gradients;
    - `simpo` and `orpo` are reference-free: no reference is loaded or computed.
-3. Each micro-batch is ONE forward pass over the chosen rows followed by the rejected rows
-   (`pair_collate`); per-token log-probs come from `causal_lm_token_logps` (chunked through the
-   LM head, never the full tokens x vocab log-softmax) and are summed over the answer tokens.
+3. Each micro-batch holds the chosen rows followed by the rejected rows (`pair_collate`);
+   `pair_logps` runs each pair's shared prompt once ([prompt, chosen, rejected] under a 4D mask,
+   `shared_prompt_pair_logps`) where the model allows it, else the 2B rows as they are; per-token
+   log-probs are chunked through the LM head (never the full tokens x vocab log-softmax) and
+   summed over the answer tokens.
 4. The micro-batch returns the SUM of its per-pair losses; the trainer divides by the number of
    pairs in the whole global batch (units = pairs), so 1 x 8, 4 x 2 and 2 ranks x 4 give the same
    gradient. Metrics are sums over pairs too, so they are logged as means over the global batch.
@@ -47,7 +49,7 @@ from alignkit.errors import UserError
 from alignkit.losses import dpo_loss, log1mexp, orpo_loss
 from alignkit.models import load_tokenizer
 from alignkit.models.peft import is_peft_model, load_base_model, prepare_trainable, reference_logps_context
-from alignkit.ops.logprobs import causal_lm_token_logps
+from alignkit.ops.logprobs import causal_lm_token_logps, shared_prompt_pair_logps
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from alignkit.training.loop import run_offline, steps_for, to_device
 from alignkit.training.trainer import Trainer, seed_everything
@@ -56,6 +58,7 @@ __all__ = [
     "DPOConfig",
     "train_dpo",
     "sequence_logps",
+    "pair_logps",
     "length_groups",
     "pair_loss",
     "dpo_loss_fn",
@@ -123,6 +126,18 @@ def sequence_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, t
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.as_tensor(order)] = torch.arange(len(order))
     return torch.cat(sums).index_select(0, inv.to(sums[0].device)), counts
+
+
+def pair_logps(model, mb: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` for a `pair_collate` batch (chosen rows, then rejected rows): the same
+    (2B,) sums and counts, but with each pair's shared prompt run once where the model allows it
+    (`alignkit.ops.logprobs.shared_prompt_pair_logps`), pairs grouped by packed length in one
+    process; otherwise `sequence_logps` on the rows as they are."""
+    sums = shared_prompt_pair_logps(model, mb["input_ids"], mb["attention_mask"], mb["targets"], int(mb["n_pairs"]),
+                                    chunk_size, group_fn=length_groups if _may_group() else None)
+    if sums is None:
+        return sequence_logps(model, mb, chunk_size)
+    return sums, (mb["targets"] != IGNORE).sum(-1)
 
 
 def _may_group() -> bool:
@@ -197,11 +212,11 @@ def pair_loss(model, mb: dict, cfg: DPOConfig, reference: str) -> tuple[torch.Te
     elif reference == "adapter_off":
         # First, while no graph is held: the no-grad pass's temporaries never add to the policy's.
         with reference_logps_context(model):
-            ref, _ = sequence_logps(model, mb, cfg.logits_chunk_size)
+            ref, _ = pair_logps(model, mb, cfg.logits_chunk_size)
         rc, rr = ref[:B], ref[B:]
     else:
         rc = rr = None
-    logps, lengths = sequence_logps(model, mb, cfg.logits_chunk_size)  # one forward over 2B rows
+    logps, lengths = pair_logps(model, mb, cfg.logits_chunk_size)  # each prompt once, both answers
     pc, pr = logps[:B], logps[B:]
     nc, nr = lengths[:B], lengths[B:]
     if rc is not None:
@@ -303,7 +318,7 @@ def compute_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: i
                 idx = mine[s:s + batch_size]
                 mb = to_device(pair_collate([pairs[i] for i in idx], pad_id), device)
                 with (autocast() if autocast else contextlib.nullcontext()):
-                    lp, _ = sequence_logps(model, mb, chunk_size)
+                    lp, _ = pair_logps(model, mb, chunk_size)
                 lp = lp.double().cpu()
                 t = torch.as_tensor(idx)
                 out[0, t] = lp[:len(idx)]

@@ -398,3 +398,97 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
     wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     for k in wa:  # Adam turns float-rounding differences of tiny gradients into up to ~lr/50
         torch.testing.assert_close(wa[k], wb[k], atol=3e-4, rtol=1e-3, msg=k)
+
+
+# ------------------------------------------------------------------------------------------ length groups
+
+
+def test_length_groups_cover_every_row_once_and_only_split_when_it_pays():
+    from alignkit.recipes.dpo import length_groups
+
+    need = [30, 200, 31, 198, 29, 120, 200, 119]
+    groups = length_groups(need)
+    assert sorted(i for rows, _ in groups for i in rows) == list(range(8))
+    assert 1 < len(groups) <= 3
+    for rows, T in groups:
+        assert T == max(need[i] for i in rows)
+    assert sum(len(rows) * T for rows, T in groups) < 0.75 * 8 * 200
+    assert length_groups([50, 50, 50]) == [([0, 1, 2], 50)]
+    assert len(length_groups([100, 99, 101, 98])) == 1  # a second forward would save too little
+    assert length_groups([7]) == [([0], 7)]
+
+
+def _uneven_pairs(tok, tmp_path):
+    """Pairs whose prompts differ a lot in length, so `sequence_logps` splits the batch."""
+    rows = world.preference_rows(6, seed=2)
+    for i, r in enumerate(rows):
+        if i % 2:
+            r["prompt"] = [{"role": "user", "content": "\n".join([r["prompt"][0]["content"]] * 4)}]
+    pairs, _ = load_pairs(str(write_jsonl(tmp_path / "uneven.jsonl", rows)), "train", tok, 1024)
+    return pairs
+
+
+def test_grouped_forward_equals_one_padded_forward_values_and_grads(tiny_model_dir, tmp_path, monkeypatch):
+    """Rows of very different lengths run in several forwards of similar length; the log-probs and
+    the gradients equal those of the single padded (2B, T) forward (the code before the split)."""
+    from alignkit.ops.logprobs import causal_lm_token_logps
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir)).train()
+    mb = pair_collate(_uneven_pairs(tok, tmp_path), tok.pad_token_id)
+    calls = []
+    real = dpo_mod.causal_lm_token_logps
+
+    def spy(*a, **k):
+        calls.append(a[1].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dpo_mod, "causal_lm_token_logps", spy)
+    model.zero_grad()
+    got, n = sequence_logps(model, mb, chunk_size=16)
+    (got * torch.linspace(0.5, 1.5, got.numel())).sum().backward()
+    g_got = [p.grad.clone() for p in model.parameters()]
+    assert len(calls) >= 2 and max(s[1] for s in calls) == mb["input_ids"].shape[1]
+    assert min(s[1] for s in calls) < 0.6 * mb["input_ids"].shape[1]  # the short rows ran without the padding
+
+    model.zero_grad()
+    lp = causal_lm_token_logps(model, mb["input_ids"], attention_mask=mb["attention_mask"],
+                               position_ids=mb["position_ids"], targets=mb["targets"], chunk_size=16)
+    want = torch.where(mb["targets"] != -100, lp, 0.0).sum(-1)
+    (want * torch.linspace(0.5, 1.5, want.numel())).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    assert n.tolist() == (mb["targets"] != -100).sum(-1).tolist()
+    for a, b in zip(g_got, (p.grad for p in model.parameters())):  # float32 sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_orpo_loss_and_grads_equal_a_full_logits_computation(tiny_model_dir, tmp_path):
+    """ORPO through the lean path (grouped forwards, hand-written head backward) against an
+    independent one: a full forward per row, log_softmax of all logits, the formula by hand."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir)).train()
+    pairs = _uneven_pairs(tok, tmp_path)
+    cfg = DPOConfig(model="x", data="x", loss="orpo", orpo_lambda=0.3)
+    model.zero_grad()
+    loss, _ = pair_loss(model, pair_collate(pairs, tok.pad_token_id), cfg, "none")
+    loss.backward()
+    g_lean = [p.grad.clone() for p in model.parameters()]
+
+    def answer_logp(enc):
+        ids = torch.tensor([enc.input_ids])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        tgt = torch.tensor(enc.input_ids[1:])
+        keep = torch.tensor([lab != -100 for lab in enc.labels[1:]])
+        return logp.gather(-1, tgt[:, None]).squeeze(-1)[keep].sum(), int(keep.sum())
+
+    model.zero_grad()
+    want = 0.0
+    for p in pairs:
+        (lw, nw), (ll, nl) = answer_logp(p.chosen), answer_logp(p.rejected)
+        mw, ml = lw / nw, ll / nl
+        log_odds = (mw - torch.log(-torch.expm1(mw))) - (ml - torch.log(-torch.expm1(ml)))
+        want = want - mw - 0.3 * torch.nn.functional.logsigmoid(log_odds)
+    want.backward()
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    for a, b in zip(g_lean, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))

@@ -187,6 +187,175 @@ def test_chunked_token_logps_rejects_bad_shapes():
         chunked_token_logps(hidden, weight, targets[:3])
 
 
+# --------------------------------------------------------------------------- the hand-written head backward
+
+
+def _via_checkpoint(h, w, b, targets, chunk_size, temperature):
+    """The checkpointed path (the only one before `_LinearTargetLogp`): logits_fn not marked linear."""
+    from alignkit.ops.logprobs import _chunked
+
+    lp, _ = _chunked(h, targets, lambda x: torch.nn.functional.linear(x, w, b), chunk_size, temperature, -100,
+                     False, skip_ignored=True)
+    return lp
+
+
+@pytest.mark.parametrize("temperature, with_bias", [(1.0, True), (0.7, True), (1.0, False)])
+def test_linear_target_logp_equals_the_checkpointed_path(temperature, with_bias):
+    """Without entropy, chunked_token_logps takes the hand-written backward: the same log-probs,
+    bit for bit, and the same gradients (to float32 rounding) as the checkpointed autograd path."""
+    hidden, weight, bias, targets = _head_problem(N=40, H=16, V=50, dtype=torch.float32, seed=5)
+    bias = bias if with_bias else None
+    up = torch.randn(40, generator=torch.Generator().manual_seed(6))
+
+    def run(fast):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        b = bias.clone().requires_grad_() if bias is not None else None
+        lp = (chunked_token_logps(h, w, targets, chunk_size=7, bias=b, temperature=temperature) if fast
+              else _via_checkpoint(h, w, b, targets, 7, temperature))
+        (lp * up).sum().backward()
+        return [lp.detach(), h.grad, w.grad] + ([b.grad] if b is not None else [])
+
+    fast, slow = run(True), run(False)
+    assert torch.equal(fast[0], slow[0])
+    for got, want in zip(fast[1:], slow[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    naive = naive_token_logps(hidden @ weight.T + (bias if bias is not None else 0), targets, temperature=temperature)
+    torch.testing.assert_close(fast[0].double(), naive, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_target_logp_gradcheck_float64():
+    hidden, weight, bias, targets = _head_problem(N=6, H=2, V=4)
+    args = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: chunked_token_logps(h, w, targets, chunk_size=4, bias=b, temperature=0.8), args)
+
+
+def test_linear_target_logp_bf16_head_matches_checkpointed_path():
+    hidden, weight, _, targets = _head_problem(N=24, H=16, V=40, dtype=torch.float32, seed=7)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+
+    def run(fast):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp = chunked_token_logps(h, w, targets, chunk_size=5) if fast else _via_checkpoint(h, w, None, targets, 5, 1.0)
+        lp.sum().backward()
+        return lp.detach(), h.grad, w.grad
+
+    fast, slow = run(True), run(False)
+    assert fast[0].dtype == torch.float32 and torch.equal(fast[0], slow[0])
+    assert fast[1].dtype == torch.bfloat16 and fast[2].dtype == torch.bfloat16
+    for got, want in zip(fast[1:], slow[1:]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)  # a bf16 ulp or two
+
+
+def test_linear_target_logp_saves_nothing_of_tokens_by_vocab_size():
+    N, H, V = 64, 8, 500
+    hidden, weight, _, targets = _head_problem(N=N, H=H, V=V, dtype=torch.float32)
+    saved = []
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        lp = chunked_token_logps(h, w, targets, chunk_size=8)
+    lp.sum().backward()
+    assert max(saved) <= max(N * H, V * H)
+
+
+def test_in_place_logsumexp_is_torch_logsumexp_bit_for_bit():
+    from alignkit.ops.logprobs import _logsumexp_
+
+    z = torch.randn(6, 300, generator=torch.Generator().manual_seed(8)) * 30
+    z[1, 5] = float("inf")
+    z[2] = float("-inf")
+    want = torch.logsumexp(z, -1)
+    got = _logsumexp_(z.clone())
+    assert torch.equal(got[[0, 3, 4, 5]], want[[0, 3, 4, 5]])
+    assert got[1] == float("inf") and got[2] == float("-inf")
+
+
+# --------------------------------------------------------------------------- pairs sharing a prompt
+
+
+def _pair_batch(prompt_lens=(5, 9, 2), answer_lens=((4, 6), (3, 3), (7, 2)), seed=0):
+    """A pair_collate-like batch: B pairs, chosen rows then rejected rows, right-padded; each pair's
+    rows share their prompt; targets score the answer tokens only."""
+    from alignkit.data.collate import pad_collate
+
+    g = torch.Generator().manual_seed(seed)
+
+    class Row:
+        def __init__(self, ids, labels):
+            self.input_ids, self.labels = ids, labels
+
+    chosen, rejected = [], []
+    for p, (a, b) in zip(prompt_lens, answer_lens):
+        prompt = torch.randint(3, 97, (p,), generator=g).tolist()
+        for out, n in ((chosen, a), (rejected, b)):
+            ans = torch.randint(3, 97, (n,), generator=g).tolist()
+            out.append(Row(prompt + ans, [-100] * p + ans))
+    return pad_collate(chosen + rejected, 0), len(prompt_lens)
+
+
+@pytest.mark.parametrize("impl, grouped", [("sdpa", False), ("sdpa", True), ("eager", False)])
+def test_shared_prompt_pair_logps_equals_the_rows_as_they_are(impl, grouped):
+    """Each pair packed as [prompt, chosen, rejected] under a 4D mask gives the same summed
+    log-probs and gradients as the 2B padded rows (`causal_lm_token_logps`)."""
+    from alignkit.ops.logprobs import shared_prompt_pair_logps
+
+    model = _llama(tie=True, seed=2)
+    model.config._attn_implementation = impl
+    mb, B = _pair_batch()
+    up = torch.linspace(0.5, 1.5, 2 * B)
+
+    def run(shared):
+        model.zero_grad()
+        if shared:
+            group_fn = (lambda need: [([0, 2], 0), ([1], 0)]) if grouped else None
+            sums = shared_prompt_pair_logps(model, mb["input_ids"], mb["attention_mask"], mb["targets"], B,
+                                            chunk_size=5, group_fn=group_fn)
+        else:
+            lp = causal_lm_token_logps(model, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
+                                       targets=mb["targets"], chunk_size=5)
+            sums = torch.where(mb["targets"] != -100, lp, 0.0).sum(-1)
+        (sums * up).sum().backward()
+        return sums.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (got, g_got), (want, g_want) = run(True), run(False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_shared_prompt_pair_logps_runs_each_prompt_once():
+    from alignkit.ops.logprobs import shared_prompt_pair_logps
+
+    model = _llama(tie=False, seed=3)
+    mb, B = _pair_batch()
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True)
+    try:
+        shared_prompt_pair_logps(model, mb["input_ids"], mb["attention_mask"], mb["targets"], B, chunk_size=4)
+    finally:
+        hook.remove()
+    # one row per pair, as long as its prompt + both answers: (5+4+6, 9+3+3, 2+7+2) -> 15
+    assert seen == [torch.Size([B, 15])]
+
+
+def test_shared_prompt_pair_logps_declines_what_it_cannot_pack():
+    from alignkit.ops.logprobs import shared_prompt_pair_logps
+
+    model = _llama(tie=True)
+    mb, B = _pair_batch()
+    args = (mb["input_ids"], mb["attention_mask"], mb["targets"], B)
+    assert shared_prompt_pair_logps(model, *args) is not None
+    left = mb["attention_mask"].flip(-1)  # left padding
+    assert shared_prompt_pair_logps(model, mb["input_ids"], left, mb["targets"], B) is None
+    other = mb["input_ids"].clone()
+    other[B, 0] = other[0, 0] + 1  # pair 0's rows share no first token
+    assert shared_prompt_pair_logps(model, other, mb["attention_mask"], mb["targets"], B) is None
+    model.config.sliding_window, model.config.use_sliding_window = 4, True
+    assert shared_prompt_pair_logps(model, *args) is None
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flash_attention_2"
+    assert shared_prompt_pair_logps(model, *args) is None
+
 # --------------------------------------------------------------------------- causal LMs
 
 

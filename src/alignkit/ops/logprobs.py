@@ -16,6 +16,13 @@ forward and backward, at the price of one extra head matmul per chunk in backwar
 Rows whose target is `ignore_index` (prompt, padding) are skipped: no logits are computed for
 them at all, which also saves the head matmul for long prompts in RL.
 
+When the head is a plain linear layer and no entropy is asked for (the preference losses: DPO,
+ORPO, KTO, SimPO), a hand-written backward (`_LinearTargetLogp`) replaces the checkpoint: forward
+keeps only each row's logsumexp (N floats); backward rebuilds a chunk's logits once and turns
+them into softmax - one-hot in place, where the checkpointed autograd graph would recompute the
+logsumexp, scatter the target's gradient into a fresh zero (chunk x V) tensor and add two
+(chunk x V) gradients. Same values, fewer (chunk x V) passes and temporaries.
+
 Precision: logits are cast to float32 (float64 stays float64) per chunk before the softmax, so
 bf16 / fp16 models (or autocast) get float32 log-probs; results are float32 (float64 for float64
 inputs).
@@ -37,6 +44,8 @@ __all__ = [
     "causal_lm_token_logps",
     "split_causal_lm",
     "shift_targets",
+    "shared_prompt_pair_logps",
+    "SHARED_PROMPT_MODEL_TYPES",
 ]
 
 IGNORE_INDEX = -100
@@ -74,6 +83,82 @@ def _row_stats(x: torch.Tensor, tgt: torch.Tensor, logits_fn: Callable, temperat
     return lp, ent
 
 
+class _LinearTargetLogp(torch.autograd.Function):
+    """log p(t_n) = z_n[t_n] - logsumexp(z_n), z_n = (x_n W^T + b) / temperature, chunk by chunk.
+
+    x: (n, H); weight: (V, H); bias: (V,) or None; targets: (n,) in [0, V). Returns (n,) in the
+    compute dtype (float32; float64 for float64 logits). Forward saves x, weight, bias, targets
+    and the (n,) logsumexp; nothing of size n x V. Backward, per chunk, with g the upstream
+    gradient: dlogp/dz = onehot(t) - softmax(z), so grad_z = (onehot(t) - softmax(z)) g / temperature,
+    grad_x = grad_z W, grad_W = grad_z^T x, grad_b = sum_n grad_z. The softmax is rebuilt in
+    place from the saved logsumexp: one head matmul and one (chunk x V) buffer per chunk.
+    grad_z is cast to the head's dtype before the matmuls, as autograd would do for a bf16 head.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, chunk_size, temperature):
+        lps, lses = [], []
+        for s in range(0, x.shape[0], chunk_size):
+            z = F.linear(x[s:s + chunk_size], weight, bias)
+            z = z.to(_compute_dtype(z))  # fresh either way: free to overwrite below
+            if temperature != 1.0:
+                z.div_(temperature)
+            picked = z.gather(-1, targets[s:s + chunk_size].unsqueeze(-1)).squeeze(-1)
+            lse = _logsumexp_(z)
+            lps.append(picked - lse)
+            lses.append(lse)
+        lse = torch.cat(lses)
+        ctx.save_for_backward(x, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return torch.cat(lps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, targets, lse = ctx.saved_tensors
+        c, temp = ctx.chunk_size, ctx.temperature
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = None
+        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
+        for s in range(0, x.shape[0], c):
+            xc, tc = x[s:s + c], targets[s:s + c].unsqueeze(-1)
+            gc = grad_out[s:s + c].to(lse.dtype).unsqueeze(-1)
+            z = F.linear(xc, weight, bias)
+            z = z.to(_compute_dtype(z))  # a fresh tensor in either case: safe to overwrite
+            if temp != 1.0:
+                z.div_(temp)
+            # z -> softmax(z) * (-g) -> + g at the target -> / temperature: grad wrt the raw logits
+            p = z.sub_(lse[s:s + c].unsqueeze(-1)).exp_().mul_(-gc)
+            p.scatter_add_(-1, tc, gc)
+            if temp != 1.0:
+                p.div_(temp)
+            gz = p.to(weight.dtype)
+            if need_x:
+                torch.mm(gz, weight, out=grad_x[s:s + c])
+            if need_w:
+                grad_w = gz.t().mm(xc) if grad_w is None else grad_w.addmm_(gz.t(), xc)
+            if grad_b is not None:
+                grad_b += gz.sum(0)
+        if need_w and grad_w is None:
+            grad_w = torch.zeros_like(weight)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(z, -1), the same operations in the same order (so the same bits), but
+    z's own storage holds exp(z - max): no second (rows x V) buffer. z is overwritten."""
+    m = z.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == float("inf"), 0)
+    return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
+def _plain_linear(module) -> bool:
+    """True for an exact `nn.Linear` without hooks (not LoRA / quantised / FSDP-wrapped): its
+    output is F.linear(x, weight, bias), which `_LinearTargetLogp` reproduces."""
+    return (type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not getattr(module, "_forward_hooks_with_kwargs", None))
+
+
 def _chunked(
     rows: torch.Tensor,
     targets: torch.Tensor,
@@ -83,8 +168,12 @@ def _chunked(
     ignore_index: int | None,
     return_entropy: bool,
     skip_ignored: bool,
+    linear: tuple | None = None,
 ):
     """rows (N, D) -> logits_fn -> (N, V); returns log p(targets) (N,) [and entropy (N,)], 0 where ignored.
+
+    linear: (weight, bias) when logits_fn(x) is exactly F.linear(x, weight, bias); without entropy
+    the chunks then go through `_LinearTargetLogp` instead of activation checkpointing.
 
     skip_ignored: gather the scored rows first (cheap when rows are hidden states); when rows
     are already logits, copying them would cost what we are trying to save, so ignored rows
@@ -110,6 +199,9 @@ def _chunked(
     # Checkpointing only matters when a graph is being built; under no_grad run plainly.
     use_ckpt = torch.is_grad_enabled()
     outs = []
+    if linear is not None and not return_entropy and x.shape[0]:
+        outs = [(_LinearTargetLogp.apply(x, linear[0], linear[1], t, chunk_size, temperature),)]
+        x = x[:0]  # done: skip the loop below
     for s in range(0, x.shape[0], chunk_size):
         args = (x[s:s + chunk_size], t[s:s + chunk_size])
         outs.append(checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args))
@@ -199,8 +291,10 @@ def chunked_token_logps(
     Gradients w.r.t. hidden, weight and bias equal those of the naive computation. Log-probs and
     entropies in nats. The idea (never materialise the logits of all rows) is that of fused
     linear cross-entropy kernels (Liger Kernel, Hsu et al. 2024, arXiv:2410.10989), here in plain
-    PyTorch with activation checkpointing. Raises ValueError when weight's last dimension is not
-    hidden's or targets.shape != hidden.shape[:-1].
+    PyTorch with activation checkpointing. Without entropy the checkpoint is replaced by a
+    hand-written backward (`_LinearTargetLogp`: same values, the softmax rebuilt in place from the
+    saved logsumexp). Raises ValueError when weight's last dimension is not hidden's or
+    targets.shape != hidden.shape[:-1].
     """
     H = hidden.shape[-1]
     if weight.shape[-1] != H:
@@ -209,7 +303,7 @@ def chunked_token_logps(
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
     lp, ent = _chunked(
         hidden.reshape(-1, H), targets.reshape(-1), lambda h: F.linear(h, weight, bias),
-        chunk_size, temperature, ignore_index, return_entropy, skip_ignored=True,
+        chunk_size, temperature, ignore_index, return_entropy, skip_ignored=True, linear=(weight, bias),
     )
     lp = lp.view(targets.shape)
     return (lp, ent.view(targets.shape)) if return_entropy else lp
@@ -358,8 +452,9 @@ def causal_lm_token_logps(
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         logits_fn = head if transform is None else (lambda h: transform(head(h)))
+        linear = (head.weight, head.bias) if transform is None and _plain_linear(head) else None
         lp, ent = _chunked(hidden.reshape(B * T, -1), targets.reshape(-1), logits_fn, chunk_size, temperature,
-                           IGNORE_INDEX, return_entropy, skip_ignored=True)
+                           IGNORE_INDEX, return_entropy, skip_ignored=True, linear=linear)
     else:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if position_ids is not None and not _drops_position_ids(model):
@@ -386,3 +481,120 @@ def _drops_position_ids(model) -> bool:
                       stacklevel=3)
         return True
     return False
+
+
+# --------------------------------------------------------------------------- pairs sharing a prompt
+
+# Decoders known to take a ready 4D attention mask as given and to place tokens by position_ids
+# alone (RoPE, no learned absolute positions): the ones `shared_prompt_pair_logps` packs for.
+SHARED_PROMPT_MODEL_TYPES: set[str] = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
+
+
+def _shared_prompt_decoder(model):
+    """(decoder, head, transform, attention implementation) when `shared_prompt_pair_logps` can
+    pack for this model, else None."""
+    parts = split_causal_lm(model)
+    if parts is None:
+        return None
+    cfg = parts[0].config
+    impl = getattr(cfg, "_attn_implementation", None)
+    if getattr(cfg, "model_type", None) not in SHARED_PROMPT_MODEL_TYPES or impl not in ("sdpa", "eager"):
+        return None
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return None  # a window would need its own mask
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return None
+    return (*parts, impl)
+
+
+def shared_prompt_pair_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                             n_pairs: int, chunk_size: int = 1024, group_fn: Callable | None = None):
+    """Summed log p(targets) per row of a batch of preference pairs, each prompt run once.
+
+    input_ids, attention_mask, targets: (2B, T), right-padded, rows 0..B-1 the chosen answers and
+    B..2B-1 the rejected ones of the same B pairs (`pair_collate`), targets aligned as in
+    `causal_lm_token_logps` (-100 = not scored). Row b and row B + b share their first P_b tokens
+    (the prompt: the common prefix, up to the first scored position). Instead of 2B rows of
+    P_b + answer, each pair becomes ONE row [prompt, chosen answer, rejected answer] with positions
+    0..P-1, P..Lc-1, P..Lr-1 and a 4D mask under which the rejected answer sees the prompt and
+    itself but not the chosen answer. Every token then sees exactly the tokens and positions it sees
+    in its own row, so the log-probs are the same (float rounding aside), and the prompt's tokens
+    go through the decoder once instead of twice. Both answers' first tokens are scored from the
+    prompt's last hidden state.
+
+    group_fn: None (one forward) or a function from the packed rows' lengths (a list of B ints) to
+    [(pair indices, length), ...] (e.g. `alignkit.recipes.dpo.length_groups`): each group is a
+    separate forward cut to its longest packed row. Returns (sums (2B,) float32, or float64 for float64 models) or None when the model
+    cannot be packed this way (see SHARED_PROMPT_MODEL_TYPES: an unlisted architecture, an attention
+    implementation other than sdpa / eager, a sliding window), a row is not right-padded, or a pair
+    shares no first token; the caller then runs the rows as they are.
+    """
+    parts = _shared_prompt_decoder(model)
+    if parts is None:
+        return None
+    decoder, head, transform, impl = parts
+    B = int(n_pairs)
+    if input_ids.shape[0] != 2 * B or B < 1:
+        return None
+    am = attention_mask.bool()
+    if bool((am[:, 1:] & ~am[:, :-1]).any()):  # not right-padded
+        return None
+    dev, T = input_ids.device, input_ids.shape[1]
+    scored = targets != IGNORE_INDEX
+    L = am.sum(-1).tolist()
+    first = torch.where(scored, torch.arange(T, device=dev), T).amin(-1).tolist()
+    same = (input_ids[:B] == input_ids[B:]).long().cumprod(-1).sum(-1).tolist()
+    P = [min(same[b], L[b], L[B + b], first[b] + 1, first[B + b] + 1) for b in range(B)]
+    if min(P) < 1:
+        return None
+    logits_fn = head if transform is None else (lambda h: transform(head(h)))
+    linear = (head.weight, head.bias) if transform is None and _plain_linear(head) else None
+    packed = [L[b] + L[B + b] - P[b] for b in range(B)]
+    groups = [pairs for pairs, _ in group_fn(packed)] if group_fn is not None else [list(range(B))]
+    sums = []
+    for pairs in groups:
+        M = max(packed[b] for b in pairs)
+        G = len(pairs)
+        ids = input_ids.new_full((G, M), int(input_ids[pairs[0], 0]))
+        pos = torch.zeros((G, M), dtype=torch.long, device=dev)
+        seg = torch.full((G, M), 3, dtype=torch.long, device=dev)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+        gidx, gtgt, grow = [], [], []
+        for g, b in enumerate(pairs):
+            c, r, p, lc, lr = b, B + b, P[b], L[b], L[B + b]
+            ids[g, :lc] = input_ids[c, :lc]
+            ids[g, lc:lc + lr - p] = input_ids[r, p:lr]
+            pos[g, :lc] = torch.arange(lc, device=dev)
+            pos[g, lc:lc + lr - p] = torch.arange(p, lr, device=dev)
+            seg[g, :p], seg[g, p:lc], seg[g, lc:lc + lr - p] = 0, 1, 2
+            tc = scored[c].nonzero().squeeze(-1)
+            tr = scored[r].nonzero().squeeze(-1)
+            # the rejected row's scored position t sits at lc + t - p in the packed row; t = p - 1
+            # (its first answer token, predicted from the prompt's end) is the prompt's own position
+            gidx += [g * M + tc, g * M + torch.where(tr < p, tr, lc + tr - p)]
+            gtgt += [targets[c, tc], targets[r, tr]]
+            grow += [torch.full_like(tc, g), torch.full_like(tr, G + g)]
+        i = torch.arange(M, device=dev)
+        sq, sk = seg[:, :, None], seg[:, None, :]
+        allowed = (i[:, None] >= i[None, :]) & ((sk == 0) | (sk == sq)) & (sq != 3)
+        allowed |= torch.eye(M, dtype=torch.bool, device=dev)  # padding sees itself: no empty softmax row
+        allowed = allowed[:, None]
+        if impl == "eager":  # eager attention adds the mask to the scores
+            dt = decoder.get_input_embeddings().weight.dtype
+            mask = torch.zeros(allowed.shape, dtype=dt, device=dev).masked_fill_(~allowed, torch.finfo(dt).min)
+        else:
+            mask = allowed
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        idx, row = torch.cat(gidx), torch.cat(grow)
+        lp, _ = _chunked(hidden.reshape(G * M, -1).index_select(0, idx), torch.cat(gtgt), logits_fn, chunk_size, 1.0,
+                         IGNORE_INDEX, False, skip_ignored=True, linear=linear)
+        sums.append(lp.new_zeros(2 * G).index_add(0, row, lp))
+    # back to the batch's order: chosen rows 0..B-1, then rejected rows
+    order = [b for pairs in groups for b in pairs]
+    inv = torch.empty(B, dtype=torch.long)
+    inv[torch.as_tensor(order)] = torch.arange(B)
+    inv = inv.to(dev)
+    Gs = [len(pairs) for pairs in groups]
+    chosen = torch.cat([s[:g] for s, g in zip(sums, Gs)]).index_select(0, inv)
+    rejected = torch.cat([s[g:] for s, g in zip(sums, Gs)]).index_select(0, inv)
+    return torch.cat([chosen, rejected])

@@ -20,9 +20,11 @@ The derivation and every variant's formula are in docs/dpo.md. The recipe, top t
    - `adapter_off`: with an adapter, the reference is the same network with the adapter switched
      off, run per micro-batch without gradients;
    - `simpo` and `orpo` are reference-free: no reference is loaded or computed.
-3. Each micro-batch is ONE forward pass over the chosen rows followed by the rejected rows
-   (`pair_collate`); per-token log-probs come from `causal_lm_token_logps` (chunked through the
-   LM head, never the full tokens x vocab log-softmax) and are summed over the answer tokens.
+3. Each micro-batch holds the chosen rows followed by the rejected rows (`pair_collate`);
+   `pair_logps` runs each pair's shared prompt once ([prompt, chosen, rejected] under a 4D mask,
+   `shared_prompt_pair_logps`) where the model allows it, else the 2B rows as they are; per-token
+   log-probs are chunked through the LM head (never the full tokens x vocab log-softmax) and
+   summed over the answer tokens.
 4. The micro-batch returns the SUM of its per-pair losses; the trainer divides by the number of
    pairs in the whole global batch (units = pairs), so 1 x 8, 4 x 2 and 2 ranks x 4 give the same
    gradient. Metrics are sums over pairs too, so they are logged as means over the global batch.
@@ -47,7 +49,7 @@ from alignkit.errors import UserError
 from alignkit.losses import dpo_loss, log1mexp, orpo_loss
 from alignkit.models import load_tokenizer
 from alignkit.models.peft import is_peft_model, load_base_model, prepare_trainable, reference_logps_context
-from alignkit.ops.logprobs import causal_lm_token_logps
+from alignkit.ops.logprobs import causal_lm_token_logps, shared_prompt_pair_logps
 from alignkit.training.dist import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from alignkit.training.loop import run_offline, steps_for, to_device
 from alignkit.training.trainer import Trainer, seed_everything
@@ -56,6 +58,8 @@ __all__ = [
     "DPOConfig",
     "train_dpo",
     "sequence_logps",
+    "pair_logps",
+    "length_groups",
     "pair_loss",
     "dpo_loss_fn",
     "compute_reference_logps",
@@ -91,11 +95,88 @@ METRICS = (
 
 def sequence_logps(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p over each row's answer tokens (R,), number of answer tokens (R,)) for a padded
-    batch of R rows with `targets` (-100 = not an answer token)."""
-    lp = causal_lm_token_logps(model, batch["input_ids"], attention_mask=batch["attention_mask"],
-                               position_ids=batch["position_ids"], targets=batch["targets"], chunk_size=chunk_size)
+    batch of R rows with `targets` (-100 = not an answer token).
+
+    In one process, rows of very different lengths go through the model in up to three groups of
+    similar length (`length_groups`), each cut after its longest row: the padding a single (R, T)
+    batch would push through every layer is not computed. Exact: a causal LM's outputs at
+    position t do not depend on later positions nor on other rows; only float rounding differs
+    (the matmuls' shapes change), well below 1e-6 relative."""
     mask = batch["targets"] != IGNORE
-    return torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1), mask.sum(-1)
+    counts = mask.sum(-1)
+    keys = ("input_ids", "attention_mask", "position_ids", "targets")
+    # how far each row must run: its last real token or its last scored position
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    need = (torch.where(mask | batch["attention_mask"].bool(), pos + 1, 0).amax(-1)).tolist()
+    groups = length_groups(need) if _may_group() else [(list(range(len(need))), mask.shape[1])]
+    sums, order = [], []
+    for rows, T in groups:
+        if len(groups) == 1:
+            sub = {k: batch[k][:, :T] for k in keys}
+        else:
+            idx = torch.as_tensor(rows, device=mask.device)
+            sub = {k: batch[k].index_select(0, idx)[:, :T] for k in keys}
+        lp = causal_lm_token_logps(model, sub["input_ids"], attention_mask=sub["attention_mask"],
+                                   position_ids=sub["position_ids"], targets=sub["targets"], chunk_size=chunk_size)
+        m = sub["targets"] != IGNORE
+        sums.append(torch.where(m, lp, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1))
+        order += rows
+    if len(groups) == 1:
+        return sums[0], counts
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.as_tensor(order)] = torch.arange(len(order))
+    return torch.cat(sums).index_select(0, inv.to(sums[0].device)), counts
+
+
+def pair_logps(model, mb: dict, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` for a `pair_collate` batch (chosen rows, then rejected rows): the same
+    (2B,) sums and counts, but with each pair's shared prompt run once where the model allows it
+    (`alignkit.ops.logprobs.shared_prompt_pair_logps`), pairs grouped by packed length in one
+    process; otherwise `sequence_logps` on the rows as they are."""
+    sums = shared_prompt_pair_logps(model, mb["input_ids"], mb["attention_mask"], mb["targets"], int(mb["n_pairs"]),
+                                    chunk_size, group_fn=length_groups if _may_group() else None)
+    if sums is None:
+        return sequence_logps(model, mb, chunk_size)
+    return sums, (mb["targets"] != IGNORE).sum(-1)
+
+
+def _may_group() -> bool:
+    # DDP / FSDP expect one forward per backward; several processes keep the single batch
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1)
+
+
+def length_groups(need: list[int], max_groups: int = 3, overhead: float = 0.05) -> list[tuple[list[int], int]]:
+    """Split rows of lengths `need` into at most `max_groups` groups of similar length, as
+    [(row indices, group length), ...]: the groups of the sorted rows that minimise the tokens
+    computed, sum over groups of rows x longest row, plus `overhead` x the single batch's tokens
+    per group (the cost of one more forward). One group [(all rows, max(need))] when splitting
+    does not pay. Dynamic programming over cut points, O(max_groups x R^2)."""
+    n = len(need)
+    order = sorted(range(n), key=need.__getitem__)
+    L = [need[i] for i in order]
+    if n < 2 or L[0] == L[-1]:
+        return [(list(range(n)), max(need, default=0))]
+    pen = overhead * n * L[-1]
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    cost[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):
+                c = cost[g - 1][i] + (j - i) * L[j - 1] + pen
+                if c < cost[g][j]:
+                    cost[g][j], cut[g][j] = c, i
+    g = min(range(1, max_groups + 1), key=lambda k: (cost[k][n], k))
+    if g == 1:
+        return [(list(range(n)), L[-1])]
+    out, j = [], n
+    while g:
+        i = cut[g][j]
+        out.append((order[i:j], L[j - 1]))
+        j, g = i, g - 1
+    return out[::-1]
 
 
 def _has_adapter(model) -> bool:
@@ -131,11 +212,11 @@ def pair_loss(model, mb: dict, cfg: DPOConfig, reference: str) -> tuple[torch.Te
     elif reference == "adapter_off":
         # First, while no graph is held: the no-grad pass's temporaries never add to the policy's.
         with reference_logps_context(model):
-            ref, _ = sequence_logps(model, mb, cfg.logits_chunk_size)
+            ref, _ = pair_logps(model, mb, cfg.logits_chunk_size)
         rc, rr = ref[:B], ref[B:]
     else:
         rc = rr = None
-    logps, lengths = sequence_logps(model, mb, cfg.logits_chunk_size)  # one forward over 2B rows
+    logps, lengths = pair_logps(model, mb, cfg.logits_chunk_size)  # each prompt once, both answers
     pc, pr = logps[:B], logps[B:]
     nc, nr = lengths[:B], lengths[B:]
     if rc is not None:
@@ -237,7 +318,7 @@ def compute_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: i
                 idx = mine[s:s + batch_size]
                 mb = to_device(pair_collate([pairs[i] for i in idx], pad_id), device)
                 with (autocast() if autocast else contextlib.nullcontext()):
-                    lp, _ = sequence_logps(model, mb, chunk_size)
+                    lp, _ = pair_logps(model, mb, chunk_size)
                 lp = lp.double().cpu()
                 t = torch.as_tensor(idx)
                 out[0, t] = lp[:len(idx)]

@@ -54,10 +54,11 @@ CALC = "grpo_calc"
 CALC_COST = "about 40 minutes more on 2 cores"
 CALC_TOOL = "alignkit.toy.world:calc"
 CALC_SFT_STEPS = 1450
-CALC_GRPO_STEPS = 60
+CALC_GRPO_STEPS = 40
 _CALC_SFT = dict(batch_size=16, lr=1e-3, warmup_steps=15, max_length=256, log_every=50)
-_CALC_GRPO = dict(reward="toy", warmup_steps=2, schedule="constant", sample_every=10, batch_size=8,
-                  num_generations=8, lr=1e-4, kl_coef=0.0, iterations=1)
+# lr 1e-4 broke the call format within 20 steps (greedy 72% -> 45%); 4e-5 with 16 x 8 episodes a step kept it
+_CALC_GRPO = dict(reward="toy", warmup_steps=2, schedule="constant", sample_every=10, batch_size=16,
+                  num_generations=8, lr=4e-5, kl_coef=0.0, iterations=1)
 _CALC_TOOLS = dict(tools=CALC_TOOL, chat_template="toy-tools", max_turns=3)
 CALC_NEW_TOKENS = {True: 96, False: 32}  # per model turn: with the tool (a call of ~60 tokens), without
 # (key, row label, data it needs, command, starts from, with the tool), in the order they run

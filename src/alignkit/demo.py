@@ -64,9 +64,9 @@ CALC_NEW_TOKENS = {True: 96, False: 32}  # per model turn: with the tool (a call
 # (key, row label, data it needs, command, starts from, with the tool), in the order they run
 CALC_RUNS = [
     ("calc_sft_tools", "sft + calculator (calc)", "tool-use transcripts", "sft", "base", True),
+    (CALC, "grpo + calculator (calc)", "prompts + reward + tool", "grpo", "calc_sft_tools", True),
     ("calc_sft", "sft, no tool (calc)", "demonstrations", "sft", "base", False),
     ("calc_grpo", "grpo, no tool (calc)", "prompts + reward", "grpo", "calc_sft", False),
-    (CALC, "grpo + calculator (calc)", "prompts + reward + tool", "grpo", "calc_sft_tools", True),
 ]
 
 

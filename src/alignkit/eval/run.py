@@ -18,6 +18,7 @@ Definitions: docs/eval.md.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -223,9 +224,10 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
         segs = [seg for s in samples for seg in s["segments"]]
         lp = completion_logps(pol.model, segs, pol.pad_id, cfg.batch_size, cfg.logits_chunk_size, cfg.temperature)
         lr = completion_logps(ref.model, segs, pol.pad_id, cfg.batch_size, cfg.logits_chunk_size, cfg.temperature)
-        nseg = len(samples[0]["segments"])
-        per_pol = [torch.cat(lp[i * nseg:(i + 1) * nseg]) for i in range(len(samples))]
-        per_ref = [torch.cat(lr[i * nseg:(i + 1) * nseg]) for i in range(len(samples))]
+        # episodes may have different numbers of model turns (segments): slice by each one's count
+        ends = list(itertools.accumulate(len(s["segments"]) for s in samples))
+        per_pol = [torch.cat(lp[e - len(s["segments"]):e]) for s, e in zip(samples, ends)]
+        per_ref = [torch.cat(lr[e - len(s["segments"]):e]) for s, e in zip(samples, ends)]
         res.update(kl_metrics(per_pol, per_ref))
 
     ref_samples = None

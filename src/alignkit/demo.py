@@ -10,7 +10,9 @@ Pipeline (each stage reused when its output exists, unless reuse=false):
      (or preference pairs) for every method — `prompts` below;
   6. evaluation of every model on the same held-out prompts: greedy exact accuracy, exact accuracy
      of answers sampled at temperature 1 (what the online methods optimise), format rate
-     and mean reward; KL(policy ‖ SFT) per token on the policy's own samples at temperature 1.
+     and mean reward; KL(policy ‖ SFT) per token on the policy's own samples at temperature 1;
+  7. opt-in (`methods=...,grpo_calc`): the calculator stage on difficulty=calc, SFT and GRPO with
+     the toy calculator beside the same without it (`Pipeline.calculator`, docs/agents.md).
 
 The table goes to the terminal and to report.md / report.html / results.json in the run folder,
 with curves of reward, accuracy and KL against step and wall time (see `alignkit.eval.report`).
@@ -42,8 +44,8 @@ STAGE_COST_S = {"base": 135, "sft": 35, "reward models": 70, "dpo": 30, "dpo_lor
                 "rloo": 38, "grpo": 56, "rs": 23, "ppo": 87, "online_dpo": 25, "report": 5,
                 # not yet measured: estimates from the closest measured method
                 "gspo": 56, "cispo": 56, "dapo": 70, "kto": 35, "orpo": 25, "distill": 50,
-                # the calculator stage (grpo_calc): estimates, one thread
-                "calc_sft": 400, "calc_grpo": 250, "calc_sft_tools": 1100, "grpo_calc": 600}
+                # the calculator stage (grpo_calc), measured with one thread per run on 2 busy cores
+                "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft": 300, "calc_grpo": 250}
 
 # The calculator stage (`methods=...,grpo_calc`, docs/agents.md): on difficulty=calc (2-3 prices up to
 # 300, beyond the tiny model's own sums) the model learns to call `calc` from tool-use transcripts,
@@ -51,7 +53,7 @@ STAGE_COST_S = {"base": 135, "sft": 35, "reward models": 70, "dpo": 30, "dpo_lor
 # three-digit numbers into the call takes the tiny model a long SFT (300-700 steps: right format,
 # wrong digits), hence its cost and why it is opt-in.
 CALC = "grpo_calc"
-CALC_COST = "about 40 minutes more on 2 cores"
+CALC_COST = "about 50 minutes more, measured on 2 busy cores"
 CALC_TOOL = "alignkit.toy.world:calc"
 CALC_SFT_STEPS = 1450
 CALC_GRPO_STEPS = 40

@@ -182,6 +182,25 @@ def test_quick_demo_default_preset(tmp_path):
     print(f"quick demo: {wall / 60:.1f} min")
 
 
+@pytest.mark.slow
+def test_calculator_stage_default_preset(tmp_path):
+    """The calculator stage as measured in docs/agents.md (about 50 minutes on 2 busy cores): without
+    the tool the model stays below 10% exact on difficulty=calc, SFT with the tool lifts it above 90%
+    with one call per answer; GRPO with the calculator keeps that within 3 points (it added nothing
+    measurable in our runs, so a gain is not asserted)."""
+    out = tmp_path / "demo"
+    r = _demo(out, "methods=[grpo_calc]", "n_eval=200", timeout=3 * 3600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())["runs"]
+    plain, plain_rl = res["calc_sft"]["eval"], res["calc_grpo"]["eval"]
+    tool, tool_rl = res["calc_sft_tools"]["eval"], res["grpo_calc"]["eval"]
+    assert plain["accuracy"] < 0.1 and plain_rl["accuracy"] < 0.1 and plain_rl["accuracy_t1"] < 0.1
+    assert tool["accuracy"] > 0.9 and tool["accuracy_t1"] > 0.75, tool
+    assert tool["tool_calls"] == pytest.approx(1.0, abs=0.02) and tool["malformed_calls_t1"] < 0.05
+    assert tool_rl["accuracy"] > tool["accuracy"] - 0.03 and tool_rl["accuracy_t1"] > tool["accuracy_t1"] - 0.03
+    assert tool_rl["malformed_calls_t1"] < 0.05
+
+
 def test_stage_bar_estimates_from_measured_stage_costs(tmp_path, monkeypatch):
     """The demo's bar advances by each stage's measured cost (STAGE_COST_S), not by stage counts:
     reused stages leave the estimate, a run stage adds its cost; in a log it writes plain lines."""

@@ -45,7 +45,7 @@ STAGE_COST_S = {"base": 135, "sft": 35, "reward models": 70, "dpo": 30, "dpo_lor
                 # not yet measured: estimates from the closest measured method
                 "gspo": 56, "cispo": 56, "dapo": 70, "kto": 35, "orpo": 25, "distill": 50,
                 # the calculator stage (grpo_calc), measured with one thread per run on 2 busy cores
-                "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft": 300, "calc_grpo": 250}
+                "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft": 300, "calc_grpo": 150}
 
 # The calculator stage (`methods=...,grpo_calc`, docs/agents.md): on difficulty=calc (2-3 prices up to
 # 300, beyond the tiny model's own sums) the model learns to call `calc` from tool-use transcripts,

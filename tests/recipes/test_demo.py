@@ -119,7 +119,10 @@ def test_calculator_stage_rows_run_with_and_without_the_tool(tmp_path, cache_env
         rec = res[key]
         assert rec["returncode"] == 0 and "eval" in rec, (key, rec.get("error"))
         tool = key in ("calc_sft_tools", "grpo_calc")
-        assert ("tools=alignkit.toy.world:calc" in rec["command"]) == tool, key
+        # the tool rows: SFT on the tool transcripts with the tool template, GRPO with the tool
+        used = ("tools=alignkit.toy.world:calc" in rec["command"] if key.startswith("grpo") or key == "calc_grpo"
+                else "calc_sft_tools.jsonl" in rec["command"] and "chat_template=toy-tools" in rec["command"])
+        assert used == tool, key
         assert ("tool_calls" in rec["eval"] and "malformed_calls_t1" in rec["eval"]) == tool, key
         sampled = json.loads((Path(rec["dir"]) / "eval_sampled" / "eval.json").read_text())
         assert sampled["prompts"].endswith("calc_prompts_eval.jsonl") and sampled["modes"]["zero_shot"]["samples"] == 24

@@ -309,9 +309,9 @@ class Pipeline:
         return {k: str(v) for k, v in files.items()}
 
     def calculator(self) -> None:
-        """The grpo_calc stage: SFT and GRPO on difficulty=calc without the tool, then SFT on tool-use
-        transcripts and GRPO with the calculator; every row evaluated on the same held-out prompts
-        (with the tool where it was trained with it). One seed (0) in every mode."""
+        """The grpo_calc stage (CALC_RUNS): SFT on tool-use transcripts and GRPO with the calculator, then
+        the same SFT and GRPO on difficulty=calc without the tool; every row evaluated on the same
+        held-out prompts (with the tool where it was trained with it). One seed (0) in every mode."""
         data = self.calc_data()
         base = self.results["runs"]["base"]["dir"]
         for key, label, needs, command, start, tool in CALC_RUNS:

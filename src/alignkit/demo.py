@@ -10,7 +10,9 @@ Pipeline (each stage reused when its output exists, unless reuse=false):
      (or preference pairs) for every method — `prompts` below;
   6. evaluation of every model on the same held-out prompts: greedy exact accuracy, exact accuracy
      of answers sampled at temperature 1 (what the online methods optimise), format rate
-     and mean reward; KL(policy ‖ SFT) per token on the policy's own samples at temperature 1.
+     and mean reward; KL(policy ‖ SFT) per token on the policy's own samples at temperature 1;
+  7. opt-in (`methods=...,grpo_calc`): the calculator stage on difficulty=calc, SFT and GRPO with
+     the toy calculator beside the same without it (`Pipeline.calculator`, docs/agents.md).
 
 The table goes to the terminal and to report.md / report.html / results.json in the run folder,
 with curves of reward, accuracy and KL against step and wall time (see `alignkit.eval.report`).
@@ -41,7 +43,33 @@ MEASURED_FULL = "18 minutes on the same machine"
 STAGE_COST_S = {"base": 135, "sft": 35, "reward models": 70, "dpo": 30, "dpo_lora": 25, "reinforce": 33,
                 "rloo": 38, "grpo": 56, "rs": 23, "ppo": 87, "online_dpo": 25, "report": 5,
                 # not yet measured: estimates from the closest measured method
-                "gspo": 56, "cispo": 56, "dapo": 70, "kto": 35, "orpo": 25, "distill": 50}
+                "gspo": 56, "cispo": 56, "dapo": 70, "kto": 35, "orpo": 25, "distill": 50,
+                # the calculator stage (grpo_calc), measured with one thread per run on 2 busy cores
+                "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft": 300, "calc_grpo": 150}
+
+# The calculator stage (`methods=...,grpo_calc`, docs/agents.md): on difficulty=calc (2-3 prices up to
+# 300, beyond the tiny model's own sums) the model learns to call `calc` from tool-use transcripts,
+# then GRPO with the calculator in the loop; beside it the same SFT and GRPO without the tool. Copying
+# three-digit numbers into the call takes the tiny model a long SFT (300-700 steps: right format,
+# wrong digits), hence its cost and why it is opt-in.
+CALC = "grpo_calc"
+CALC_COST = "about 50 minutes more, measured on 2 busy cores"
+CALC_TOOL = "alignkit.toy.world:calc"
+CALC_SFT_STEPS = 1450
+CALC_GRPO_STEPS = 40
+_CALC_SFT = dict(batch_size=16, lr=1e-3, warmup_steps=15, max_length=256, log_every=50)
+# lr 1e-4 broke the call format within 20 steps (greedy 72% -> 45%); 4e-5 with 16 x 8 episodes a step kept it
+_CALC_GRPO = dict(reward="toy", warmup_steps=2, schedule="constant", sample_every=10, batch_size=16,
+                  num_generations=8, lr=4e-5, kl_coef=0.0, iterations=1)
+_CALC_TOOLS = dict(tools=CALC_TOOL, chat_template="toy-tools", max_turns=3)
+CALC_NEW_TOKENS = {True: 96, False: 32}  # per model turn: with the tool (a call of ~60 tokens), without
+# (key, row label, data it needs, command, starts from, with the tool), in the order they run
+CALC_RUNS = [
+    ("calc_sft_tools", "sft + calculator (calc)", "tool-use transcripts", "sft", "base", True),
+    (CALC, "grpo + calculator (calc)", "prompts + reward + tool", "grpo", "calc_sft_tools", True),
+    ("calc_sft", "sft, no tool (calc)", "demonstrations", "sft", "base", False),
+    ("calc_grpo", "grpo, no tool (calc)", "prompts + reward", "grpo", "calc_sft", False),
+]
 
 
 class DemoConfig(Section):
@@ -52,9 +80,10 @@ class DemoConfig(Section):
         "quick", description=f"quick: one seed per method ({MEASURED}); full: 3 seeds per method ({MEASURED_FULL})")
     seeds: list[int] | None = Field(None, description="Seeds of the method runs (default: [0] quick, [0, 1, 2] full)")
     methods: list[str] | None = Field(
-        None, description="Methods to run after SFT (default: all): rm, dpo, dpo_lora, kto, orpo, reinforce, rloo, "
-        "grpo, gspo, cispo, dapo, rs, ppo, online_dpo, distill (its teacher: the best RL row, so with at least one RL "
-        "method); [] runs base and SFT only")
+        None, description="Methods to run after SFT (default: all but grpo_calc): rm, dpo, dpo_lora, kto, orpo, "
+        "reinforce, rloo, grpo, gspo, cispo, dapo, rs, ppo, online_dpo, distill (its teacher: the best RL row, so with "
+        "at least one RL method); grpo_calc, opt-in: tool SFT + GRPO with the calculator on difficulty=calc beside the "
+        f"same training without the tool ({CALC_COST}); [] runs base and SFT only")
     n_eval: int = Field(500, ge=1, description="Held-out prompts for evaluation (500: a standard error of about 0.02 "
                                                "on accuracy)")
     preset: str = Field("default", description="Toy base-model preset (default, or tiny for a fast smoke run)")
@@ -171,8 +200,9 @@ class Pipeline:
         self.seeds = cfg.seeds or ([0] if cfg.mode == "quick" else [0, 1, 2])
         chosen = list(METHODS) + ["rm"] if cfg.methods is None else cfg.methods
         self.with_rm = "rm" in chosen
+        self.with_calc = CALC in chosen  # opt-in: never in the default list
         # distillation's teacher is the best RL row, so it runs last
-        self.methods = sorted((METHODS[m] for m in chosen if m != "rm"), key=lambda m: m.name == "distill")
+        self.methods = sorted((METHODS[m] for m in chosen if m not in ("rm", CALC)), key=lambda m: m.name == "distill")
         self.results_path = self.run / "results.json"
         self.found_results = cfg.reuse and self.results_path.exists()
         self.results: dict = json.loads(self.results_path.read_text()) if self.found_results else {"runs": {}}
@@ -265,6 +295,54 @@ class Pipeline:
             _jsonl(files["rm_pairs"], world.preference_rows(16 * self.steps(RM_STEPS), seed=3, difficulty=c.difficulty))
         return {k: str(v) for k, v in files.items()}
 
+    def calc_data(self) -> dict:
+        """The calculator stage's data, all on difficulty=calc: tool-use transcripts and plain
+        demonstrations (one fresh row per SFT example, the same tasks), training prompts and the
+        held-out prompts."""
+        d = self.run / "data"
+        d.mkdir(exist_ok=True)
+        n_sft = 16 * self.steps(CALC_SFT_STEPS)
+        files = {"sft_tools": d / "calc_sft_tools.jsonl", "sft": d / "calc_sft.jsonl",
+                 "prompts": d / "calc_prompts_train.jsonl", "eval": d / "calc_prompts_eval.jsonl"}
+        if not all(f.exists() for f in files.values()):
+            _jsonl(files["sft_tools"], world.sft_tools_rows(n_sft, seed=10, difficulty="calc"))
+            _jsonl(files["sft"], world.sft_rows(n_sft, seed=10, difficulty="calc"))
+            _jsonl(files["prompts"], world.prompt_rows(PROMPTS, seed=12, difficulty="calc"))
+            _jsonl(files["eval"], world.prompt_rows(self.cfg.n_eval, seed=0, difficulty="calc", split="eval"))
+        return {k: str(v) for k, v in files.items()}
+
+    def calculator(self) -> None:
+        """The grpo_calc stage (CALC_RUNS): SFT on tool-use transcripts and GRPO with the calculator, then
+        the same SFT and GRPO on difficulty=calc without the tool; every row evaluated on the same
+        held-out prompts (with the tool where it was trained with it). One seed (0) in every mode."""
+        data = self.calc_data()
+        base = self.results["runs"]["base"]["dir"]
+        for key, label, needs, command, start, tool in CALC_RUNS:
+            self.stage(label, key)
+            if self.done(key):
+                self.stage_done(key, reused=True)
+                continue
+            model = base if start == "base" else str(self.run / start)
+            extra = dict(_CALC_TOOLS) if tool else {}
+            if command == "sft":
+                steps = self.steps(CALC_SFT_STEPS)
+                args = dict(_CALC_SFT, model=model, data=data["sft_tools" if tool else "sft"], max_steps=steps, seed=0)
+                if tool:
+                    args["chat_template"] = "toy-tools"
+            else:
+                steps = self.steps(CALC_GRPO_STEPS)
+                args = dict(_CALC_GRPO, **extra, model=model, data=data["prompts"], max_steps=steps, seed=0,
+                            log_every=1, max_new_tokens=CALC_NEW_TOKENS[tool], eval_data=data["eval"],
+                            eval_prompts=min(100, self.cfg.n_eval), eval_every=max(1, steps // 4))
+            rec = self.run_command(key, command, self.run / key, args, total_steps=steps)
+            rec.update(method=label, seed=0, needs=needs)
+            if rec["returncode"] == 0:
+                # KL against the row's own starting SFT model (0 for the SFT rows)
+                ref = str(self.run / start) if command == "grpo" else None
+                rec["eval"] = self.evaluate(str(self.run / key), ref, calc_tool=tool)
+            self.record(key, rec)
+            self.stage_done(key, reused=False)
+
     def onpolicy_pairs(self, sft_dir: str) -> str:
         """Preference pairs from the SFT model's own mistakes: one sample at temperature 1 per training
         prompt; each wrong one is the rejected answer against the reference answer. Offline pairs with
@@ -330,21 +408,32 @@ class Pipeline:
         rec.update(_run_stats(out))
         return rec
 
-    def evaluate(self, model_dir: str, ref: str | None) -> dict:
+    def evaluate(self, model_dir: str, ref: str | None, calc_tool: bool | None = None) -> dict:
         """Greedy exact accuracy, format rate and reward; exact accuracy of SAMPLES_T1 samples per prompt at
         temperature 1 (what the online methods optimise; 4 x n_eval answers, a standard error of about 0.01);
-        KL to `ref` per token on those samples (0 when ref is None or the model itself)."""
+        KL to `ref` per token on those samples (0 when ref is None or the model itself).
+
+        calc_tool: None for the demo's own held-out prompts; True / False for the calculator stage's
+        (difficulty=calc), with / without the tool; with it, also tool calls and malformed calls per answer
+        (greedy; `*_t1`: at temperature 1)."""
         from alignkit.config import EvalConfig
         from alignkit.eval.run import evaluate
 
-        data = self.data()
         self.stage_progress(0.95, f"evaluating on {self.cfg.n_eval} held-out prompts")
-        common = dict(model=model_dir, prompts=data["eval"], reward="toy", task="toy",
-                      max_new_tokens=self.cfg.max_new_tokens, batch_size=64, num_show=4, seed=0)
+        if calc_tool is None:
+            common = dict(prompts=self.data()["eval"], max_new_tokens=self.cfg.max_new_tokens)
+        else:
+            common = dict(prompts=self.calc_data()["eval"], max_new_tokens=CALC_NEW_TOKENS[calc_tool],
+                          **({k: (v.split(",") if k == "tools" else v) for k, v in _CALC_TOOLS.items()}
+                             if calc_tool else {}))
+        common.update(model=model_dir, reward="toy", task="toy", batch_size=64, num_show=4, seed=0)
         res = evaluate(EvalConfig(**common, temperature=0.0, output_dir=str(Path(model_dir) / "eval_greedy")),
                        verbose=False)
         greedy = res["modes"]["zero_shot"]
         out = {"accuracy": greedy["accuracy"], "format_rate": greedy["format_rate"], "reward": greedy["reward"]}
+        for k in ("tool_calls", "malformed_calls", "tool_errors"):
+            if k in greedy:
+                out[k] = greedy[k]
         # what eval.json holds: prompt, the data's reference answer, the model's answer and whether it is right
         out["samples"] = [{k: s.get(k) for k in ("prompt", "ref_answer", "completion", "correct")}
                           for s in res["samples"]["zero_shot"]]
@@ -353,6 +442,9 @@ class Pipeline:
                                       n_samples=SAMPLES_T1, output_dir=str(Path(model_dir) / "eval_sampled")),
                            verbose=False)["modes"]["zero_shot"]
         out["accuracy_t1"] = sampled["accuracy"]
+        for k in ("tool_calls", "malformed_calls", "tool_errors"):
+            if k in sampled:
+                out[k + "_t1"] = sampled[k]
         out["kl_token"] = sampled.get("kl_token") if with_ref else 0.0
         out["kl_seq"] = sampled.get("kl_seq") if with_ref else 0.0
         return out
@@ -385,11 +477,14 @@ class Pipeline:
 
         c = self.cfg
         plan = ["base", "sft"] + (["reward models"] if self.with_rm else []) \
-            + [m.name for m in self.methods for _ in self.seeds] + ["report"]
+            + [m.name for m in self.methods for _ in self.seeds] \
+            + ([key for key, *_ in CALC_RUNS] if self.with_calc else []) + ["report"]
         self._stages = len(plan)
         est = MEASURED if c.mode == "quick" else MEASURED_FULL
         if c.scale != 1.0 or c.preset != "default" or c.methods is not None:
             est = f"a shorter run than the measured {MEASURED.split(' on ')[0]}"
+        if self.with_calc:
+            est += f"; the calculator stage (grpo_calc): {CALC_COST}"
         _say(f"alignkit demo ({c.mode} mode: {len(self.methods)} methods x {len(self.seeds)} seed(s); measured: "
              f"{est}); run folder {self.run}")
         if self.found_results:
@@ -493,6 +588,8 @@ class Pipeline:
                         rec["eval"] = self.evaluate(str(self.run / key), str(sft_dir))
                     self.record(key, rec)
                     self.stage_done(key, reused=False)
+            if self.with_calc:
+                self.calculator()
             self.stage("report", "report")
             from alignkit.eval.report import build_report
 
@@ -583,9 +680,9 @@ def _last_eval(out: Path) -> dict:
 def run_demo(cfg: DemoConfig) -> dict:
     from alignkit.errors import UserError
 
-    unknown = [m for m in (cfg.methods or []) if m not in METHODS and m != "rm"]
+    unknown = [m for m in (cfg.methods or []) if m not in METHODS and m not in ("rm", CALC)]
     if unknown:
-        raise UserError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        raise UserError(f"methods: unknown {unknown}; choose from rm, {', '.join(METHODS)}, {CALC}")
     if cfg.methods is not None and "distill" in cfg.methods and not any(m in RL_METHODS for m in cfg.methods):
         raise UserError(f"methods: distill learns from the best RL row, so add one of {', '.join(RL_METHODS)} "
                         "to methods")

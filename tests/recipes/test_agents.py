@@ -460,3 +460,37 @@ def test_grpo_on_episodes_learns_the_per_turn_reward(tiny_model_dir, prompts, en
     first = sum(r["reward_mean"] for r in recs[:4]) / 4
     last = sum(r["reward_mean"] for r in recs[-4:]) / 4
     assert last > first + 0.03, (first, last)
+
+
+TURNS_ENV_SRC = '''
+class Turns:
+    """As many model turns as the row's `turns` column."""
+
+    def reset(self, row):
+        self.left = int(row["turns"])
+        return list(row["prompt"])
+
+    def step(self, message):
+        self.left -= 1
+        return [{"role": "user", "content": "Again?"}], 0.0, self.left <= 0
+'''
+
+
+def test_eval_kl_of_episodes_with_different_turn_counts(tiny_model_dir, tmp_path):
+    """The KL to a reference is summed per episode over its own model turns, when episodes have
+    different numbers of them (a first episode of 3 turns, then 1-turn ones: slicing every episode by
+    the first one's count ran off the end); the environment sees the row's columns, as in training."""
+    from conftest import write_jsonl
+
+    from alignkit.config import EvalConfig
+    from alignkit.eval.run import evaluate
+
+    env = tmp_path / "turns_env.py"
+    env.write_text(TURNS_ENV_SRC)
+    pf = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i} + {i}?", "turns": 3 if i == 0 else 1} for i in range(4)])
+    res = evaluate(EvalConfig(model=str(tiny_model_dir), prompts=str(pf), env=f"{env}:Turns", max_turns=3,
+                              max_new_tokens=4, temperature=1.0, ref_model=str(tiny_model_dir), task="none",
+                              output_dir=str(tmp_path / "e")), verbose=False)
+    row = res["modes"]["zero_shot"]
+    assert row["turns"] == (3 + 1 + 1 + 1) / 4
+    assert abs(row["kl_seq"]) < 1e-5 and abs(row["kl_token"]) < 1e-6  # the same weights, segments aligned

@@ -104,6 +104,53 @@ def test_new_objective_rows_run_and_distill_learns_from_the_best_rl_row(tmp_path
     assert "overlong_buffer=8" in res["dapo"]["command"] and "loss=orpo" in res["orpo"]["command"]
 
 
+@pytest.mark.slow
+def test_calculator_stage_rows_run_with_and_without_the_tool(tmp_path, cache_env):
+    """methods=[grpo_calc] on the tiny preset at a fiftieth of its budget (about a minute): the four rows
+    (SFT and GRPO on difficulty=calc, with and without the calculator) finish and are evaluated on the
+    same held-out calc prompts; the tool rows are trained and scored with the tool and report calls per
+    answer and malformed calls; GRPO's KL is against its own starting SFT model."""
+    out = tmp_path / "demo"
+    r = _demo(out, "preset=tiny", "scale=0.02", "n_eval=6", "max_new_tokens=6", "methods=[grpo_calc]", env=cache_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())["runs"]
+    assert set(res) == {"base", "sft", "calc_sft_tools", "calc_sft", "calc_grpo", "grpo_calc"}
+    for key in ("calc_sft_tools", "calc_sft", "calc_grpo", "grpo_calc"):
+        rec = res[key]
+        assert rec["returncode"] == 0 and "eval" in rec, (key, rec.get("error"))
+        tool = key in ("calc_sft_tools", "grpo_calc")
+        # the tool rows: SFT on the tool transcripts with the tool template, GRPO with the tool
+        used = ("tools=alignkit.toy.world:calc" in rec["command"] if key.startswith("grpo") or key == "calc_grpo"
+                else "calc_sft_tools.jsonl" in rec["command"] and "chat_template=toy-tools" in rec["command"])
+        assert used == tool, key
+        assert ("tool_calls" in rec["eval"] and "malformed_calls_t1" in rec["eval"]) == tool, key
+        sampled = json.loads((Path(rec["dir"]) / "eval_sampled" / "eval.json").read_text())
+        assert sampled["prompts"].endswith("calc_prompts_eval.jsonl") and sampled["modes"]["zero_shot"]["samples"] == 24
+        assert (sampled["config"]["tools"] == ["alignkit.toy.world:calc"]) == tool, key
+    assert "model=" + str(out / "calc_sft_tools") in res["grpo_calc"]["command"]
+    assert json.loads((Path(res["grpo_calc"]["dir"]) / "eval_sampled" / "eval.json").read_text())["ref_model"] \
+        == str(out / "calc_sft_tools")
+    assert res["calc_sft_tools"]["eval"]["kl_token"] == 0.0
+    table = (out / "report.md").read_text()
+    for text in ("| grpo + calculator (calc) |", "| sft, no tool (calc) |", "tool calls / answer (greedy)",
+                 "malformed calls / answer (T=1)"):
+        assert text in table, text
+    # the tool columns are empty (–) for rows without the tool
+    sft_row = next(ln for ln in table.splitlines() if ln.startswith("| sft |"))
+    assert sft_row.count("| – |") >= 3
+
+
+def test_calculator_stage_is_opt_in(tmp_path):
+    """grpo_calc (tens of minutes) is not in the default demo; asked for, it runs after the other methods."""
+    from alignkit.demo import CALC, CALC_COST, DemoConfig, Pipeline
+
+    assert not Pipeline(DemoConfig(output_dir=str(tmp_path / "a"))).with_calc
+    p = Pipeline(DemoConfig(output_dir=str(tmp_path / "b"), methods=["grpo", CALC]))
+    assert p.with_calc and [m.name for m in p.methods] == ["grpo"]
+    assert CALC in DemoConfig.model_fields["methods"].description and CALC_COST in \
+        DemoConfig.model_fields["methods"].description
+
+
 def test_distill_row_without_an_rl_row_is_one_line_and_exit_2(tmp_path):
     r = _demo(tmp_path / "d", "methods=[dpo,distill]", timeout=120)
     assert r.returncode == 2
@@ -136,6 +183,25 @@ def test_quick_demo_default_preset(tmp_path):
     for m in ("reinforce", "rloo", "grpo", "rs", "ppo", "online_dpo"):
         assert res[m]["eval"]["accuracy_t1"] > sft["accuracy_t1"] + 0.03, m
     print(f"quick demo: {wall / 60:.1f} min")
+
+
+@pytest.mark.slow
+def test_calculator_stage_default_preset(tmp_path):
+    """The calculator stage as measured in docs/agents.md (about 50 minutes on 2 busy cores): without
+    the tool the model stays below 10% exact on difficulty=calc, SFT with the tool lifts it above 90%
+    with one call per answer; GRPO with the calculator keeps that within 3 points (it added nothing
+    measurable in our runs, so a gain is not asserted)."""
+    out = tmp_path / "demo"
+    r = _demo(out, "methods=[grpo_calc]", "n_eval=200", timeout=3 * 3600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())["runs"]
+    plain, plain_rl = res["calc_sft"]["eval"], res["calc_grpo"]["eval"]
+    tool, tool_rl = res["calc_sft_tools"]["eval"], res["grpo_calc"]["eval"]
+    assert plain["accuracy"] < 0.1 and plain_rl["accuracy"] < 0.1 and plain_rl["accuracy_t1"] < 0.1
+    assert tool["accuracy"] > 0.9 and tool["accuracy_t1"] > 0.75, tool
+    assert tool["tool_calls"] == pytest.approx(1.0, abs=0.02) and tool["malformed_calls_t1"] < 0.05
+    assert tool_rl["accuracy"] > tool["accuracy"] - 0.03 and tool_rl["accuracy_t1"] > tool["accuracy_t1"] - 0.03
+    assert tool_rl["malformed_calls_t1"] < 0.05
 
 
 def test_stage_bar_estimates_from_measured_stage_costs(tmp_path, monkeypatch):

@@ -32,6 +32,10 @@ COLUMNS = [  # key, header, format
     ("format_rate", "format rate", "{:.3f}"),
     ("reward", "mean reward", "{:.3f}"),
     ("kl_token", "KL to SFT (per token)", "{:.4f}"),
+    # tool-using rows (the demo's grpo_calc stage); absent elsewhere, so the column is dropped
+    ("tool_calls", "tool calls / answer (greedy)", "{:.2f}"),
+    ("malformed_calls", "malformed calls / answer (greedy)", "{:.3f}"),
+    ("malformed_calls_t1", "malformed calls / answer (T=1)", "{:.3f}"),
     ("spread", "greedy accuracy spread (std over seeds)", "{:.3f}"),
     ("spread_t1", "T=1 accuracy spread", "{:.3f}"),
     ("diverged", "diverged runs", "{}"),
@@ -146,7 +150,8 @@ def _demo_rows(results: dict) -> tuple[list[dict], list[dict], dict]:
             if vals:
                 row[k] = sum(vals) / len(vals)
         row["cached"] = any(r.get("cached") for r in ok)
-        for k in ("accuracy", "accuracy_t1", "format_rate", "reward", "kl_token"):
+        for k in ("accuracy", "accuracy_t1", "format_rate", "reward", "kl_token", "tool_calls", "malformed_calls",
+                  "malformed_calls_t1"):
             vals = [r["eval"][k] for r in ok if _is_finite(r["eval"].get(k))]
             if vals:
                 row[k] = sum(vals) / len(vals)

@@ -18,6 +18,7 @@ Definitions: docs/eval.md.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -121,11 +122,13 @@ class _Side:
         self.agent = None  # multi-turn episodes (tools= / env=) when set
 
 
-def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig, desc: str | None = None) -> list[dict]:
+def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig, desc: str | None = None,
+              columns: dict | None = None) -> list[dict]:
     """Sample a mode's answers. Per sample: text (final turn), answer (what is scored), segments
-    [(context ids, generated ids)] for log-probs, first_text (reflect), finish."""
+    [(context ids, generated ids)] for log-probs, first_text (reflect), finish. columns: the rows'
+    other columns (name -> one value per prompt), which an environment's reset(row) sees."""
     if getattr(side, "agent", None) is not None:  # multi-turn episodes with tools / an environment
-        return _run_episodes(side, prompts, cfg)
+        return _run_episodes(side, prompts, cfg, columns or {})
     first = sample(side.model, side.engine, prompts, cfg.n_samples, cfg, cfg.seed, desc=desc)
     out = []
     for s in first:
@@ -147,7 +150,7 @@ def _run_mode(side: _Side, prompts: list, mode: str, cfg: EvalConfig, desc: str 
     return out
 
 
-def _run_episodes(side: _Side, prompts: list, cfg: EvalConfig) -> list[dict]:
+def _run_episodes(side: _Side, prompts: list, cfg: EvalConfig, columns: dict) -> list[dict]:
     """`_run_mode` for multi-turn episodes: text = the last turn, segments = one per model turn
     (its context: everything before it), plus turns / tool_calls / tool_errors / malformed_calls."""
     from alignkit.rollout.engine import SamplingParams
@@ -155,7 +158,8 @@ def _run_episodes(side: _Side, prompts: list, cfg: EvalConfig) -> list[dict]:
 
     params = SamplingParams(n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=0, seed=cfg.seed, batch_size=cfg.batch_size)
-    episodes, _ = collect_episodes(side.engine, side.model, prompts, {}, params, side.agent)
+    # the environment's reset(row) sees the row's columns, as in training
+    episodes, _ = collect_episodes(side.engine, side.model, prompts, columns, params, side.agent)
     out = []
     for e in episodes:
         segs = [(e.prompt_ids + e.completion_ids[:a], e.completion_ids[a:b]) for a, b in e.spans]
@@ -183,7 +187,9 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
     mode_prompts = prompting.build_prompts(base_prompts, mode, pool=pool, k=cfg.few_shot_k,
                                            layout=cfg.few_shot_layout, seed=cfg.seed,
                                            cot_instruction=cfg.cot_instruction)
-    samples = _run_mode(pol, mode_prompts, mode, cfg, desc=f"eval {mode}: model" if progress else None)
+    row_columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+    samples = _run_mode(pol, mode_prompts, mode, cfg, desc=f"eval {mode}: model" if progress else None,
+                        columns=row_columns)
     idx = [s["prompt_index"] for s in samples]
     prompts = [base_prompts[i] for i in idx]
     columns = {k: [rows[i].get(k) for i in idx] for k in rows[0] if k != "prompt"}
@@ -223,14 +229,16 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
         segs = [seg for s in samples for seg in s["segments"]]
         lp = completion_logps(pol.model, segs, pol.pad_id, cfg.batch_size, cfg.logits_chunk_size, cfg.temperature)
         lr = completion_logps(ref.model, segs, pol.pad_id, cfg.batch_size, cfg.logits_chunk_size, cfg.temperature)
-        nseg = len(samples[0]["segments"])
-        per_pol = [torch.cat(lp[i * nseg:(i + 1) * nseg]) for i in range(len(samples))]
-        per_ref = [torch.cat(lr[i * nseg:(i + 1) * nseg]) for i in range(len(samples))]
+        # episodes may have different numbers of model turns (segments): slice by each one's count
+        ends = list(itertools.accumulate(len(s["segments"]) for s in samples))
+        per_pol = [torch.cat(lp[e - len(s["segments"]):e]) for s, e in zip(samples, ends)]
+        per_ref = [torch.cat(lr[e - len(s["segments"]):e]) for s, e in zip(samples, ends)]
         res.update(kl_metrics(per_pol, per_ref))
 
     ref_samples = None
     if ref is not None and judge is not None:
-        ref_samples = _run_mode(ref, mode_prompts, mode, cfg, desc=f"eval {mode}: reference" if progress else None)
+        ref_samples = _run_mode(ref, mode_prompts, mode, cfg, desc=f"eval {mode}: reference" if progress else None,
+                                columns=row_columns)
         ref_answers = [s["answer"] for s in ref_samples]
         mine = rewards if judge is reward else _score(judge, prompts, answers, columns, chunk)[1]
         theirs = _score(judge, prompts, ref_answers, columns, chunk)[1]

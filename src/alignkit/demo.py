@@ -36,14 +36,14 @@ from alignkit.config import Section
 from alignkit.toy import world
 
 # One measured figure, said the same way everywhere (README, banner, --help): the README's quick run.
-MEASURED = "9 minutes on 2 idle cores of an AMD EPYC (no GPU), base-model build included"
-MEASURED_FULL = "18 minutes on the same machine"
-# Measured seconds per stage in that run (training + evaluation), for the stage bar's ETA: the bar
-# advances by these weights, so its rate is this machine's speed relative to that one.
-STAGE_COST_S = {"base": 135, "sft": 35, "reward models": 70, "dpo": 30, "dpo_lora": 25, "reinforce": 33,
-                "rloo": 38, "grpo": 56, "rs": 23, "ppo": 87, "online_dpo": 25, "report": 5,
-                # not yet measured: estimates from the closest measured method
-                "gspo": 56, "cispo": 56, "dapo": 70, "kto": 35, "orpo": 25, "distill": 50,
+MEASURED = "25 minutes on 2 idle cores of an AMD EPYC (no GPU) at one thread per stage, base model already built"
+MEASURED_FULL = "about three times the quick run"
+# Seconds per stage (training + evaluation) in the README's quick run (one thread per stage; the base
+# build from an idle 2-thread run), for the stage bar's ETA: the bar advances by these weights, so
+# its rate is this machine's speed relative to that one.
+STAGE_COST_S = {"base": 135, "sft": 49, "reward models": 232, "dpo": 21, "dpo_lora": 23, "reinforce": 50,
+                "rloo": 64, "grpo": 109, "rs": 24, "ppo": 178, "online_dpo": 30, "report": 5,
+                "gspo": 104, "cispo": 110, "dapo": 100, "kto": 34, "orpo": 18, "distill": 59,
                 # the calculator stage (grpo_calc), measured with one thread per run on 2 busy cores
                 "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft": 300, "calc_grpo": 150}
 
@@ -485,8 +485,8 @@ class Pipeline:
             est = f"a shorter run than the measured {MEASURED.split(' on ')[0]}"
         if self.with_calc:
             est += f"; the calculator stage (grpo_calc): {CALC_COST}"
-        _say(f"alignkit demo ({c.mode} mode: {len(self.methods)} methods x {len(self.seeds)} seed(s); measured: "
-             f"{est}); run folder {self.run}")
+        _say(f"alignkit demo ({c.mode} mode: {len(self.methods)} methods x {len(self.seeds)} seed(s); "
+             f"{'expected' if est is MEASURED_FULL else 'measured'}: {est}); run folder {self.run}")
         if self.found_results:
             _say(f"[demo] {self.results_path} exists: finished stages are reused; to run everything again: "
                  f"alignkit demo reuse=false (or a new output_dir=...)")

@@ -166,7 +166,7 @@ def test_unknown_method_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_default_preset(tmp_path):
     """The quick demo as a user runs it: every method finishes, SFT lands in the calibrated band,
-    and the RL methods that lead the table beat SFT. About 9 minutes on 2 idle cores (README)."""
+    and the online methods beat SFT at T=1. About 25 minutes on 2 idle cores (README)."""
     out = tmp_path / "demo"
     t = time.time()
     r = _demo(out, timeout=3600, env=dict(os.environ, OMP_NUM_THREADS="2"))
@@ -178,9 +178,9 @@ def test_quick_demo_default_preset(tmp_path):
     sft = res["sft"]["eval"]
     assert sft["format_rate"] >= 0.9 and 0.2 <= sft["accuracy"] <= 0.7, sft
     assert res["rm_scalar"]["eval"]["eval_accuracy"] >= 0.8
-    assert res["grpo"]["eval"]["accuracy"] > sft["accuracy"]
-    # at temperature 1 every online method gained 0.05-0.09 over SFT in our runs (standard error about 0.01)
-    for m in ("reinforce", "rloo", "grpo", "rs", "ppo", "online_dpo"):
+    # at temperature 1 these online methods gained 0.035-0.076 over SFT in the README's run (standard
+    # error about 0.01); greedy accuracy moves within its noise (0.022) and is not asserted per method
+    for m in ("reinforce", "rloo", "grpo", "rs", "ppo", "online_dpo", "gspo", "dapo", "distill"):
         assert res[m]["eval"]["accuracy_t1"] > sft["accuracy_t1"] + 0.03, m
     print(f"quick demo: {wall / 60:.1f} min")
 

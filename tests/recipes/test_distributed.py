@@ -89,7 +89,11 @@ def test_sft_fsdp_equals_one_process_and_resumes_on_one(tiny_model_dir, sft_data
     torchrun(*sft, "max_steps=4", "batch_size=2", f"output_dir={fsdp}", "distributed=fsdp", "save_every=2",
              "gradient_checkpointing=true", "fsdp.consolidate_checkpoints=true")
     single(*sft, "max_steps=4", "batch_size=4", f"output_dir={one}")
-    assert_same_run(fsdp, one)
+    # Losses and grad norms agree to 1e-7. The weights agree to rounding: the head's gradient is summed
+    # chunk by chunk on one process but per rank, then reduced, on two, and Adam scales each
+    # element by its own running size, so the order shows up to ~6e-6 after 4 steps at lr 3e-3; a
+    # reduction fault would move weights by about lr.
+    assert_same_run(fsdp, one, atol=2e-5)
 
     ck = fsdp / "checkpoints" / "step-0000002"
     assert (ck / "sharded").is_dir() and {p.name for p in ck.glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
@@ -101,7 +105,7 @@ def test_sft_fsdp_equals_one_process_and_resumes_on_one(tiny_model_dir, sft_data
     assert [r["step"] for r in train_metrics(resumed)] == [3, 4]
     for ra, rb in zip(train_metrics(resumed), train_metrics(one)[2:]):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-    assert_same_weights(resumed, one)
+    assert_same_weights(resumed, one, atol=2e-5)  # rounding, as above
 
     # The consolidated folders load in plain transformers and equal the unsharded model.
     from transformers import AutoModelForCausalLM
@@ -111,7 +115,7 @@ def test_sft_fsdp_equals_one_process_and_resumes_on_one(tiny_model_dir, sft_data
     ref = load_file(str(one / "model.safetensors"))
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, ref.get(k, ref["model.embed_tokens.weight"] if k == "lm_head.weight" else None),
-                                   atol=1e-6, rtol=1e-5, msg=k)
+                                   atol=2e-5, rtol=1e-5, msg=k)
     mid = AutoModelForCausalLM.from_pretrained(str(ck))  # fsdp.consolidate_checkpoints=true
     assert torch.equal(mid.lm_head.weight, mid.model.embed_tokens.weight)
     # On request, later: resume the sharded checkpoint on one process with max_steps at its step.

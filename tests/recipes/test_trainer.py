@@ -314,3 +314,34 @@ def test_epoch_remainder_is_stated_in_the_log(tiny_model_dir, tmp_path):
     finally:
         T.Trainer.__init__ = real_init
     assert any("2 steps of 4 rows per epoch; 2 of the 10 rows are left out of each epoch" in ln for ln in lines), lines
+
+
+def test_bf16_autocast_trains_sft_and_dpo_end_to_end(tiny_model_dir, tmp_path, no_curve_plots):
+    """dtype=bfloat16 (autocast over float32 master weights, what dtype=auto picks on a GPU) through
+    SFT and DPO, here on the CPU: the head's hand-written backward runs outside autocast (see
+    test_ops' autocast test). Losses are finite and fall; the first SFT loss is the float32 one
+    within bf16 rounding."""
+    import json
+
+    from alignkit.config import DPOConfig, load_config
+    from alignkit.recipes.dpo import train_dpo
+    from alignkit.recipes.sft import train_sft
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Хлеб: {i}", "chosen": f"Итого: {i} рублей.",
+                                                "rejected": "The quick brown fox."} for i in range(8)])
+    quiet = ["progress=false", "tensorboard=false", "log_every=1", "batch_size=4", "schedule=constant"]
+
+    def losses(out):
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                if json.loads(x).get("kind") == "train"]
+
+    for dtype in ("bfloat16", "float32"):
+        train_sft(load_config(SFTConfig, None, [f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / dtype}",
+                                                "max_steps=6", "lr=3e-3", f"dtype={dtype}", *quiet]))
+    bf, fp = losses(tmp_path / "bfloat16"), losses(tmp_path / "float32")
+    assert all(x == x for x in bf) and bf[-1] < bf[0] and abs(bf[0] - fp[0]) / fp[0] < 2e-2, (bf, fp)
+    train_dpo(load_config(DPOConfig, None, [f"model={tiny_model_dir}", f"data={pairs}", f"output_dir={tmp_path / 'dpo'}",
+                                            "max_steps=6", "lr=3e-3", "dtype=bfloat16", *quiet]))
+    d = losses(tmp_path / "dpo")
+    assert all(x == x for x in d) and d[-1] < d[0], d

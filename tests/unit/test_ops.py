@@ -247,6 +247,29 @@ def test_linear_target_logp_bf16_head_matches_checkpointed_path():
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)  # a bf16 ulp or two
 
 
+@pytest.mark.parametrize("hidden_dtype", [torch.bfloat16, torch.float32])
+def test_linear_target_logp_under_autocast_matches_checkpointed_path(hidden_dtype):
+    """bf16 autocast over float32 master weights (dtype=auto on a GPU): the backward runs outside
+    autocast, so it must cast as autocast did; it raised a dtype mismatch when it did not. Values
+    equal the checkpointed path bit for bit, gradients come back in each input's dtype."""
+    hidden, weight, _, targets = _head_problem(N=24, H=16, V=40, dtype=torch.float32, seed=3)
+    hidden = hidden.to(hidden_dtype)
+
+    def run(fast):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = chunked_token_logps(h, w, targets, chunk_size=5) if fast else _via_checkpoint(h, w, None, targets, 5,
+                                                                                                1.0)
+        lp.sum().backward()
+        return lp.detach(), h.grad, w.grad
+
+    fast, slow = run(True), run(False)
+    assert torch.equal(fast[0], slow[0])
+    assert fast[1].dtype == hidden_dtype and fast[2].dtype == torch.float32
+    for got, want in zip(fast[1:], slow[1:]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)  # a bf16 ulp or two
+
+
 def test_linear_target_logp_saves_nothing_of_tokens_by_vocab_size():
     N, H, V = 64, 8, 500
     hidden, weight, _, targets = _head_problem(N=N, H=H, V=V, dtype=torch.float32)

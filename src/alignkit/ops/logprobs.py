@@ -16,8 +16,8 @@ forward and backward, at the price of one extra head matmul per chunk in backwar
 Rows whose target is `ignore_index` (prompt, padding) are skipped: no logits are computed for
 them at all, which also saves the head matmul for long prompts in RL.
 
-When the head is a plain linear layer and no entropy is asked for (the preference losses: DPO,
-ORPO, KTO, SimPO), a hand-written backward (`_LinearTargetLogp`) replaces the checkpoint: forward
+When the head is a plain linear layer and no entropy is asked for (SFT, DPO, ORPO, KTO, SimPO,
+the reference passes), a hand-written backward (`_LinearTargetLogp`) replaces the checkpoint: forward
 keeps only each row's logsumexp (N floats); backward rebuilds a chunk's logits once and turns
 them into softmax - one-hot in place, where the checkpointed autograd graph would recompute the
 logsumexp, scatter the target's gradient into a fresh zero (chunk x V) tensor and add two
@@ -98,8 +98,10 @@ class _LinearTargetLogp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, targets, chunk_size, temperature):
         lps, lses = [], []
+        mm_dtype = None  # the head matmul's dtype: the weight's, or autocast's (bf16 / fp16)
         for s in range(0, x.shape[0], chunk_size):
             z = F.linear(x[s:s + chunk_size], weight, bias)
+            mm_dtype = z.dtype
             z = z.to(_compute_dtype(z))  # fresh either way: free to overwrite below
             if temperature != 1.0:
                 z.div_(temperature)
@@ -109,21 +111,25 @@ class _LinearTargetLogp(torch.autograd.Function):
             lses.append(lse)
         lse = torch.cat(lses)
         ctx.save_for_backward(x, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.chunk_size, ctx.temperature, ctx.mm_dtype = chunk_size, temperature, mm_dtype or weight.dtype
         return torch.cat(lps)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, targets, lse = ctx.saved_tensors
-        c, temp = ctx.chunk_size, ctx.temperature
+        c, temp, dt = ctx.chunk_size, ctx.temperature, ctx.mm_dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # Backward runs outside autocast: cast as autocast did in forward (x, W, b to the matmul dtype),
+        # so the rebuilt logits are the forward's bit for bit; gradients return in each input's dtype.
+        w = weight.to(dt)
+        b = bias.to(dt) if bias is not None else None
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = None
         grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
         for s in range(0, x.shape[0], c):
-            xc, tc = x[s:s + c], targets[s:s + c].unsqueeze(-1)
+            xc, tc = x[s:s + c].to(dt), targets[s:s + c].unsqueeze(-1)
             gc = grad_out[s:s + c].to(lse.dtype).unsqueeze(-1)
-            z = F.linear(xc, weight, bias)
+            z = F.linear(xc, w, b)
             z = z.to(_compute_dtype(z))  # a fresh tensor in either case: safe to overwrite
             if temp != 1.0:
                 z.div_(temp)
@@ -132,13 +138,21 @@ class _LinearTargetLogp(torch.autograd.Function):
             p.scatter_add_(-1, tc, gc)
             if temp != 1.0:
                 p.div_(temp)
-            gz = p.to(weight.dtype)
+            gz = p.to(dt)
             if need_x:
-                torch.mm(gz, weight, out=grad_x[s:s + c])
+                if grad_x.dtype == dt:
+                    torch.mm(gz, w, out=grad_x[s:s + c])
+                else:
+                    grad_x[s:s + c] = gz.mm(w)
             if need_w:
-                grad_w = gz.t().mm(xc) if grad_w is None else grad_w.addmm_(gz.t(), xc)
+                if grad_w is None:
+                    grad_w = gz.t().mm(xc).to(weight.dtype)
+                elif dt == weight.dtype:
+                    grad_w.addmm_(gz.t(), xc)
+                else:  # each chunk's gradient in the matmul dtype, summed in the weight's (as autograd would)
+                    grad_w.add_(gz.t().mm(xc).to(weight.dtype))
             if grad_b is not None:
-                grad_b += gz.sum(0)
+                grad_b += gz.sum(0).to(grad_b.dtype)
         if need_w and grad_w is None:
             grad_w = torch.zeros_like(weight)
         return grad_x, grad_w, grad_b, None, None, None

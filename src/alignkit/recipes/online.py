@@ -171,6 +171,10 @@ def rollout_metrics(rollout: Rollout) -> dict:
     return out
 
 
+# The logged share of completion tokens a rollout correction touched, by mode.
+CORRECTION_KEY = {"tis": "rollout_capped_frac", "mis": "rollout_dropped_frac"}
+
+
 def correct_rollout(mbs: list[dict], cfg: OnlineConfig, dist: DistInfo) -> dict:
     """Apply `rollout_correction` to micro-batches that hold `old_logps` (the trainer's log-probs
     under the rollout's weights), `sampler_logps` and `loss_mask` (see
@@ -191,8 +195,7 @@ def correct_rollout(mbs: list[dict], cfg: OnlineConfig, dist: DistInfo) -> dict:
     if cfg.rollout_correction == "none":
         return {}
     touched, tokens = all_reduce_sum(torch.tensor([touched, tokens], dtype=torch.float64), dist).tolist()
-    key = "rollout_capped_frac" if cfg.rollout_correction == "tis" else "rollout_dropped_frac"
-    return {key: touched / max(tokens, 1.0)}
+    return {CORRECTION_KEY[cfg.rollout_correction]: touched / max(tokens, 1.0)}
 
 
 def ratio_max(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> float:

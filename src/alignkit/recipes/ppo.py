@@ -40,7 +40,7 @@ from alignkit.advantages import gae, scored_mask, whiten
 from alignkit.config import PPOConfig
 from alignkit.data.order import seeded_permutation
 from alignkit.errors import UserError
-from alignkit.losses import kl_estimate, policy_loss_terms, rollout_correction, value_loss_terms
+from alignkit.losses import kl_estimate, policy_loss_terms, value_loss_terms
 from alignkit.ops.masks import last_token_index
 from alignkit.recipes import online as ol
 from alignkit.training.dist import DistInfo, all_reduce_sum
@@ -175,14 +175,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def ppo_policy_loss_fn(cfg: PPOConfig):
-    """Clipped surrogate summed over the micro-batch's policy-gradient tokens `pg_mask` (the response
+    """Clipped surrogate summed over the micro-batch's policy-gradient tokens `loss_mask` (the response
     tokens, less those `rollout_correction=mis` dropped; units: `n_pg_tokens`), each weighted by
     `is_weights` under `rollout_correction=tis`."""
 
     def loss_fn(model, mb: dict):
         out = ol.token_logps(model, mb, cfg.temperature, cfg.logits_chunk_size, entropy=cfg.compute_entropy)
         lp, ent = out if cfg.compute_entropy else (out, None)
-        m = mb["pg_mask"]
+        m = mb["loss_mask"]
         terms = policy_loss_terms(lp, mb["old_logps"], mb["advantages"], m, cfg.clip_low, cfg.clip_high,
                                   "token_mean", dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level,
                                   loss_type=cfg.loss_type, is_weights=mb.get("is_weights"))
@@ -219,7 +219,7 @@ def n_tokens(mb: dict) -> float:
 
 def n_pg_tokens(mb: dict) -> float:
     """Policy-loss units of a micro-batch: its response tokens that the policy gradient trains on."""
-    return float(mb["pg_mask"].sum())
+    return float(mb["loss_mask"].sum())
 
 
 # --------------------------------------------------------------------------- the critic
@@ -412,11 +412,8 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
             ref_logps = _pad_cat([c["ref_logps"] for c in chunks], T)
             kl = torch.where(mask, kl_estimate(full["old_logps"], ref_logps, cfg.kl_estimator), torch.zeros(()))
         # sampler vs trainer (π_old): TIS weights or MIS drops for the policy loss; the critic keeps every token
-        corr = rollout_correction(full["old_logps"], full["sampler_logps"], mask, cfg.rollout_correction,
-                                  cfg.rollout_correction_cap)
-        full["pg_mask"] = corr.mask
-        if corr.weights is not None:
-            full["is_weights"] = corr.weights
+        full["loss_mask"] = mask.clone()
+        info.update(ol.correct_rollout([full], cfg, dist))
         values = _pad_cat(critic_values(critic, chunks, tr.device, tr.autocast), T)
         values = torch.where(mask, values, torch.zeros(()))
         # 3. reward with KL: r_t = −β KL_t, plus the score on the response's last token
@@ -433,11 +430,6 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
         info.update(diagnostics, kl_coef=kl_ctl.value,
                     score_mean=float(all_reduce_sum(float(scores.sum()), dist)) / max(float(
                         all_reduce_sum(float(scored.sum()), dist)), 1.0))
-        if cfg.rollout_correction != "none":
-            touched, n_tok = all_reduce_sum(torch.tensor([float(corr.stats.get("capped", corr.stats.get("dropped"))),
-                                                          float(corr.stats["tokens"])], dtype=torch.float64), dist).tolist()
-            key = "rollout_capped_frac" if cfg.rollout_correction == "tis" else "rollout_dropped_frac"
-            info[key] = touched / max(n_tok, 1.0)
         clock.lap("prepare")
         # 5. ppo_epochs passes over shuffled minibatches: clipped policy loss, clipped value loss
         per_mb = B // cfg.num_minibatches

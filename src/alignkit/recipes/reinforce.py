@@ -53,8 +53,8 @@ def sequence_pg_loss_fn(cfg, kl_in_loss: bool):
         metrics = {"logprob_mismatch": ((mb["sampler_logps"] - logps.detach()).abs()[m].sum(), m.sum()),
                    "seq_logp": sequence_logps.detach().sum()}
         if cfg.rollout_correction != "none":
-            key = "rollout_capped_frac" if cfg.rollout_correction == "tis" else "rollout_dropped_frac"
-            metrics[key] = (c.stats.get("capped", c.stats.get("dropped")), c.stats["tokens"])
+            metrics[ol.CORRECTION_KEY[cfg.rollout_correction]] = (c.stats.get("capped", c.stats.get("dropped")),
+                                                                  c.stats["tokens"])
         loss_fn.ratio_max = max(loss_fn.ratio_max, ol.ratio_max(mb["sampler_logps"], logps, m))  # a max: aside
         if "ref_logps" in mb:
             kl = kl_estimate(logps, mb["ref_logps"], cfg.kl_estimator) * m

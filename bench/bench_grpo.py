@@ -165,9 +165,7 @@ def _profiler_hooks(rec: Recorder, args):
     out = os.environ.get("BENCH_PROFILE")
     if not out:
         return lambda: None
-    import torch
-
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+    prof = common.profiler(record_shapes=False)
     state = {"on": False, "done": False}
     n_prof = max(1, min(3, args.steps - args.skip_steps))
 
@@ -181,13 +179,11 @@ def _profiler_hooks(rec: Recorder, args):
         elif state["on"] and n == args.skip_steps + n_prof:
             prof.__exit__(None, None, None)
             state["done"] = True
-            ka = prof.key_averages()
+            common.sync()
             with open(out, "w") as f:
                 f.write(f"{args.child} {args.variant}: {n_prof} steps profiled, "
                         f"{time.perf_counter() - state['t0']:.2f}s wall\n\n")
-                f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40))
-                f.write("\n\n")
-                f.write(ka.table(sort_by="cpu_time_total", row_limit=60))
+                f.write(common.profile_tables(prof, 40, total_rows=60))
 
     return after_step
 

@@ -114,11 +114,12 @@ def profiler(**kw):
     return torch.profiler.profile(activities=acts, **kw)
 
 
-def profile_tables(prof, rows: int = 40) -> str:
-    """The op tables of a finished profile: by self CPU time, by total CPU time, and on a GPU by
-    self CUDA time (what the device spent in each kernel)."""
+def profile_tables(prof, rows: int = 40, total_rows: int | None = None) -> str:
+    """The op tables of a finished profile: by self CPU time, by total CPU time (`total_rows` rows,
+    default `rows`), and on a GPU by self CUDA time (what the device spent in each kernel)."""
     ka = prof.key_averages()
-    parts = [ka.table(sort_by="self_cpu_time_total", row_limit=rows), ka.table(sort_by="cpu_time_total", row_limit=rows)]
+    parts = [ka.table(sort_by="self_cpu_time_total", row_limit=rows),
+             ka.table(sort_by="cpu_time_total", row_limit=total_rows or rows)]
     if on_gpu():
         parts.append(ka.table(sort_by="self_cuda_time_total", row_limit=rows))
     return "\n\n".join(parts)

@@ -328,21 +328,6 @@ def test_other_online_recipes_run_two_steps_on_vllm(recipe, folder, prompts, tmp
         assert gaps and all(1.0 <= r["mismatch_ratio_max"] < 1.01 for r in tr)
 
 
-QUIZ_ENV = """
-class Quiz:
-    def __init__(self):
-        self.n = 0
-
-    def reset(self, row):
-        return list(row["prompt"])
-
-    def step(self, message):
-        self.n += 1
-        t = message["content"]
-        return [{"role": "user", "content": "Again?"}], sum(c.isdigit() for c in t) / max(len(t), 1), self.n >= 2
-"""
-
-
 def test_grpo_on_multi_turn_episodes_samples_every_turn_with_vllm(folder, prompts, tmp_path, vllm_calls,
                                                                   monkeypatch):
     """Multi-turn GRPO with vLLM as the sampler: each turn is a vLLM call over the token ids so far
@@ -353,8 +338,10 @@ def test_grpo_on_multi_turn_episodes_samples_every_turn_with_vllm(folder, prompt
     from alignkit.recipes import online as ol
     from alignkit.recipes.grpo import train_grpo
 
+    from test_agents import ENV_SRC  # the two-turn Quiz environment of the agent tests
+
     env = tmp_path / "quiz_env.py"
-    env.write_text(QUIZ_ENV)
+    env.write_text(ENV_SRC)
     seen = []
     real = ol.OnlineRun.collect
 

@@ -32,6 +32,16 @@ CORPUS = [
 ] * 20
 
 
+def free_port() -> int:
+    """A port nobody holds now: torchrun launches take one each, since a fixed port can still be held by
+    the previous launch's store."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

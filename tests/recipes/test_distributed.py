@@ -20,19 +20,11 @@ from alignkit.config import SFTConfig
 from alignkit.errors import UserError
 from alignkit.training.fsdp import resolve_mode
 
-from conftest import ROOT, chat_rows, write_jsonl
+from conftest import ROOT, chat_rows, free_port, write_jsonl
 
 PY = sys.executable
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
 COMMON = ["progress=false", "tensorboard=false", "plot=false", "log_every=1", "logits_chunk_size=16"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args, check=True) -> subprocess.CompletedProcess:

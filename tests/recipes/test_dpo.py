@@ -34,7 +34,7 @@ from alignkit.recipes.dpo import (
 from alignkit.toy import world
 from alignkit.training.trainer import Trainer
 
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, free_port, write_jsonl
 
 PY = sys.executable
 
@@ -381,7 +381,7 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
     one = subprocess.run([PY, "-m", "alignkit", "dpo", *common, "batch_size=4", f"output_dir={tmp_path / 'one'}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    two = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                           "-m", "alignkit", "dpo", *common, "batch_size=2", f"output_dir={tmp_path / 'two'}"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
     assert two.returncode == 0, two.stderr[-3000:]

@@ -21,7 +21,7 @@ from alignkit.ops.logprobs import causal_lm_token_logps
 from alignkit.recipes.sft import sft_loss_fn
 from alignkit.training.trainer import Trainer, TrainingDiverged
 
-from conftest import ROOT, chat_rows, write_jsonl
+from conftest import ROOT, chat_rows, free_port, write_jsonl
 
 PY = sys.executable
 
@@ -89,7 +89,7 @@ DDP_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[3])
 from test_trainer import grads_for
-from alignkit.training.dist import init_distributed
+from alignkit.training.dist import init_distributed, shutdown
 d = init_distributed()
 from pathlib import Path
 import test_trainer as T
@@ -100,6 +100,8 @@ T.ragged_rows = lambda tok, n=8: orig(tok, n)[4 * d.rank: 4 * d.rank + 4]
 g, loss = grads_for(tok_dir, Path(sys.argv[2]) / f"r{d.rank}", [2, 2])
 if d.rank == 0:
     torch.save({"grads": g, "loss": loss}, Path(sys.argv[2]) / "ddp.pt")
+# left to interpreter exit, gloo's threads can abort rank 1 after the work is done
+shutdown()
 """
 
 
@@ -108,7 +110,7 @@ def test_ddp_two_ranks_x4_equals_single_process(tiny_model_dir, tmp_path):
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
     res = subprocess.run(
-        [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script),
+        [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
          str(tiny_model_dir), str(tmp_path), str(Path(__file__).resolve().parent)],
         capture_output=True, text=True, env=env, timeout=300,
     )
@@ -239,7 +241,7 @@ def test_bf16_autocast_run(tiny_model_dir, tmp_path):
 def test_torchrun_sft_two_processes(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16))
     out = tmp_path / "ddp"
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", "-m", "alignkit",
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "alignkit",
            *_sft_cmd(tiny_model_dir, data, out, "max_steps=4")[3:]]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]

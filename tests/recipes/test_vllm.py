@@ -179,16 +179,14 @@ def test_many_seeded_prompts_of_uneven_length(engine, folder):
 def test_server_mode_weights_through_files_and_clean_shutdown(folder, tmp_path):
     """`alignkit vllm-serve` in a subprocess; the trainer's weights reach it through safetensors
     files after a step; the server shuts down on request and exits 0."""
-    import socket
     import subprocess
     import sys
     import time
 
     from alignkit.rollout.vllm_server import VLLMServerEngine
+    from conftest import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ready = tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, "-m", "alignkit", "vllm-serve", f"model={folder[0]}", f"port={port}",
                              "dtype=float32", "max_model_len=128", f"ready_file={ready}"],
@@ -421,7 +419,7 @@ def test_two_processes_each_with_its_engine(folder, prompts, tmp_path, mode):
     import sys
     from pathlib import Path
 
-    from test_distributed import free_port
+    from conftest import free_port
 
     tests = Path(__file__).resolve().parents[1]  # tests/, where conftest lives
     script = tmp_path / "ddp_grpo.py"

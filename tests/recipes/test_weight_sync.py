@@ -168,7 +168,7 @@ def test_fsdp_gathers_unit_by_unit_and_ranks_agree(tiny_model_dir, tmp_path, met
     import sys
     from pathlib import Path
 
-    from test_distributed import free_port
+    from conftest import free_port
 
     root = Path(__file__).resolve().parents[2]
     script = tmp_path / "fsdp_sync.py"

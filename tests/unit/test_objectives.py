@@ -689,11 +689,10 @@ def test_distill_teacher_vocabulary_check(tiny_model_dir, tmp_path):
 def test_kto_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
     """2 ranks x 2 rows == 1 process x 4 rows, z0 included (its sums are reduced over ranks)."""
     import os
-    import socket
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, free_port
 
     data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(4))
     common = [f"model={tiny_model_dir}", f"data={data}", "max_steps=4", "lr=1e-2", "beta=0.5", "progress=false",
@@ -702,11 +701,8 @@ def test_kto_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
     one = subprocess.run([sys.executable, "-m", "alignkit", "kto", *common, "batch_size=4",
                           f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), "-m", "alignkit", "kto", *common, "batch_size=2", f"output_dir={tmp_path / 'two'}"],
+                          str(free_port()), "-m", "alignkit", "kto", *common, "batch_size=2", f"output_dir={tmp_path / 'two'}"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
     assert two.returncode == 0, two.stderr[-3000:]
     ma = [r for r in _metrics(tmp_path / "one") if r["kind"] == "train"]

@@ -148,6 +148,27 @@ def test_write_jsonl_is_atomic_and_round_trips(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.jsonl"]  # no temp file left
 
 
+def test_tool_transcripts_call_at_the_asked_rate():
+    """call_rate=1 (the default) is every row a call, the rows unchanged; a share draws per row which ones
+    answer at once instead (the right total, the tool still offered), seeded."""
+    full = world.sft_tools_rows(400, seed=3, difficulty="calc")
+    assert full == world.sft_tools_rows(400, seed=3, difficulty="calc", call_rate=1.0)
+    half = world.sft_tools_rows(400, seed=3, difficulty="calc", call_rate=0.5)
+    assert half == world.sft_tools_rows(400, seed=3, difficulty="calc", call_rate=0.5)
+    calls = [len(r["messages"]) == 4 for r in half]
+    assert 0.4 < sum(calls) / len(calls) < 0.6
+    for r, f, called in zip(half, full, calls):
+        assert r["tools"] == f["tools"] and r["total"] == f["total"] and r["messages"][0] == f["messages"][0]
+        if called:
+            assert r == f
+            assert r["messages"][1]["tool_calls"][0]["function"]["name"] == "calc"
+        else:
+            assert r["messages"][1:] == [{"role": "assistant", "content": f"Итого: {r['total']} рублей."}]
+    assert all(len(r["messages"]) == 2 for r in world.sft_tools_rows(50, seed=3, difficulty="calc", call_rate=0.0))
+    with pytest.raises(ValueError, match="call_rate"):
+        world.sft_tools_rows(5, call_rate=1.5)
+
+
 def test_toy_data_hook(tmp_path):
     for kind, key in (("sft", "messages"), ("preference", "rejected"), ("prompts", "answer"), ("pretrain", "text")):
         out = toy_data(kind, 5, str(tmp_path / f"{kind}.jsonl"), seed=1, split="eval", difficulty="easy")
@@ -163,6 +184,12 @@ def test_toy_data_hook(tmp_path):
         toy_data("sft", 0, str(tmp_path / "x.jsonl"))
     with pytest.raises(UserError, match="preset"):
         toy_model(str(tmp_path / "m"), preset="huge")
+    with pytest.raises(UserError, match="call_rate.*sft-tools"):
+        toy_data("sft", 5, str(tmp_path / "x.jsonl"), call_rate=0.5)
+    with pytest.raises(UserError, match="call_rate"):
+        toy_data("sft-tools", 5, str(tmp_path / "x.jsonl"), call_rate=-0.1)
+    rows = world.read_jsonl(toy_data("sft-tools", 40, str(tmp_path / "t.jsonl"), difficulty="calc", call_rate=0.25))
+    assert 0 < sum(len(r["messages"]) == 4 for r in rows) < 20
 
 
 # -------------------------------------------------------------------------------------- tokenizer

@@ -24,12 +24,14 @@ def _difficulty(name: str):
     return world.DIFFICULTIES[name]
 
 
-def toy_data(kind: str, n: int, output: str, seed: int = 0, split: str = "train", difficulty: str = "default") -> Path:
+def toy_data(kind: str, n: int, output: str, seed: int = 0, split: str = "train", difficulty: str = "default",
+             call_rate: float = 1.0) -> Path:
     """Write `n` rows of the toy task as JSONL to `output` and return its path.
 
     kind: sft (chat demonstrations), sft-tools (transcripts calling the calculator), preference (chosen/rejected pairs), prompts (prompts with the
     reference answer and total), pretrain (plain `text` documents). split: train or eval (never
-    sharing a task)."""
+    sharing a task). call_rate: of sft-tools, the share of transcripts that call the calculator
+    (the rest answer at once)."""
     from alignkit.toy import world
 
     if kind not in DATA_KINDS:
@@ -48,7 +50,12 @@ def toy_data(kind: str, n: int, output: str, seed: int = 0, split: str = "train"
         "prompts": world.prompt_rows,
         "pretrain": world.pretrain_texts,
     }[kind]
-    rows = make(n, seed=seed, difficulty=d, split=split)
+    if call_rate != 1.0 and kind != "sft-tools":
+        raise UserError(f"call_rate={call_rate}: only kind=sft-tools has tool calls")
+    if not 0.0 <= call_rate <= 1.0:
+        raise UserError(f"call_rate={call_rate}: give a share in [0, 1]")
+    extra = {"call_rate": call_rate} if kind == "sft-tools" else {}
+    rows = make(n, seed=seed, difficulty=d, split=split, **extra)
     out = Path(output).expanduser()
     if out.is_dir():
         raise UserError(f"output={output}: is a folder; give a file path such as {out / (kind + '.jsonl')}")

@@ -21,6 +21,8 @@ class ToyDataConfig(Section):
     seed: int = Field(0, description="Generator seed")
     split: Literal["train", "eval"] = Field("train", description="train or eval (disjoint prompt streams)")
     difficulty: str = Field("default", description="Difficulty preset (items per list, size of numbers)")
+    call_rate: float = Field(1.0, ge=0.0, le=1.0, description="sft-tools only: share of transcripts that call the "
+                             "calculator; the rest answer at once (the tool still offered)")
 
 
 class ToyModelConfig(Section):
@@ -34,7 +36,8 @@ class ToyModelConfig(Section):
 def run_toy_data(cfg: ToyDataConfig) -> None:
     from alignkit.toy import toy_data
 
-    toy_data(kind=cfg.kind, n=cfg.n, output=cfg.output, seed=cfg.seed, split=cfg.split, difficulty=cfg.difficulty)
+    toy_data(kind=cfg.kind, n=cfg.n, output=cfg.output, seed=cfg.seed, split=cfg.split, difficulty=cfg.difficulty,
+             call_rate=cfg.call_rate)
     print(f"wrote {cfg.n} {cfg.kind} rows to {cfg.output}")
 
 

@@ -307,13 +307,24 @@ def calc_schema() -> dict:
 
 
 def sft_tools_rows(n: int, seed: int = 0, difficulty: str | Difficulty | None = None,
-                   split: str = "train") -> list[dict]:
+                   split: str = "train", call_rate: float = 1.0) -> list[dict]:
     """Tool-use transcripts: the user's list, an assistant turn calling `calc` on the prices, the
     tool's answer, and the final answer: {"messages", "tools" (JSON text of [calc's schema]),
-    "total"}. Train with chat_template=toy-tools (see docs/agents.md)."""
+    "total"}. Train with chat_template=toy-tools (see docs/agents.md).
+
+    call_rate: the share of rows that call the tool (drawn per row, seeded); the others answer at
+    once with the right total, the tool still offered. A model trained on such a mix has learnt
+    the call format but not when calling pays: the choice RL with the tool in the loop teaches.
+    Raises ValueError when call_rate is outside [0, 1]."""
+    if not 0.0 <= call_rate <= 1.0:
+        raise ValueError(f"call_rate={call_rate}: give a share in [0, 1]")
     tools = json.dumps([calc_schema()], ensure_ascii=False)
+    pick = random.Random(f"sft-tools-call-{seed}-{split}")
     rows = []
     for t in tasks(n, seed, split, difficulty):
+        if call_rate < 1.0 and pick.random() >= call_rate:
+            rows.append({"messages": _user(t["prompt"]) + _assistant(t["answer"]), "tools": tools, "total": t["total"]})
+            continue
         expr = "+".join(str(v) for _, v in t["items"])
         call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": expr}}}
         msgs = _user(t["prompt"]) + [{"role": "assistant", "content": "", "tool_calls": [call]},

@@ -12,7 +12,8 @@ Pipeline (each stage reused when its output exists, unless reuse=false):
      of answers sampled at temperature 1 (what the online methods optimise), format rate
      and mean reward; KL(policy ‖ SFT) per token on the policy's own samples at temperature 1;
   7. opt-in (`methods=...,grpo_calc`): the calculator stage on difficulty=calc, SFT and GRPO with
-     the toy calculator beside the same without it (`Pipeline.calculator`, docs/agents.md).
+     the toy calculator (from a model that always calls it, and from one that calls it on about half
+     its answers) beside the same without it (`Pipeline.calculator`, docs/agents.md).
 
 The table goes to the terminal and to report.md / report.html / results.json in the run folder,
 with curves of reward, accuracy and KL against step and wall time (see `alignkit.eval.report`).
@@ -45,19 +46,29 @@ STAGE_COST_S = {"base": 135, "sft": 49, "reward models": 232, "dpo": 21, "dpo_lo
                 "rloo": 64, "grpo": 109, "rs": 24, "ppo": 178, "online_dpo": 30, "report": 5,
                 "gspo": 104, "cispo": 110, "dapo": 100, "kto": 34, "orpo": 18, "distill": 59,
                 # the calculator stage (grpo_calc), measured with one thread per run on 2 busy cores
-                "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft": 300, "calc_grpo": 150}
+                "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft_half": 90, "grpo_calc_half": 830,
+                "calc_sft": 300, "calc_grpo": 150}
 
 # The calculator stage (`methods=...,grpo_calc`, docs/agents.md): on difficulty=calc (2-3 prices up to
 # 300, beyond the tiny model's own sums) the model learns to call `calc` from tool-use transcripts,
 # then GRPO with the calculator in the loop; beside it the same SFT and GRPO without the tool. Copying
 # three-digit numbers into the call takes the tiny model a long SFT (300-700 steps: right format,
-# wrong digits), hence its cost and why it is opt-in.
+# wrong digits), hence its cost and why it is opt-in. A model that always calls leaves RL nothing to
+# teach; so a short SFT on transcripts of which half answer at once (the tool still offered) gives a
+# model that knows the call but calls on about half its answers, and GRPO with the calculator from
+# there teaches when to call.
 CALC = "grpo_calc"
-CALC_COST = "about 50 minutes more, measured on 2 busy cores"
+CALC_COST = "about 65 minutes more, measured on 2 busy cores"
 CALC_TOOL = "alignkit.toy.world:calc"
 CALC_SFT_STEPS = 1450
 CALC_GRPO_STEPS = 40
+CALC_HALF_STEPS = 100  # the half-calling SFT, from the tool-SFT model: enough to unlearn always calling
+CALC_HALF_RATE = 0.5
 _CALC_SFT = dict(batch_size=16, lr=1e-3, warmup_steps=15, max_length=256, log_every=50)
+# per SFT row: (its data, steps, settings over _CALC_SFT)
+_CALC_SFT_RUNS = {"calc_sft_tools": ("sft_tools", CALC_SFT_STEPS, {}),
+                  "calc_sft_half": ("sft_half", CALC_HALF_STEPS, dict(lr=3e-4, warmup_steps=5, log_every=10)),
+                  "calc_sft": ("sft", CALC_SFT_STEPS, {})}
 # lr 1e-4 broke the call format within 20 steps (greedy 72% -> 45%); 4e-5 with 16 x 8 episodes a step kept it
 _CALC_GRPO = dict(reward="toy", warmup_steps=2, schedule="constant", sample_every=10, batch_size=16,
                   num_generations=8, lr=4e-5, kl_coef=0.0, iterations=1)
@@ -67,6 +78,10 @@ CALC_NEW_TOKENS = {True: 96, False: 32}  # per model turn: with the tool (a call
 CALC_RUNS = [
     ("calc_sft_tools", "sft + calculator (calc)", "tool-use transcripts", "sft", "base", True),
     (CALC, "grpo + calculator (calc)", "prompts + reward + tool", "grpo", "calc_sft_tools", True),
+    ("calc_sft_half", "sft + calculator, calls on half (calc)", "tool-use transcripts, half without a call", "sft",
+     "calc_sft_tools", True),
+    ("grpo_calc_half", "grpo + calculator, from calls on half (calc)", "prompts + reward + tool", "grpo",
+     "calc_sft_half", True),
     ("calc_sft", "sft, no tool (calc)", "demonstrations", "sft", "base", False),
     ("calc_grpo", "grpo, no tool (calc)", "prompts + reward", "grpo", "calc_sft", False),
 ]
@@ -297,22 +312,26 @@ class Pipeline:
 
     def calc_data(self) -> dict:
         """The calculator stage's data, all on difficulty=calc: tool-use transcripts and plain
-        demonstrations (one fresh row per SFT example, the same tasks), training prompts and the
-        held-out prompts."""
+        demonstrations (one fresh row per SFT example, the same tasks), transcripts of which half
+        answer without a call (other tasks), training prompts and the held-out prompts."""
         d = self.run / "data"
         d.mkdir(exist_ok=True)
         n_sft = 16 * self.steps(CALC_SFT_STEPS)
         files = {"sft_tools": d / "calc_sft_tools.jsonl", "sft": d / "calc_sft.jsonl",
+                 "sft_half": d / "calc_sft_half.jsonl",
                  "prompts": d / "calc_prompts_train.jsonl", "eval": d / "calc_prompts_eval.jsonl"}
         if not all(f.exists() for f in files.values()):
             _jsonl(files["sft_tools"], world.sft_tools_rows(n_sft, seed=10, difficulty="calc"))
             _jsonl(files["sft"], world.sft_rows(n_sft, seed=10, difficulty="calc"))
+            _jsonl(files["sft_half"], world.sft_tools_rows(16 * self.steps(CALC_HALF_STEPS), seed=20, difficulty="calc",
+                                                           call_rate=CALC_HALF_RATE))
             _jsonl(files["prompts"], world.prompt_rows(PROMPTS, seed=12, difficulty="calc"))
             _jsonl(files["eval"], world.prompt_rows(self.cfg.n_eval, seed=0, difficulty="calc", split="eval"))
         return {k: str(v) for k, v in files.items()}
 
     def calculator(self) -> None:
-        """The grpo_calc stage (CALC_RUNS): SFT on tool-use transcripts and GRPO with the calculator, then
+        """The grpo_calc stage (CALC_RUNS): SFT on tool-use transcripts and GRPO with the calculator; a short
+        SFT from there on transcripts of which half answer without a call, and the same GRPO from it; then
         the same SFT and GRPO on difficulty=calc without the tool; every row evaluated on the same
         held-out prompts (with the tool where it was trained with it). One seed (0) in every mode."""
         data = self.calc_data()
@@ -325,8 +344,9 @@ class Pipeline:
             model = base if start == "base" else str(self.run / start)
             extra = dict(_CALC_TOOLS) if tool else {}
             if command == "sft":
-                steps = self.steps(CALC_SFT_STEPS)
-                args = dict(_CALC_SFT, model=model, data=data["sft_tools" if tool else "sft"], max_steps=steps, seed=0)
+                which, full, over = _CALC_SFT_RUNS[key]
+                steps = self.steps(full)
+                args = dict(_CALC_SFT, **over, model=model, data=data[which], max_steps=steps, seed=0)
                 if tool:
                     args["chat_template"] = "toy-tools"
             else:

@@ -106,33 +106,42 @@ def test_new_objective_rows_run_and_distill_learns_from_the_best_rl_row(tmp_path
 
 @pytest.mark.slow
 def test_calculator_stage_rows_run_with_and_without_the_tool(tmp_path, cache_env):
-    """methods=[grpo_calc] on the tiny preset at a fiftieth of its budget (about a minute): the four rows
-    (SFT and GRPO on difficulty=calc, with and without the calculator) finish and are evaluated on the
-    same held-out calc prompts; the tool rows are trained and scored with the tool and report calls per
-    answer and malformed calls; GRPO's KL is against its own starting SFT model."""
+    """methods=[grpo_calc] on the tiny preset at a fiftieth of its budget (about a minute): the six rows
+    (SFT and GRPO on difficulty=calc with the calculator, from a model that always calls and from one
+    trained on half-calling transcripts, and without it) finish and are evaluated on the same held-out
+    calc prompts; the tool rows are trained and scored with the tool and report calls per answer and
+    malformed calls; GRPO's KL is against its own starting SFT model."""
     out = tmp_path / "demo"
     r = _demo(out, "preset=tiny", "scale=0.02", "n_eval=6", "max_new_tokens=6", "methods=[grpo_calc]", env=cache_env)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())["runs"]
-    assert set(res) == {"base", "sft", "calc_sft_tools", "calc_sft", "calc_grpo", "grpo_calc"}
-    for key in ("calc_sft_tools", "calc_sft", "calc_grpo", "grpo_calc"):
+    rows = ("calc_sft_tools", "grpo_calc", "calc_sft_half", "grpo_calc_half", "calc_sft", "calc_grpo")
+    assert set(res) == {"base", "sft", *rows}
+    for key in rows:
         rec = res[key]
         assert rec["returncode"] == 0 and "eval" in rec, (key, rec.get("error"))
-        tool = key in ("calc_sft_tools", "grpo_calc")
-        # the tool rows: SFT on the tool transcripts with the tool template, GRPO with the tool
-        used = ("tools=alignkit.toy.world:calc" in rec["command"] if key.startswith("grpo") or key == "calc_grpo"
-                else "calc_sft_tools.jsonl" in rec["command"] and "chat_template=toy-tools" in rec["command"])
+        tool = key not in ("calc_sft", "calc_grpo")
+        # the tool rows: SFT on tool transcripts with the tool template, GRPO with the tool
+        if key.startswith("grpo") or key == "calc_grpo":
+            used = "tools=alignkit.toy.world:calc" in rec["command"]
+        else:
+            data = "calc_sft_half.jsonl" if key == "calc_sft_half" else "calc_sft_tools.jsonl"
+            used = data in rec["command"] and "chat_template=toy-tools" in rec["command"]
         assert used == tool, key
         assert ("tool_calls" in rec["eval"] and "malformed_calls_t1" in rec["eval"]) == tool, key
         sampled = json.loads((Path(rec["dir"]) / "eval_sampled" / "eval.json").read_text())
         assert sampled["prompts"].endswith("calc_prompts_eval.jsonl") and sampled["modes"]["zero_shot"]["samples"] == 24
         assert (sampled["config"]["tools"] == ["alignkit.toy.world:calc"]) == tool, key
-    assert "model=" + str(out / "calc_sft_tools") in res["grpo_calc"]["command"]
-    assert json.loads((Path(res["grpo_calc"]["dir"]) / "eval_sampled" / "eval.json").read_text())["ref_model"] \
-        == str(out / "calc_sft_tools")
+    for grpo, start in (("grpo_calc", "calc_sft_tools"), ("grpo_calc_half", "calc_sft_half"),
+                        ("calc_sft_half", "calc_sft_tools")):
+        assert "model=" + str(out / start) in res[grpo]["command"], grpo
+    for grpo, start in (("grpo_calc", "calc_sft_tools"), ("grpo_calc_half", "calc_sft_half")):
+        assert json.loads((Path(res[grpo]["dir"]) / "eval_sampled" / "eval.json").read_text())["ref_model"] \
+            == str(out / start)
     assert res["calc_sft_tools"]["eval"]["kl_token"] == 0.0
     table = (out / "report.md").read_text()
-    for text in ("| grpo + calculator (calc) |", "| sft, no tool (calc) |", "tool calls / answer (greedy)",
+    for text in ("| grpo + calculator (calc) |", "| sft, no tool (calc) |", "| grpo + calculator, from calls on half (calc) |",
+                 "tool calls / answer (greedy)",
                  "malformed calls / answer (T=1)"):
         assert text in table, text
     # the tool columns are empty (–) for rows without the tool

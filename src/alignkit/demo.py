@@ -46,7 +46,7 @@ STAGE_COST_S = {"base": 135, "sft": 49, "reward models": 232, "dpo": 21, "dpo_lo
                 "rloo": 64, "grpo": 109, "rs": 24, "ppo": 178, "online_dpo": 30, "report": 5,
                 "gspo": 104, "cispo": 110, "dapo": 100, "kto": 34, "orpo": 18, "distill": 59,
                 # the calculator stage (grpo_calc), measured with one thread per run on 2 busy cores
-                "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft_half": 90, "grpo_calc_half": 830,
+                "calc_sft_tools": 1750, "grpo_calc": 830, "calc_sft_half": 110, "grpo_calc_half": 780,
                 "calc_sft": 300, "calc_grpo": 150}
 
 # The calculator stage (`methods=...,grpo_calc`, docs/agents.md): on difficulty=calc (2-3 prices up to

@@ -361,6 +361,118 @@ def test_other_recipes_fsdp_equal_ddp(recipe, tiny_model_dir, tmp_path):
     assert_same_weights(tmp_path / "fsdp", tmp_path / "ddp", atol=1e-5, name=weights)
 
 
+# ------------------------------------------------------------------------------------------ PPO's critic
+
+PPO_CRITIC_RUN = r"""
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from alignkit.config import PPOConfig
+from alignkit.recipes import ppo
+
+def digits(prompts, completions, **cols):
+    return [sum(c.isdigit() for c in t) / max(len(t), 1) + 0.1 * (len(t) % 3) for t in completions]
+
+model_dir, prompts, out, mode, resume = sys.argv[1:6]
+made = []
+make = ppo.critic_trainer
+ppo.critic_trainer = lambda *a, **k: made.append(make(*a, **k)) or made[-1]
+ppo.train_ppo(PPOConfig(model=model_dir, data=prompts, output_dir=out, max_steps=3, batch_size=2, num_generations=2,
+                        max_new_tokens=8, lr=3e-3, critic_lr=3e-3, kl_coef=0.05, ppo_epochs=2, num_minibatches=1,
+                        save_every=2, schedule="constant", progress=False, tensorboard=False, plot=False,
+                        log_every=1, seed=0, logits_chunk_size=16, distributed=mode,
+                        resume=resume if resume != "-" else False), reward_fn=digits)
+critic_tr = made[0]
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+critic = critic_tr.model
+if critic_tr.fsdp is not None:
+    critic.reshard()  # the registered parameters: the shards (the root group is kept gathered otherwise)
+local = full = 0
+sharded = []
+for name, p in critic.named_parameters():
+    if name.startswith("backbone."):
+        sharded.append(isinstance(p, DTensor))
+        local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+        full += p.numel()
+adam = sum((s["exp_avg"].to_local() if isinstance(s["exp_avg"], DTensor) else s["exp_avg"]).numel()
+           for s in critic_tr.optimizer.state.values())
+sd = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+      for k, v in critic.state_dict().items()}
+rank = dist.get_rank()
+(Path(out) / f"critic-numel-{rank}.json").write_text(json.dumps(
+    {"mode": critic_tr.mode, "local": local, "full": full, "all_sharded": all(sharded), "adam_local": adam,
+     "critic_full": sum(v.numel() for v in sd.values())}))
+if rank == 0:
+    save_file(sd, str(Path(out) / "critic-trained.safetensors"))
+del made, critic_tr, critic
+from alignkit.training.dist import shutdown
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_ppo_separate_critic_sharded_under_fsdp(tiny_model_dir, tmp_path):
+    """PPO with a separate critic (critic_init=policy) under FSDP: (1) policy and critic end equal to
+    the same run under DDP after 3 rollout steps; (2) the critic's backbone and its AdamW state are
+    sharded, about half of them on each of the 2 processes; (3) a run resumed from the sharded
+    checkpoint of rollout step 2 (the critic in checkpoint folder `critic_sharded`) ends where the
+    uninterrupted run ends; (4) output_dir/critic loads in plain transformers and equals the trained
+    critic gathered from its shards."""
+    from transformers import AutoModel
+
+    from alignkit.toy import world
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", world.prompt_rows(24, seed=0))
+    script = tmp_path / "ppo_critic.py"
+    script.write_text(PPO_CRITIC_RUN)
+    fsdp, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
+    torchrun(script, tiny_model_dir, prompts, fsdp, "fsdp", "-")
+    torchrun(script, tiny_model_dir, prompts, ddp, "ddp", "-")
+
+    # (1) the same run: metrics, policy, and the critic (backbone and value head)
+    assert_same_run(fsdp, ddp, keys=("loss", "grad_norm", "value_loss", "value_grad_norm", "explained_variance"),
+                    atol=1e-5)
+    for name in ("critic/model.safetensors", "critic/value_head.safetensors"):
+        assert_same_weights(fsdp, ddp, atol=1e-5, name=name)
+
+    # (2) sharded: each process holds about half of the critic's backbone and of its Adam moments
+    numel = [json.loads((fsdp / f"critic-numel-{r}.json").read_text()) for r in (0, 1)]
+    replicated = [json.loads((ddp / f"critic-numel-{r}.json").read_text()) for r in (0, 1)]
+    full = numel[0]["full"]
+    assert all(n["mode"] == "fsdp" and n["all_sharded"] for n in numel)
+    assert sum(n["local"] for n in numel) == full
+    for n in numel:
+        assert 0.45 * full <= n["local"] <= 0.55 * full, n
+        assert n["adam_local"] <= 0.55 * n["critic_full"], n
+    assert all(n["mode"] == "ddp" and n["local"] == full for n in replicated)
+
+    # (3) resume from the sharded checkpoint after rollout step 2 (4 optimizer steps) to the same end
+    ck = fsdp / "checkpoints" / "step-0000004"
+    assert (ck / "critic_sharded" / ".metadata").is_file()
+    state = json.loads((ck / "trainer_state.json").read_text())["state"]
+    assert "weights" not in json.dumps(state["extra"]["critic"])  # no full critic in rank 0's state
+    torchrun(script, tiny_model_dir, prompts, resumed, "fsdp", ck)
+    assert [r["step"] for r in train_metrics(resumed)] == [3, 3]
+    for a, b in zip(train_metrics(resumed), train_metrics(fsdp)[-2:]):
+        assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-6), a["step"]
+    for name in ("model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
+        wa, wb = load_file(str(resumed / name)), load_file(str(fsdp / name))
+        assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa), name  # bit for bit
+
+    # (4) output_dir/critic: plain transformers backbone + head, equal to the trained shards gathered
+    trained = load_file(str(fsdp / "critic-trained.safetensors"))
+    backbone = AutoModel.from_pretrained(str(fsdp / "critic"))
+    got = backbone.state_dict()
+    assert sorted(f"backbone.{k}" for k in got) == sorted(k for k in trained if k.startswith("backbone."))
+    for k, v in got.items():
+        assert torch.equal(v, trained[f"backbone.{k}"]), k
+    head = load_file(str(fsdp / "critic" / "value_head.safetensors"))
+    assert torch.equal(head["linear.weight"], trained["head.linear.weight"])
+    assert torch.equal(head["linear.bias"], trained["head.linear.bias"])
+    assert head["linear.weight"].abs().sum() > 0  # trained: the head starts at zero
+
+
 # ------------------------------------------------------------------------------------------ choices
 
 

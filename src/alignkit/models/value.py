@@ -18,7 +18,10 @@ Two layouts (config key `critic`):
 
 The PPO recipe trains a critic through a second `alignkit.training.trainer.Trainer` (same
 accumulation, clipping, precision and divergence stop as the policy); `weights()` /
-`load_weights()` carry it in the policy trainer's checkpoints.
+`load_weights()` carry it in the policy trainer's checkpoints. Under FSDP a `ValueModel` is
+sharded like the policy (its backbone's blocks one group each, embeddings, norm and head the
+root group) and its checkpoints go through torch.distributed.checkpoint instead (see
+`alignkit.recipes.ppo.register_critic_state`).
 """
 
 from __future__ import annotations
@@ -65,8 +68,13 @@ class ValueHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, H) -> values (B, T) float32."""
-        with torch.autocast(hidden.device.type, enabled=False):  # float32 even under bf16 autocast
-            return self.linear(hidden.float()).squeeze(-1)
+        # float32 even under bf16 autocast, and under FSDP mixed precision (which hands the head
+        # its gathered weights in the compute dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = self.linear.weight, self.linear.bias
+            # a tensor of its own, not a view: FSDP warns that in-place ops on a view returned by
+            # a sharded module (the critic's output) would skip its pre-backward hook
+            return torch.nn.functional.linear(hidden.float(), w.float(), b.float()).squeeze(-1).clone()
 
 
 def _last_hidden(decoder, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -121,14 +129,21 @@ class ValueModel(torch.nn.Module):
         """Load what `weights` returned."""
         self.load_state_dict(sd)
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        """backbone as a transformers folder (loads with AutoModel) + value_head.safetensors."""
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """backbone as a transformers folder (loads with AutoModel) + value_head.safetensors.
+        `state_dict`: this module's full weights (keys backbone.* and head.*) to write instead of
+        its own, e.g. gathered from FSDP shards (`FSDPModel.full_state_dict`)."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out, safe_serialization=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(out / HEAD_FILE))
+        if state_dict is None:
+            backbone_sd, head_sd = None, self.head.state_dict()
+        else:
+            backbone_sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+            head_sd = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
+        self.backbone.save_pretrained(out, safe_serialization=True, state_dict=backbone_sd)
+        save_file({k: v.detach().cpu().contiguous() for k, v in head_sd.items()}, str(out / HEAD_FILE))
         (out / CONFIG_FILE).write_text(json.dumps({"layout": "separate", "source": self.source}), encoding="utf-8")
 
 

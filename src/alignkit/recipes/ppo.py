@@ -29,6 +29,7 @@ its weights and optimizer state go into the trainer's checkpoints. See docs/ppo.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from alignkit.config import PPOConfig
 from alignkit.data.order import seeded_permutation
 from alignkit.errors import UserError
 from alignkit.losses import kl_estimate, policy_loss_terms, value_loss_terms
+from alignkit.models.value import ValueModel
 from alignkit.ops.masks import last_token_index
 from alignkit.recipes import online as ol
 from alignkit.training.dist import DistInfo, all_reduce_sum
@@ -325,27 +327,83 @@ def _pad_cat(parts: list[torch.Tensor], T: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def critic_values(critic, chunks: list[dict], device, autocast) -> list[torch.Tensor]:
-    """V (B, T) float32 on the CPU of each chunk, no grad, under `autocast()`."""
+def critic_values(critic, chunks: list[dict], device, autocast, gathered=contextlib.nullcontext) -> list[torch.Tensor]:
+    """V (B, T) float32 on the CPU of each chunk, no grad, under `autocast()`; inside `gathered()`
+    (a sharded critic's `Trainer.gathered`: its blocks gathered once for all chunks, no collective
+    per chunk)."""
     out = []
-    for mb in chunks:
-        mb = to_device(mb, device)
-        with critic.active(), autocast():
-            out.append(critic(mb["input_ids"], mb["attention_mask"], mb["position_ids"]).float().cpu())
+    with gathered():
+        for mb in chunks:
+            mb = to_device(mb, device)
+            with critic.active(), autocast():
+                out.append(critic(mb["input_ids"], mb["attention_mask"], mb["position_ids"]).float().cpu())
     return out
 
 
 def critic_trainer(cfg: PPOConfig, critic, policy_trainer: Trainer) -> Trainer:
     """The critic's own `Trainer`: AdamW at `critic_lr` with the policy's schedule shape and length,
     the same accumulation, clipping, precision and divergence stop (which saves the policy
-    trainer's checkpoint, holding the critic's state). Under FSDP the critic is replicated (DDP)."""
-    distributed = "ddp" if policy_trainer.mode == "fsdp" else cfg.distributed
+    trainer's checkpoint, holding the critic's state).
+
+    Distributed mode: the policy trainer's. Under FSDP a separate critic (`ValueModel`) is
+    sharded like the policy: each transformer block of its backbone is one FSDP group, the
+    embeddings, final norm and value head form the root group, and its AdamW state is sharded
+    with it (about 1/world of the critic's weights and optimizer state per process). The
+    shared_base critic (an adapter and a head next to the policy's own) has its adapter inside
+    the sharded policy; its head is replicated and its gradients are averaged by the critic
+    trainer (mode ddp with explicit parameters)."""
+    mode = policy_trainer.mode  # one process: "none", whatever cfg.distributed says
+    distributed = "ddp" if mode == "fsdp" and not isinstance(critic, ValueModel) else mode
     ccfg = cfg.model_copy(update={"lr": cfg.critic_lr, "distributed": distributed})
     explicit = None if isinstance(critic, torch.nn.Module) and critic.trainable_parameters() == [
         p for p in critic.parameters() if p.requires_grad] else critic.trainable_parameters()
     return Trainer(ccfg, critic, recipe="ppo-critic", total_steps=policy_trainer.total_steps,
                    dist_info=policy_trainer.dist, log=policy_trainer.info, params=explicit, log_metrics=False,
                    on_diverge=policy_trainer.save_checkpoint)
+
+
+CRITIC_SHARDED_DIR = "critic_sharded"  # the sharded critic's folder inside an FSDP checkpoint
+
+
+def register_critic_state(tr: Trainer, critic, critic_tr: Trainer) -> None:
+    """Put the critic into the policy trainer's checkpoints, key "critic": weights (`critic.weights()`)
+    plus optimizer, schedule and step in the trainer state; a critic sharded under FSDP writes its
+    weights and AdamW state with torch.distributed.checkpoint (each process its shards) into the
+    checkpoint's folder `critic_sharded` instead, which resumes on any number of processes."""
+    sharded = critic_tr.fsdp is not None
+
+    def get() -> dict:
+        state = critic_tr.optimizer_state()
+        return state if sharded else {"weights": critic.weights(), **state}
+
+    def set_(state: dict) -> None:
+        if "weights" in state:
+            if sharded:
+                raise UserError("the checkpoint holds a replicated critic (written before the critic was sharded "
+                                "under FSDP); resume it with distributed=ddp")
+            critic.load_weights(state["weights"])
+        critic_tr.load_optimizer_state(state)
+
+    tr.register_state("critic", get, set_)
+    if sharded:
+        tr.register_sharded_state(CRITIC_SHARDED_DIR, critic_tr.save_sharded_state, critic_tr.load_sharded_state)
+    else:  # a checkpoint written under FSDP, resumed without it
+        tr.register_sharded_state(CRITIC_SHARDED_DIR, lambda path: None, critic_tr.load_sharded_state)
+
+
+def save_critic(critic, critic_tr: Trainer, out_dir: Path) -> None:
+    """Write the trained critic to `out_dir` (`save_pretrained` of the critic), atomically, from the
+    main process. Under FSDP every process takes part: the critic's full weights are gathered to
+    rank 0 (on the CPU) first."""
+    from alignkit.training import checkpoint as ckpt
+    from alignkit.training.dist import barrier
+
+    full = critic_tr.fsdp.full_state_dict() if critic_tr.fsdp is not None else None
+    if critic_tr.dist.main:
+        ckpt.atomic_dir_write(out_dir, lambda d: critic.save_pretrained(d, state_dict=full) if full is not None
+                              else critic.save_pretrained(d))
+    if critic_tr.fsdp is not None:
+        barrier(critic_tr.dist)
 
 
 def rollout_diagnostics(full: dict, kl, values, returns, dist: DistInfo) -> dict:
@@ -383,8 +441,7 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
     critic_tr = critic_trainer(cfg, critic, tr)
     moments = RunningMoments()
     tr.register_state("kl_controller", kl_ctl.state_dict, kl_ctl.load_state_dict)
-    tr.register_state("critic", lambda: {"weights": critic.weights(), **critic_tr.optimizer_state()},
-                      lambda s: (critic.load_weights(s["weights"]), critic_tr.load_optimizer_state(s)))
+    register_critic_state(tr, critic, critic_tr)
     tr.register_state("reward_moments", moments.state_dict, moments.load_state_dict)
     policy_loss, value_loss = ppo_policy_loss_fn(cfg), ppo_value_loss_fn(cfg)
     micro_rows = cfg.batch_size * cfg.num_generations
@@ -414,7 +471,7 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
         # sampler vs trainer (π_old): TIS weights or MIS drops for the policy loss; the critic keeps every token
         full["loss_mask"] = mask.clone()
         info.update(ol.correct_rollout([full], cfg, dist))
-        values = _pad_cat(critic_values(critic, chunks, tr.device, tr.autocast), T)
+        values = _pad_cat(critic_values(critic, chunks, tr.device, tr.autocast, critic_tr.gathered), T)
         values = torch.where(mask, values, torch.zeros(()))
         # 3. reward with KL: r_t = −β KL_t, plus the score on the response's last token
         rewards = token_rewards(scores, kl, mask, kl_ctl.value)
@@ -458,10 +515,8 @@ def train_ppo(cfg: PPOConfig, model=None, tokenizer=None, reward_fn=None) -> dic
         result = dict(run.loop(step))
     finally:
         critic_tr.close()
-    if cfg.save_critic and dist.main:
-        from alignkit.training import checkpoint as ckpt
-
-        ckpt.atomic_dir_write(Path(cfg.output_dir) / "critic", critic.save_pretrained)
+    if cfg.save_critic:
+        save_critic(critic, critic_tr, Path(cfg.output_dir) / "critic")
     result["wall_s"] = time.time() - t0
     return result
 

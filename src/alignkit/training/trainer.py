@@ -154,6 +154,7 @@ class Trainer:
         self.total_steps = total_steps
         self.step = 0
         self.extra_state: dict[str, Callable] = {}  # name -> (get, set) pairs registered by recipes
+        self.sharded_state: dict[str, tuple[Callable, Callable]] = {}  # name -> (save, load) of folders
         self._print = log or say  # tqdm.write: never on the line of a bar (this run's or an outer one)
         self.device = self.dist.device
         self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
@@ -312,13 +313,17 @@ class Trainer:
 
     def optimizer_state(self) -> dict:
         """Optimizer, schedule, loss-scaler state and step count, for a second trainer whose state
-        travels inside the first one's checkpoints (`register_state`). Not under FSDP."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        travels inside the first one's checkpoints (`register_state`). Under FSDP the optimizer
+        state is sharded and left out (None): it goes through `save_sharded_state`."""
+        return {"optimizer": self.optimizer.state_dict() if self.fsdp is None else None,
+                "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "step": self.step}
 
     def load_optimizer_state(self, state: dict) -> None:
-        """Restore what `optimizer_state` returned."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore what `optimizer_state` returned (an optimizer state of None is restored by
+        `load_sharded_state`)."""
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -327,6 +332,29 @@ class Trainer:
     def register_state(self, name: str, get: Callable[[], dict], set_: Callable[[dict], None]) -> None:
         """Recipe state (a moving-average baseline, a KL controller) saved in checkpoints."""
         self.extra_state[name] = (get, set_)
+
+    def register_sharded_state(self, name: str, save: Callable[[Path], None], load: Callable[[Path], None]) -> None:
+        """State written collectively into the folder `name` of each checkpoint (a second network
+        sharded under FSDP: PPO's critic, see `save_sharded_state`). `save(folder)` runs on every
+        process while an FSDP checkpoint is written; `load(folder)` on every process when the
+        checkpoint being resumed has that folder."""
+        self.sharded_state[name] = (save, load)
+
+    def save_sharded_state(self, path: Path) -> None:
+        """Collective, under FSDP: this trainer's weights (the trainable ones) and optimizer state
+        into the torch.distributed.checkpoint folder `path`, each process its shards."""
+        self.fsdp.save(path, self.optimizer)
+
+    def load_sharded_state(self, path: Path) -> None:
+        """What `save_sharded_state` wrote, into this trainer's model and optimizer, sharded or not
+        (torch.distributed.checkpoint reshards to any number of processes). UserError on a folder
+        written for another model."""
+        from alignkit.training.fsdp import load_sharded
+
+        if self.fsdp is not None:
+            self.fsdp.load(path, self.optimizer)
+        else:
+            load_sharded(self.model, self.optimizer, path)
 
     # ------------------------------------------------------------------ the step
     def accumulate(self, micro_batches: list[dict], loss_fn: LossFn, units: Callable[[dict], float]) -> dict:
@@ -711,6 +739,8 @@ class Trainer:
             stage.mkdir(parents=True)
         barrier(self.dist)
         self.fsdp.save(stage / SHARDED_DIR, self.optimizer)
+        for name, (save, _) in self.sharded_state.items():
+            save(stage / name)
         ckpt.save_state(ckpt.rng_state(), *ckpt.rng_files(stage, self.dist.rank))
         full = self.fsdp.full_state_dict() if self.cfg.fsdp.consolidate_checkpoints else None
         barrier(self.dist)
@@ -760,6 +790,9 @@ class Trainer:
         else:
             _load_weights(self.model, path)
             self.optimizer.load_state_dict(state["optimizer"])
+        for name, (_, load) in self.sharded_state.items():
+            if (path / name).is_dir():
+                load(path / name)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

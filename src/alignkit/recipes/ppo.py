@@ -24,7 +24,8 @@ Every rollout step:
      mean summed KL per response of this rollout and n its number of responses.
 
 The critic (`alignkit.models.value`) has its own AdamW (`critic_lr`, same schedule shape) and
-its weights and optimizer state go into the trainer's checkpoints. See docs/ppo.md.
+its weights and optimizer state go into the trainer's checkpoints; under FSDP a separate critic
+is sharded like the policy (`critic_trainer`). See docs/ppo.md.
 """
 
 from __future__ import annotations
@@ -349,9 +350,9 @@ def critic_trainer(cfg: PPOConfig, critic, policy_trainer: Trainer) -> Trainer:
     sharded like the policy: each transformer block of its backbone is one FSDP group, the
     embeddings, final norm and value head form the root group, and its AdamW state is sharded
     with it (about 1/world of the critic's weights and optimizer state per process). The
-    shared_base critic (an adapter and a head next to the policy's own) has its adapter inside
-    the sharded policy; its head is replicated and its gradients are averaged by the critic
-    trainer (mode ddp with explicit parameters)."""
+    shared_base critic's adapter is added to the policy after the policy was sharded, so FSDP
+    leaves it alone: adapter and head (small) are replicated, and their gradients are averaged
+    by the critic trainer (mode ddp with explicit parameters)."""
     mode = policy_trainer.mode  # one process: "none", whatever cfg.distributed says
     distributed = "ddp" if mode == "fsdp" and not isinstance(critic, ValueModel) else mode
     ccfg = cfg.model_copy(update={"lr": cfg.critic_lr, "distributed": distributed})

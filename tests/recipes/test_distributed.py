@@ -374,12 +374,13 @@ def digits(prompts, completions, **cols):
     return [sum(c.isdigit() for c in t) / max(len(t), 1) + 0.1 * (len(t) % 3) for t in completions]
 
 model_dir, prompts, out, mode, resume = sys.argv[1:6]
+steps, accum = (int(a) for a in (sys.argv[6:8] or (3, 1)))  # rollout steps; micro-batches (2 on one process)
 made = []
 make = ppo.critic_trainer
 ppo.critic_trainer = lambda *a, **k: made.append(make(*a, **k)) or made[-1]
-ppo.train_ppo(PPOConfig(model=model_dir, data=prompts, output_dir=out, max_steps=3, batch_size=2, num_generations=2,
-                        max_new_tokens=8, lr=3e-3, critic_lr=3e-3, kl_coef=0.05, ppo_epochs=2, num_minibatches=1,
-                        save_every=2, schedule="constant", progress=False, tensorboard=False, plot=False,
+ppo.train_ppo(PPOConfig(model=model_dir, data=prompts, output_dir=out, max_steps=steps, batch_size=2, num_generations=2,
+                        grad_accum=accum, max_new_tokens=8, lr=3e-3, critic_lr=3e-3, kl_coef=0.05, ppo_epochs=2,
+                        num_minibatches=1, save_every=2, schedule="constant", progress=False, tensorboard=False, plot=False,
                         log_every=1, seed=0, logits_chunk_size=16, distributed=mode,
                         resume=resume if resume != "-" else False), reward_fn=digits)
 critic_tr = made[0]
@@ -399,7 +400,7 @@ adam = sum((s["exp_avg"].to_local() if isinstance(s["exp_avg"], DTensor) else s[
            for s in critic_tr.optimizer.state.values())
 sd = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
       for k, v in critic.state_dict().items()}
-rank = dist.get_rank()
+rank = dist.get_rank() if dist.is_initialized() else 0
 (Path(out) / f"critic-numel-{rank}.json").write_text(json.dumps(
     {"mode": critic_tr.mode, "local": local, "full": full, "all_sharded": all(sharded), "adam_local": adam,
      "critic_full": sum(v.numel() for v in sd.values())}))
@@ -417,7 +418,7 @@ def test_ppo_separate_critic_sharded_under_fsdp(tiny_model_dir, tmp_path):
     the same run under DDP after 3 rollout steps; (2) the critic's backbone and its AdamW state are
     sharded, about half of them on each of the 2 processes; (3) a run resumed from the sharded
     checkpoint of rollout step 2 (the critic in checkpoint folder `critic_sharded`) ends where the
-    uninterrupted run ends; (4) output_dir/critic loads in plain transformers and equals the trained
+    uninterrupted run ends, bit for bit, and one process reads the sharded critic too; (4) output_dir/critic loads in plain transformers and equals the trained
     critic gathered from its shards."""
     from transformers import AutoModel
 
@@ -453,6 +454,14 @@ def test_ppo_separate_critic_sharded_under_fsdp(tiny_model_dir, tmp_path):
     state = json.loads((ck / "trainer_state.json").read_text())["state"]
     assert "weights" not in json.dumps(state["extra"]["critic"])  # no full critic in rank 0's state
     torchrun(script, tiny_model_dir, prompts, resumed, "fsdp", ck)
+    # ... and on one process (max_steps at the checkpoint: nothing to train): the critic read from its shards
+    single(script, tiny_model_dir, prompts, tmp_path / "one", "none", ck, 2, 2)
+    import torch.distributed.checkpoint.format_utils as dcp_utils
+
+    dcp_utils.dcp_to_torch_save(ck / "critic_sharded", tmp_path / "critic4.pt")
+    shards = torch.load(tmp_path / "critic4.pt", weights_only=True)["model"]
+    loaded = load_file(str(tmp_path / "one" / "critic-trained.safetensors"))
+    assert sorted(loaded) == sorted(shards) and all(torch.equal(loaded[k], shards[k]) for k in shards)
     assert [r["step"] for r in train_metrics(resumed)] == [3, 3]
     for a, b in zip(train_metrics(resumed), train_metrics(fsdp)[-2:]):
         assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-6), a["step"]

@@ -375,9 +375,15 @@ def digits(prompts, completions, **cols):
 
 model_dir, prompts, out, mode, resume = sys.argv[1:6]
 steps, accum = (int(a) for a in (sys.argv[6:8] or (3, 1)))  # rollout steps; micro-batches (2 on one process)
-made = []
+made, meta = [], []
 make = ppo.critic_trainer
-ppo.critic_trainer = lambda *a, **k: made.append(make(*a, **k)) or made[-1]
+
+def critic_trainer(cfg, critic, policy_trainer):
+    meta.append(any(p.is_meta for p in critic.parameters()))  # built empty, before sharding
+    made.append(make(cfg, critic, policy_trainer))
+    return made[-1]
+
+ppo.critic_trainer = critic_trainer
 ppo.train_ppo(PPOConfig(model=model_dir, data=prompts, output_dir=out, max_steps=steps, batch_size=2, num_generations=2,
                         grad_accum=accum, max_new_tokens=8, lr=3e-3, critic_lr=3e-3, kl_coef=0.05, ppo_epochs=2,
                         num_minibatches=1, save_every=2, schedule="constant", progress=False, tensorboard=False, plot=False,
@@ -402,7 +408,7 @@ sd = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().conti
       for k, v in critic.state_dict().items()}
 rank = dist.get_rank() if dist.is_initialized() else 0
 (Path(out) / f"critic-numel-{rank}.json").write_text(json.dumps(
-    {"mode": critic_tr.mode, "local": local, "full": full, "all_sharded": all(sharded), "adam_local": adam,
+    {"mode": critic_tr.mode, "meta": meta[0], "local": local, "full": full, "all_sharded": all(sharded), "adam_local": adam,
      "critic_full": sum(v.numel() for v in sd.values())}))
 if rank == 0:
     save_file(sd, str(Path(out) / "critic-trained.safetensors"))
@@ -416,7 +422,7 @@ shutdown()
 def test_ppo_separate_critic_sharded_under_fsdp(tiny_model_dir, tmp_path):
     """PPO with a separate critic (critic_init=policy) under FSDP: (1) policy and critic end equal to
     the same run under DDP after 3 rollout steps; (2) the critic's backbone and its AdamW state are
-    sharded, about half of them on each of the 2 processes; (3) a run resumed from the sharded
+    sharded, about half of them on each of the 2 processes, and only rank 0 read the critic's weights; (3) a run resumed from the sharded
     checkpoint of rollout step 2 (the critic in checkpoint folder `critic_sharded`) ends where the
     uninterrupted run ends, bit for bit, and one process reads the sharded critic too; (4) output_dir/critic loads in plain transformers and equals the trained
     critic gathered from its shards."""
@@ -447,6 +453,8 @@ def test_ppo_separate_critic_sharded_under_fsdp(tiny_model_dir, tmp_path):
         assert 0.45 * full <= n["local"] <= 0.55 * full, n
         assert n["adam_local"] <= 0.55 * n["critic_full"], n
     assert all(n["mode"] == "ddp" and n["local"] == full for n in replicated)
+    # only rank 0 read the critic's weights; rank 1 built it empty and got its shards from rank 0
+    assert [n["meta"] for n in numel] == [False, True] and not any(n["meta"] for n in replicated)
 
     # (3) resume from the sharded checkpoint after rollout step 2 (4 optimizer steps) to the same end
     ck = fsdp / "checkpoints" / "step-0000004"

@@ -44,6 +44,7 @@ __all__ = [
     "CRITIC_ADAPTER",
     "is_reward_model_folder",
     "load_value_model",
+    "empty_value_model",
     "load_critic_weights",
 ]
 
@@ -289,6 +290,11 @@ def load_value_model(source: str, path: str, tokenizer=None, log: Callable[[str]
     lm = load_model(path)
     if hasattr(lm, "merge_and_unload"):  # an adapter folder: its merged weights
         lm = lm.merge_and_unload()
+    return ValueModel(_trained_decoder(lm, path), ValueHead(hidden_size_of(lm)), source=f"policy:{path}")
+
+
+def _trained_decoder(lm, path: str) -> torch.nn.Module:
+    """The decoder (no LM head) of causal LM `lm`, every parameter requiring grad."""
     try:
         backbone = lm.get_decoder()
     except (AttributeError, NotImplementedError):
@@ -298,7 +304,22 @@ def load_value_model(source: str, path: str, tokenizer=None, log: Callable[[str]
     backbone.config = getattr(backbone, "config", lm.config)
     for p in backbone.parameters():
         p.requires_grad_(True)
-    return ValueModel(backbone, ValueHead(hidden_size_of(lm)), source=f"policy:{path}")
+    return backbone
+
+
+def empty_value_model(path: str) -> ValueModel | None:
+    """The critic `load_value_model("policy", path)` builds, on the meta device (shapes only, no
+    memory, nothing read): for the processes other than rank 0 of an FSDP run, whose shards
+    `alignkit.training.fsdp.FSDPModel` fills from rank 0's weights. None when the model cannot be
+    built that way (an adapter folder, say); load it then."""
+    from alignkit.models.sharding import meta_model
+
+    lm = meta_model(path)
+    if lm is None:
+        return None
+    with torch.device("meta"):
+        head = ValueHead(hidden_size_of(lm))
+    return ValueModel(_trained_decoder(lm, path), head, source=f"policy:{path}")
 
 
 def load_critic_weights(path: str | os.PathLike) -> dict:

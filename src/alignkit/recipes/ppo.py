@@ -270,8 +270,8 @@ def check_config(cfg: PPOConfig) -> None:
 def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
     """The critic of `cfg.critic` / `cfg.critic_init`, on the trainer's device (see models/value.py)."""
     from alignkit.models.peft import is_peft_model
-    from alignkit.models.value import (CRITIC_ADAPTER, AdapterValueModel, ValueHead, hidden_size_of,
-                                       is_reward_model_folder, load_value_model)
+    from alignkit.models.value import (CRITIC_ADAPTER, AdapterValueModel, ValueHead, empty_value_model,
+                                       hidden_size_of, is_reward_model_folder, load_value_model)
 
     tr = run.trainer
     if cfg.critic == "shared_base":
@@ -306,8 +306,14 @@ def build_critic(cfg: PPOConfig, run: "ol.OnlineRun"):
         source, path = "policy", cfg.model
     else:
         source, path = ("reward" if is_reward_model_folder(init) else "policy"), init
-    critic = load_value_model(source, path, run.tok, log=tr.info)
-    critic.to(tr.device)  # activation checkpointing, if on, is switched on by the critic's Trainer
+    critic = None
+    if tr.fsdp is not None and not tr.dist.main and source == "policy":
+        # Sharded like the policy (critic_trainer): only rank 0 reads the weights, the other processes
+        # build the critic on the meta device and receive their shards from rank 0.
+        critic = empty_value_model(path)
+    if critic is None:
+        critic = load_value_model(source, path, run.tok, log=tr.info)
+        critic.to(tr.device)  # activation checkpointing, if on, is switched on by the critic's Trainer
     n = sum(p.numel() for p in critic.parameters())
     tr.info(f"critic: separate value model from the {source} at {path} ({n:,} parameters, all trained)")
     return critic

@@ -490,6 +490,49 @@ def test_ppo_separate_critic_sharded_under_fsdp(tiny_model_dir, tmp_path):
     assert head["linear.weight"].abs().sum() > 0  # trained: the head starts at zero
 
 
+CRITIC_MIXED_PRECISION = r"""
+import sys, torch
+from alignkit.models.value import load_value_model
+from alignkit.training.dist import init_distributed, shutdown
+from alignkit.training.fsdp import FSDPModel
+
+model_dir, out = sys.argv[1:3]
+d = init_distributed()
+torch.manual_seed(0)
+critic = load_value_model("policy", model_dir)
+torch.nn.init.normal_(critic.head.linear.weight, std=0.5)
+ids = torch.randint(3, 60, (2, 7))
+mask, pos = torch.ones_like(ids), torch.arange(7).expand(2, 7)
+with torch.no_grad():
+    want = critic(ids, mask, pos)  # float32, unsharded
+# As the trainer shards it on a GPU: bfloat16 gathered weights and compute, float32 shards and reduction
+fsdp = FSDPModel(critic, d.device, d.world, param_dtype=torch.bfloat16)
+values = critic(ids, mask, pos)
+values.sum().backward()
+head_grads = [p.grad for p in fsdp.params if p.ndim == 2 and p.shape[0] == 1]
+torch.save({"want": want, "got": values.detach(), "dtype": str(values.dtype),
+            "head_grad": [g.full_tensor() for g in head_grads]}, f"{out}/mp-{d.rank}.pt")
+del fsdp, critic
+shutdown()
+"""
+
+
+def test_value_head_stays_float32_under_fsdp_mixed_precision(tiny_model_dir, tmp_path):
+    """A separate critic sharded with FSDP's bfloat16 mixed precision (the trainer's GPU setting)
+    reads its head in float32: values in float32 close to the unsharded critic's, and the head's
+    shards get a gradient (the bfloat16 weights once met float32 hidden states: a dtype error)."""
+    script = tmp_path / "critic_mp.py"
+    script.write_text(CRITIC_MIXED_PRECISION)
+    torchrun(script, tiny_model_dir, tmp_path)
+    for r in (0, 1):
+        res = torch.load(tmp_path / f"mp-{r}.pt")
+        assert res["dtype"] == "torch.float32"
+        torch.testing.assert_close(res["got"], res["want"], rtol=0.05, atol=0.05)  # bfloat16 compute
+        assert float((res["got"] - res["want"]).abs().max()) > 0  # it did run in bfloat16
+        assert len(res["head_grad"]) == 1 and torch.isfinite(res["head_grad"][0]).all()
+        assert float(res["head_grad"][0].abs().sum()) > 0
+
+
 # ------------------------------------------------------------------------------------------ choices
 
 

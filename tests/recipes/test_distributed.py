@@ -386,8 +386,8 @@ def critic_trainer(cfg, critic, policy_trainer):
 ppo.critic_trainer = critic_trainer
 ppo.train_ppo(PPOConfig(model=model_dir, data=prompts, output_dir=out, max_steps=steps, batch_size=2, num_generations=2,
                         grad_accum=accum, max_new_tokens=8, lr=3e-3, critic_lr=3e-3, kl_coef=0.05, ppo_epochs=2,
-                        num_minibatches=1, save_every=2, schedule="constant", progress=False, tensorboard=False, plot=False,
-                        log_every=1, seed=0, logits_chunk_size=16, distributed=mode,
+                        num_minibatches=1, save_every=2, schedule="constant", progress=False, tensorboard=False,
+                        plot=False, log_every=1, seed=0, logits_chunk_size=16, distributed=mode,
                         resume=resume if resume != "-" else False), reward_fn=digits)
 critic_tr = made[0]
 import torch.distributed as dist
@@ -408,8 +408,8 @@ sd = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().conti
       for k, v in critic.state_dict().items()}
 rank = dist.get_rank() if dist.is_initialized() else 0
 (Path(out) / f"critic-numel-{rank}.json").write_text(json.dumps(
-    {"mode": critic_tr.mode, "meta": meta[0], "local": local, "full": full, "all_sharded": all(sharded), "adam_local": adam,
-     "critic_full": sum(v.numel() for v in sd.values())}))
+    {"mode": critic_tr.mode, "meta": meta[0], "local": local, "full": full, "all_sharded": all(sharded),
+     "adam_local": adam, "critic_full": sum(v.numel() for v in sd.values())}))
 if rank == 0:
     save_file(sd, str(Path(out) / "critic-trained.safetensors"))
 del made, critic_tr, critic
@@ -422,10 +422,11 @@ shutdown()
 def test_ppo_separate_critic_sharded_under_fsdp(tiny_model_dir, tmp_path):
     """PPO with a separate critic (critic_init=policy) under FSDP: (1) policy and critic end equal to
     the same run under DDP after 3 rollout steps; (2) the critic's backbone and its AdamW state are
-    sharded, about half of them on each of the 2 processes, and only rank 0 read the critic's weights; (3) a run resumed from the sharded
-    checkpoint of rollout step 2 (the critic in checkpoint folder `critic_sharded`) ends where the
-    uninterrupted run ends, bit for bit, and one process reads the sharded critic too; (4) output_dir/critic loads in plain transformers and equals the trained
-    critic gathered from its shards."""
+    sharded, about half of them on each of the 2 processes, and only rank 0 read the critic's
+    weights; (3) a run resumed from the sharded checkpoint of rollout step 2 (the critic in
+    checkpoint folder `critic_sharded`) ends where the uninterrupted run ends, bit for bit, and one
+    process reads the sharded critic too; (4) output_dir/critic loads in plain transformers and
+    equals the trained critic gathered from its shards."""
     from transformers import AutoModel
 
     from alignkit.toy import world

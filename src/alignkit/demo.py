@@ -73,6 +73,7 @@ _CALC_SFT_RUNS = {"calc_sft_tools": ("sft_tools", CALC_SFT_STEPS, {}),
 _CALC_GRPO = dict(reward="toy", warmup_steps=2, schedule="constant", sample_every=10, batch_size=16,
                   num_generations=8, lr=4e-5, kl_coef=0.0, iterations=1)
 _CALC_TOOLS = dict(tools=CALC_TOOL, chat_template="toy-tools", max_turns=3)
+_TOOL_STATS = ("tool_calls", "malformed_calls", "tool_errors")  # per answer, from eval's episodes
 CALC_NEW_TOKENS = {True: 96, False: 32}  # per model turn: with the tool (a call of ~60 tokens), without
 # (key, row label, data it needs, command, starts from, with the tool), in the order they run
 CALC_RUNS = [
@@ -451,7 +452,7 @@ class Pipeline:
                        verbose=False)
         greedy = res["modes"]["zero_shot"]
         out = {"accuracy": greedy["accuracy"], "format_rate": greedy["format_rate"], "reward": greedy["reward"]}
-        for k in ("tool_calls", "malformed_calls", "tool_errors"):
+        for k in _TOOL_STATS:
             if k in greedy:
                 out[k] = greedy[k]
         # what eval.json holds: prompt, the data's reference answer, the model's answer and whether it is right
@@ -462,7 +463,7 @@ class Pipeline:
                                       n_samples=SAMPLES_T1, output_dir=str(Path(model_dir) / "eval_sampled")),
                            verbose=False)["modes"]["zero_shot"]
         out["accuracy_t1"] = sampled["accuracy"]
-        for k in ("tool_calls", "malformed_calls", "tool_errors"):
+        for k in _TOOL_STATS:
             if k in sampled:
                 out[k + "_t1"] = sampled[k]
         out["kl_token"] = sampled.get("kl_token") if with_ref else 0.0

@@ -192,7 +192,7 @@ def _eval_mode(mode: str, rows: list[dict], pol: _Side, ref: _Side | None, rewar
                         columns=row_columns)
     idx = [s["prompt_index"] for s in samples]
     prompts = [base_prompts[i] for i in idx]
-    columns = {k: [rows[i].get(k) for i in idx] for k in rows[0] if k != "prompt"}
+    columns = {k: [v[i] for i in idx] for k, v in row_columns.items()}
     answers = [s["answer"] for s in samples]
     chunk = cfg.batch_size * cfg.n_samples
     res: dict = {"mode": mode, "samples": len(samples)}

@@ -767,7 +767,7 @@ class Trainer:
         """Restore weights, optimizer, schedule, scaler, recipe state, step and this process's RNG
         streams from checkpoint `path`, bit for bit. Nothing here unpickles: a checkpoint in the
         old pickle format is refused (UnsafeCheckpoint, one line)."""
-        from alignkit.training.fsdp import SHARDED_DIR, load_sharded
+        from alignkit.training.fsdp import SHARDED_DIR
 
         path = Path(path)
         if not (path / ckpt.STATE_FILE).is_file():
@@ -780,10 +780,7 @@ class Trainer:
         state = ckpt.load_state(path / ckpt.STATE_FILE)
         if (path / SHARDED_DIR).is_dir():
             # Written under FSDP: loads into any number of processes, sharded or not.
-            if self.fsdp is not None:
-                self.fsdp.load(path / SHARDED_DIR, self.optimizer)
-            else:
-                load_sharded(self.model, self.optimizer, path / SHARDED_DIR)
+            self.load_sharded_state(path / SHARDED_DIR)
         elif self.fsdp is not None:
             raise UserError(f"{path}: checkpoint was written without FSDP (distributed="
                             f"{state.get('distributed', 'ddp')}); resume it with that setting")

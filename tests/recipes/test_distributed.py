@@ -126,7 +126,9 @@ def test_sharded_resume_on_two_ranks_and_refusal(tiny_model_dir, sft_data, tmp_p
     torchrun(*sft, "max_steps=2", "batch_size=2", f"output_dir={part}", "distributed=fsdp")
     torchrun(*sft, "max_steps=3", "batch_size=2", f"output_dir={part}", "distributed=fsdp", "resume=true")
     assert [r["step"] for r in train_metrics(part)] == [1, 2, 3]
-    assert_same_run(part, one)
+    # losses and grad norms to 1e-7; weights to rounding of the head gradient's summation order (one
+    # process vs per rank then reduced, amplified by Adam: 5.5e-6 after 3 steps), as in the test above
+    assert_same_run(part, one, atol=2e-5)
 
     res = torchrun(*sft, "max_steps=4", "batch_size=2", f"output_dir={tmp_path / 'x'}", "distributed=fsdp",
                    f"resume={one / 'checkpoints' / 'step-0000003'}", check=False)
